@@ -1,0 +1,85 @@
+"""The reflex schedule resolves exactly as DESIGN §2 says, and bad configs fail in one sentence."""
+import pytest
+
+from reflex_jax import ConfigError, ModelConfig
+
+
+def cfg(**kw):
+    base = dict(n_layer=6, n_head=8, n_embd=64, vocab_size=100, block_size=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_all_6x8_table_newest_source_first():
+    c = cfg(reflex="all")
+    assert c.schedule_table() == "all 6x8: 8 | 7+1 | 6+2 | 5+3 | 4+4 | 3+5"
+    assert [g.source for g in c.layers[5].cross] == [4, 3, 2, 1, 0]
+    # one head aimed at layer j reads j's last self head
+    assert [g.source_heads for g in c.layers[5].cross] == [(3,), (4,), (5,), (6,), (7,)]
+    assert c.kv_heads_total == 8 + 7 + 6 + 5 + 4 + 3
+
+
+def test_recent_2_1_is_5_2_1_where_both_sources_exist():
+    c = cfg(reflex="recent:2,1")
+    assert [p.n_self for p in c.layers] == [8, 6, 5, 5, 5, 5]
+    assert [(g.source, g.n_heads) for g in c.layers[3].cross] == [(2, 2), (1, 1)]
+    # layer 1 has only one earlier layer: 2 heads to layer 0, which exports its last 2 self heads
+    assert c.layers[1].cross[0].source_heads == (6, 7)
+    assert c.layers[3].cross[0].source_heads == (3, 4)  # layer 2 has 5 self heads
+
+
+def test_none_is_vanilla():
+    c = cfg(reflex="none")
+    assert all(p.n_self == 8 and not p.cross for p in c.layers)
+    assert c.kv_heads_total == 48
+
+
+def test_explicit_schedule_and_list_input():
+    c = cfg(n_layer=3, reflex=[[], [[0, 2]], [[0, 1], [1, 3]]])
+    assert c.reflex == ((), ((0, 2),), ((0, 1), (1, 3)))
+    assert [p.n_self for p in c.layers] == [8, 6, 4]
+    assert c.layers[2].cross[1].source_heads == (3, 4, 5)
+    assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+def test_all_deep_model_needs_window():
+    with pytest.raises(ConfigError, match=r"layer 16 .*reflex_window <= 15"):
+        cfg(n_layer=24, n_head=16, reflex="all")
+    c = cfg(n_layer=24, n_head=16, reflex="all", reflex_window=15)
+    assert min(p.n_self for p in c.layers) == 1
+    assert [g.source for g in c.layers[23].cross] == list(range(22, 7, -1))
+    with pytest.raises(ConfigError, match=r"reflex_window <= 12"):
+        cfg(n_layer=24, n_head=16, reflex="all", reflex_window=14, reflex_min_self=4)
+
+
+@pytest.mark.parametrize("reflex, match", [
+    (((), ((0, 9),), ()), r"layer 1 .*keeps -1 self heads"),
+    (((), ((1, 1),), ()), r"layer 1 reads from layer 1, which is not an earlier layer"),
+    (((), ((0, 7),), ((1, 2),)), r"layer 2 wants 2 heads of layer 1, which has only 1 self heads"),
+    (((), ()), r"2 layer entries but n_layer=3"),
+    (((), ((0, 0),), ()), r"layer 1 gives 0 heads"),
+    ("recent:x", r"'recent:' needs non-negative head counts"),
+    ("sometimes", r"model.reflex='sometimes' is unknown"),
+    (5, r"neither a preset"),
+])
+def test_invalid_schedules_name_the_layer(reflex, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(n_layer=3, reflex=reflex)
+
+
+def test_field_errors_are_one_sentence():
+    with pytest.raises(ConfigError, match=r"did you mean 'n_head'"):
+        ModelConfig.from_dict({"n_heads": 4})
+    with pytest.raises(ConfigError, match=r"not divisible by model.n_head"):
+        cfg(n_embd=30)
+    with pytest.raises(ConfigError, match=r"model.dtype='float8' is not a supported dtype"):
+        cfg(dtype="float8")
+    with pytest.raises(ConfigError, match=r"model.norm='batchnorm' is unknown"):
+        cfg(norm="batchnorm")
+
+
+def test_dtype_names_and_objects_normalise():
+    import jax.numpy as jnp
+    assert cfg(dtype=jnp.bfloat16).dtype == "bfloat16"
+    assert cfg(dtype="bf16").compute_dtype == jnp.bfloat16
+    assert hash(cfg()) == hash(cfg())  # usable as a jit static argument
