@@ -4,7 +4,7 @@ Two layouts, both loadable by `load_params(path) -> (ModelConfig, params)`:
 
 * a **params directory** (what `convert_weights.py` writes): `model_config.json`, `meta.json`
   (free-form provenance, e.g. the tokenizer) and `params/` (an orbax StandardCheckpointer tree);
-* a **run directory** (what `train.py` writes): `model_config.json`, `config.json` and
+* a **run directory** (what `train.py` writes): `model_config.json`, `meta.json`, `config.json` and
   `checkpoints/<step>/` managed by orbax's CheckpointManager (see `RunCheckpoints`).
 """
 from __future__ import annotations
@@ -114,5 +114,88 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best"):
         params = restore_tree(os.path.join(path, PARAMS))
         check_params_fit(cfg, params, path)
         return cfg, params
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        ckpts = RunCheckpoints(path, create=False)
+        try:
+            chosen = ckpts.pick_step(step, which)
+            params = ckpts.restore_params(chosen)
+        finally:
+            ckpts.close()
+        check_params_fit(cfg, params, f"{path} step {chosen}")
+        return cfg, params
     raise CheckpointError(f"{path!r} holds neither params/ nor checkpoints/; it is not a "
                           "converted-weights or run directory.")
+
+
+class RunCheckpoints:
+    """`<run_dir>/checkpoints/<step>/{params,opt}`: orbax CheckpointManager with keep-last-N plus
+    the best step by validation loss.
+
+    Params and optimizer state are separate items, so sampling restores params alone. Orbax writes
+    each step into a temporary directory and renames it only once complete, so a process killed
+    mid-save leaves no step that `latest_step` would return.
+    """
+
+    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True, create: bool = True):
+        from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+        self.directory = os.path.join(os.path.abspath(run_dir), CHECKPOINTS)
+        if not create and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{run_dir!r} has no {CHECKPOINTS}/ directory; train first or "
+                                  "point at a run directory that has checkpoints.")
+        metric = lambda m: m["val_loss"]  # noqa: E731
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=AnyPreservationPolicy([
+                LatestN(max(1, keep)),
+                BestN(get_metric_fn=metric, reverse=True, n=1, keep_checkpoints_without_metrics=False),
+            ]),
+            best_fn=metric, best_mode="min", enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=create)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, params, opt_state, val_loss: Optional[float] = None) -> None:
+        metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                        opt=ocp.args.StandardSave(opt_state)),
+                          metrics=metrics, force=True)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def pick_step(self, step: Optional[int] = None, which: str = "best") -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory!r} holds no finished checkpoint; train longer "
+                                  "(config.checkpoint_interval) or pick another run directory.")
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"step {step} is not saved in {self.directory!r}; saved steps: "
+                                      f"{', '.join(map(str, steps))}.")
+            return step
+        if which not in ("best", "latest"):
+            raise CheckpointError(f"which={which!r} must be 'best' or 'latest'.")
+        best = self.best_step() if which == "best" else None
+        return best if best is not None else steps[-1]
+
+    def restore(self, step: int, abstract_params, abstract_opt_state):
+        """(params, opt_state) at `step`, placed like the abstract trees' shardings."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt=ocp.args.StandardRestore(abstract_opt_state)))
+        return out["params"], out["opt"]
+
+    def restore_params(self, step: int, abstract_params=None):
+        restore = ocp.args.StandardRestore(abstract_params)
+        return self.manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,144 @@
+"""Device mesh, logical axis rules and multi-host start-up.
+
+Every run is a mesh run over axes ('data', 'fsdp', 'tensor'); one device is the 1x1x1 case.
+Parameters carry logical axis names (model.py); RULES below is the one place that maps them onto
+mesh axes. A dimension that a mesh axis does not divide is replicated instead: reflex layers have
+uneven self-head counts (8, 7, 6, ...), so K/V head axes cannot assume divisibility.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (tried in order; an axis is used only if it divides the dimension)
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": (),
+    "norm": (),
+    "seq": (),
+}
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices; the message names the config fields."""
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """Resolve one -1 entry to "the rest of the devices" and check the product."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise MeshError("at most one of config.mesh.data/fsdp/tensor may be -1 (\"the rest\").")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"config.mesh sizes {tuple(sizes)} must be positive or -1.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n_devices % known:
+            raise MeshError(f"config.mesh {tuple(sizes)}: {n_devices} devices do not divide by "
+                            f"{known}; choose sizes whose product divides the device count.")
+        sizes[sizes.index(-1)] = n_devices // known
+    if int(np.prod(sizes)) != n_devices:
+        raise MeshError(f"config.mesh data*fsdp*tensor = {int(np.prod(sizes))} but there are "
+                        f"{n_devices} devices; make the product equal the device count (or use -1).")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # odd shapes/topologies: fall back to the plain device order
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(logical: Optional[P], shape: tuple, mesh: Mesh) -> P:
+    """Mesh PartitionSpec for one array: logical names -> mesh axes, replicating where a mesh
+    axis does not divide the dimension or is already used by another dimension."""
+    if logical is None or len(logical) == 0:
+        return P()
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+        axes = []
+        size = 1
+        for ax in RULES.get(name, ()) if name else ():
+            n = mesh.shape[ax]
+            if ax in used or n == 1 or dim % (size * n):
+                continue
+            axes.append(ax)
+            size *= n
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def shardings_for(logical_tree, shapes_tree, mesh: Mesh):
+    """NamedSharding tree for arrays with logical PartitionSpecs (`model.param_logical_axes`)."""
+    return jax.tree_util.tree_map(
+        lambda spec, s: NamedSharding(mesh, spec_for(spec, s.shape, mesh)),
+        logical_tree, shapes_tree, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def like_params(abstract_tree, abstract_params, param_shardings, mesh: Mesh):
+    """Shardings for a tree (e.g. optimizer state) whose array leaves mirror params.
+
+    A leaf takes the sharding of the param whose path is the longest suffix of the leaf's path
+    and has the same shape (Adam's mu/nu); everything else (counts, scalars) is replicated.
+    """
+    by_path = {tuple(path): (sh, tuple(p.shape)) for (path, p), sh in
+               zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                   jax.tree_util.tree_leaves(param_shardings))}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        for i in range(len(path)):
+            hit = by_path.get(tuple(path[i:]))
+            if hit is not None and hit[1] == tuple(getattr(leaf, "shape", ())):
+                return hit[0]
+        return replicated
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
+
+
+def logical_rules_for_flax(mesh: Mesh):
+    """(logical, mesh axes) pairs for `nn.with_logical_constraint` inside jit."""
+    return tuple((name, axes if axes else None) for name, axes in RULES.items())
+
+
+def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
+                                 process_id: int = -1) -> bool:
+    """Start multi-host JAX when asked (flags) or when the environment says so.
+
+    Explicit: coordinator address + process count + index (e.g. two GPU nodes). Implicit: a TPU pod
+    or SLURM job, where `jax.distributed.initialize()` finds everything itself. Returns whether
+    JAX runs multi-process.
+    """
+    if coordinator:
+        if num_processes < 1 or process_id < 0:
+            raise ValueError("--coordinator needs --num_processes and --process_id as well.")
+        # CPU processes need a collectives backend; the setting is ignored on GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()
+        return True
+    return False

@@ -1,0 +1,222 @@
+"""Training loop: learning, gradient accumulation, exact resume after SIGKILL, atomic saves, NaN
+stops, and config errors that name the fix."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from reflex_jax import checkpoint as ckpt
+from reflex_jax.trainer import Trainer, TrainingError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs.tiny import get_config as tiny_config  # noqa: E402
+
+TINY_OVERRIDES = dict(n_layer=2, n_head=4, n_embd=32, block_size=32)
+
+
+def small_config(run_dir, **kw):
+    c = tiny_config()
+    for k, v in TINY_OVERRIDES.items():
+        c.model[k] = v
+    c.run_dir = str(run_dir)
+    c.data.task_rows, c.data.task_val_rows = 400, 16
+    c.max_steps, c.batch_size, c.eval_interval, c.eval_batches = 8, 8, 0, 2
+    c.log_interval, c.checkpoint_interval, c.eval_exact_match = 1, 0, 0
+    c.optim.warmup_steps = 2
+    c.data.loss_on = "all"  # task rows are longer than these 32-token windows
+    c.async_checkpoints = False
+    for k, v in kw.items():
+        target = c
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return c
+
+
+def overrides_cli(run_dir, **kw):
+    args = [f"--config.model.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+    args += [f"--config.run_dir={run_dir}", "--config.data.task_rows=400",
+             "--config.data.task_val_rows=16", "--config.batch_size=8", "--config.eval_batches=2",
+             "--config.eval_exact_match=0", "--config.log_interval=1", "--config.optim.warmup_steps=2",
+             "--config.data.loss_on=all"]
+    return args + [f"--config.{k}={v}" for k, v in kw.items()]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_decreases_and_run_dir_is_complete(tmp_path):
+    c = small_config(tmp_path / "run", max_steps=30, eval_interval=15)
+    c.optim.lr = 3e-3
+    summary = Trainer(c, log=lambda s: None).train()
+    rows = read_metrics(c.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert np.mean([r["loss"] for r in rows[-5:]]) < rows[0]["loss"] - 1.0
+    assert {"val_loss", "val_ppl"} <= set(rows[14]) and "val_loss" not in rows[13]
+    assert summary["final_step"] == 30
+    for name in ("config.json", "model_config.json", "meta.json"):
+        assert os.path.exists(os.path.join(c.run_dir, name))
+    cfg, params = ckpt.load_params(c.run_dir, which="latest")
+    assert cfg.n_embd == 32 and params["wte"].shape == (259, 32)
+    steps = ckpt.RunCheckpoints(c.run_dir, create=False).all_steps()
+    assert steps == [15, 30]
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    states = {}
+    for accum in (1, 4):
+        c = small_config(tmp_path / f"a{accum}", max_steps=1, grad_accum=accum)
+        t = Trainer(c, log=lambda s: None)
+        state = t.init_state()
+        tokens, mask = t.put_batch(t.train_loader.batch(0))
+        states[accum], m = t.train_step(state, tokens, mask)
+        states[accum] = (jax.device_get(states[accum].params), float(m["loss"]))
+    assert abs(states[1][1] - states[4][1]) < 1e-5
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),
+                           states[1][0], states[4][0])
+
+
+def _run_train(args, **popen):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                             os.path.join(ROOT, "configs/tiny.py")] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    n, half = 40, 10
+    straight = _run_train(overrides_cli(tmp_path / "straight", max_steps=n, checkpoint_interval=0,
+                                        async_checkpoints=False))
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+
+    killed_dir = tmp_path / "killed"
+    proc = _run_train(overrides_cli(killed_dir, max_steps=n, checkpoint_interval=half,
+                                    async_checkpoints=False))
+    done = killed_dir / "checkpoints" / str(half)
+    deadline = time.time() + 600
+    while not done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    steps = ckpt.RunCheckpoints(str(killed_dir), create=False).all_steps()
+    assert steps and steps[-1] < n, f"the run finished before it was killed: {steps}"
+
+    resumed = _run_train(overrides_cli(killed_dir, max_steps=n, checkpoint_interval=half,
+                                       async_checkpoints=False))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"resuming {killed_dir} from step {steps[-1]}" in out
+    _, p_straight = ckpt.load_params(str(tmp_path / "straight"), which="latest")
+    _, p_resumed = ckpt.load_params(str(killed_dir), which="latest")
+    # bitwise: same compiled step, same batches (pure in (seed, step)), same dropout keys
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_straight, p_resumed)
+    loss = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight")}
+    resumed_rows = read_metrics(killed_dir)
+    assert [r["step"] for r in resumed_rows] == list(range(1, n + 1))  # no duplicated steps
+    assert all(loss[r["step"]] == r["loss"] for r in resumed_rows)
+
+
+KILL_MID_SAVE = r"""
+import os, signal, sys
+import jax.numpy as jnp
+from reflex_jax.checkpoint import RunCheckpoints
+ck = RunCheckpoints(sys.argv[1], async_save=True)
+small = {"w": jnp.ones((4,))}
+ck.save(1, small, {"mu": jnp.zeros((4,))})
+ck.wait()
+big = {"w": jnp.ones((64, 1024, 1024))}  # 256 MiB: the background write takes a while
+ck.save(2, big, {"mu": jnp.zeros((4,))})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_checkpoint_killed_mid_save_never_becomes_latest(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(tmp_path)], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leftovers = os.listdir(tmp_path / "checkpoints")
+    assert "2" not in leftovers
+    ck = ckpt.RunCheckpoints(str(tmp_path), create=False)
+    assert ck.latest_step() == 1 and ck.all_steps() == [1]
+    np.testing.assert_array_equal(ck.restore_params(1)["w"], np.ones(4))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = small_config(tmp_path / "nan", max_steps=20, checkpoint_interval=1, log_interval=1)
+    c.optim.lr, c.optim.min_lr, c.optim.clip, c.optim.warmup_steps = 1e12, 1e12, 0.0, 0
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+); stopping without "
+                                            r"saving \(the last good checkpoint is step \d+"):
+        Trainer(c, log=lambda s: None).train()
+    ck = ckpt.RunCheckpoints(c.run_dir, create=False)
+    rows = read_metrics(c.run_dir)
+    bad = next(r["step"] for r in rows if not np.isfinite(r["loss"])) if any(
+        not np.isfinite(r["loss"]) for r in rows) else None
+    assert ck.all_steps(), "the good steps before the NaN were saved"
+    assert bad is None or ck.latest_step() < bad
+    latest_loss = {r["step"]: r["loss"] for r in rows}.get(ck.latest_step())
+    assert latest_loss is None or np.isfinite(latest_loss)
+
+
+def test_config_errors_are_one_sentence_before_compiling(tmp_path):
+    c = small_config(tmp_path / "v", **{"model.vocab_size": 100})
+    with pytest.raises(TrainingError, match=r"259-token vocabulary but model.vocab_size=100; set "
+                                            r"--config.model.vocab_size=259"):
+        Trainer(c)
+    c = small_config(tmp_path / "d", **{"data.dir": str(tmp_path / "nowhere")})
+    with pytest.raises(TrainingError, match=r"data directory .*nowhere' does not exist"):
+        Trainer(c)
+    with pytest.raises(TrainingError, match=r"batch_size=8 must be a positive multiple of grad_accum=3"):
+        Trainer(small_config(tmp_path / "b", grad_accum=3))
+    with pytest.raises(ValueError, match=r"config.mesh data\*fsdp\*tensor = 2 but there are 1 devices"):
+        Trainer(small_config(tmp_path / "m", **{"mesh.data": 2}))
+    with pytest.raises(ValueError, match=r"unknown model config field 'n_heads'"):
+        c = small_config(tmp_path / "f")
+        c.model.unlock()
+        c.model.n_heads = 4
+        Trainer(c)
+
+
+def test_answer_only_loss_needs_answers_in_the_window(tmp_path):
+    with pytest.raises(TrainingError, match=r"data.loss_on='answer' but the first batch .* holds no "
+                                            r"answer tokens within block_size=32"):
+        Trainer(small_config(tmp_path / "ans", **{"data.loss_on": "answer"}))
+    with pytest.raises(TrainingError, match=r"eval_exact_match needs prompt \+ answer = \d+ tokens but "
+                                            r"model.block_size=32"):
+        Trainer(small_config(tmp_path / "em", eval_exact_match=8, eval_interval=5))
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    c = small_config(tmp_path / "r", max_steps=2)
+    Trainer(c, log=lambda s: None).train()
+    with pytest.raises(TrainingError, match=r"holds checkpoints of a different model \(model.n_embd "
+                                            r"differs\); use a new --config.run_dir"):
+        Trainer(small_config(tmp_path / "r", max_steps=4, **{"model.n_embd": 64})).train()
+    other = small_config(tmp_path / "other", init_from=c.run_dir, **{"model.n_layer": 3})
+    with pytest.raises(ValueError, match=r"lacks parameter \['h_2'\]"):
+        Trainer(other, log=lambda s: None).train()
+
+
+def test_train_cli_default_config_prints_checkpoint(tmp_path):
+    args = overrides_cli(tmp_path / "cli", max_steps=3, eval_interval=3, checkpoint_interval=0,
+                         eval_exact_match=4)
+    proc = _run_train(args + ["--config.model.block_size=96"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"checkpoints: {tmp_path / 'cli' / 'checkpoints'}" in out
+    assert "exact_match" in read_metrics(tmp_path / "cli")[-1]
+    bad = _run_train(["--config.model.norm=batchnorm"])
+    out, _ = bad.communicate(timeout=300)
+    assert bad.returncode == 2
+    assert out.strip().splitlines()[-1] == ("error: model.norm='batchnorm' is unknown; use one of "
+                                            "rmsnorm | layernorm.")

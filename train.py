@@ -1,0 +1,58 @@
+"""Train a Reflex Attention decoder.
+
+    python train.py --config configs/tiny.py                      # the built-in default, CPU, no network
+    python train.py --config configs/reflex.py --config.max_steps=2000 --config.run_dir=runs/x
+    python train.py --config configs/tiny.py --dry_run            # mesh, one compiled step, memory
+
+Any config field can be overridden: --config.model.n_layer=12, --config.mesh.fsdp=4, ...
+A run directory that already holds checkpoints resumes from its latest step.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (ml_collections).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the mesh, compile one step, print memory and "
+                             "parameter shardings, and exit without training.")
+_COORD = flags.DEFINE_string("coordinator", "", "Multi-host: coordinator host:port (process 0).")
+_NPROC = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
+_PID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for configuration errors.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from reflex_jax import sharding
+    sharding.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    from reflex_jax.trainer import USER_ERRORS, Trainer
+    try:
+        trainer = Trainer(_CONFIG.value)
+        if _DRY_RUN.value:
+            print(trainer.dry_run())
+            return
+        summary = trainer.train()
+    except USER_ERRORS as e:
+        if _TRACEBACK.value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if trainer.is_main:
+        run = summary["run_dir"]
+        how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "finished"
+        extra = "".join(f", {k} {summary[k]:.4g}" for k in ("loss", "val_loss", "exact_match")
+                        if k in summary)
+        print(f"{how} at step {summary['final_step']}{extra}.\n"
+              f"checkpoints: {summary['checkpoint_dir']}\n"
+              f"sample:      python sample.py --run {_short(run)} --prompt \"...\"")
+
+
+def _short(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+if __name__ == "__main__":
+    app.run(main)
