@@ -19,6 +19,7 @@ pure function of (seed, step), whatever the number of processes.
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import csv
 import glob
@@ -42,7 +43,7 @@ ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 LONG_ROWS = ("keep", "split", "drop")
 FORMAT_VERSION = 1
 _SPLIT_FILES = ("tokens.bin", "mask.bin", "offsets.npy", "source_rows.npy")
-_COPY_CHUNK = 1 << 24  # tokens per read when copying rows into the train/val files
+_COPY_CHUNK = 1 << 22  # tokens per read when copying rows into the train/val files
 
 
 # ----------------------------------------------------------------------------------------- template
@@ -288,9 +289,9 @@ def _hub_rows(hub_id: str, split: str):
         ds = datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline, unknown id, missing split...: all end in one sentence
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"could not load HF dataset {hub_id!r} split {split!r} ({reason}); check the "
-                         "id, the split and the network, or pass local .jsonl/.json/.parquet/.csv/.txt "
-                         "files.") from None
+        raise ValueError(f"{hub_id!r} is not a local path and could not be loaded as HF dataset "
+                         f"{hub_id!r} split {split!r} ({reason}); check the path, the id, the split and "
+                         "the network, or pass local .jsonl/.json/.parquet/.csv/.txt files.") from None
 
     def rows():
         for batch in ds.iter(batch_size=1000):
@@ -306,13 +307,13 @@ def _hub_rows(hub_id: str, split: str):
 
 class _StreamWriter:
     """Appends rows to one split's token and mask files; offsets and source rows are kept in memory
-    (8 bytes per row each) and saved on close."""
+    (8 bytes per row each, as array('q')) and saved on close."""
 
     def __init__(self, directory: str, split: str, dtype: np.dtype):
         self.directory, self.split, self.dtype = directory, split, dtype
         self._tokens = open(_split_path(directory, split, "tokens.bin"), "wb")
         self._mask = open(_split_path(directory, split, "mask.bin"), "wb")
-        self.offsets, self.source_rows = [0], []
+        self.offsets, self.source_rows = array.array("q", [0]), array.array("q")
         self._buf: list[tuple[np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self.answer_tokens = 0
@@ -326,7 +327,7 @@ class _StreamWriter:
         return self.offsets[-1]
 
     def add(self, ids: np.ndarray, mask: np.ndarray, source_row: int) -> None:
-        self._buf.append((ids, mask))
+        self._buf.append((ids.astype(self.dtype), mask.astype(np.uint8)))  # small until written
         self._buffered += len(ids)
         self.offsets.append(self.offsets[-1] + len(ids))
         self.source_rows.append(source_row)
@@ -335,9 +336,8 @@ class _StreamWriter:
 
     def _flush(self) -> None:
         if self._buf:
-            ids = np.concatenate([b[0] for b in self._buf])
-            mask = np.concatenate([b[1] for b in self._buf]).astype(np.uint8)
-            ids.astype(self.dtype).tofile(self._tokens)
+            np.concatenate([b[0] for b in self._buf]).tofile(self._tokens)
+            mask = np.concatenate([b[1] for b in self._buf])
             mask.tofile(self._mask)
             self.answer_tokens += int(mask.sum())
         self._buf, self._buffered = [], 0
@@ -352,6 +352,10 @@ class _StreamWriter:
         return {"rows": self.rows, "tokens": self.tokens, "answer_tokens": self.answer_tokens}
 
 
+def _fingerprint(args: dict) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _split_path(directory: str, split: str, what: str) -> str:
     return os.path.join(directory, f"{split}.{what}")
 
@@ -361,8 +365,8 @@ def _tokenise_into(writer: _StreamWriter, items: Iterable[Any], *, tok, template
                    max_tokens: Optional[int] = None, batch_rows: int = 1024) -> dict:
     """Render, tokenise (in batches) and write rows; bad rows are counted in `skipped`.
 
-    Returns the long-row policy and count, and the number of source rows seen. Long-row handling applies to template rows only: .txt documents
-    (template None) are meant to be long and are streamed whole.
+    Returns the long-row policy and count, and the number of source rows seen. Long-row handling
+    applies to template rows only: .txt documents (template None) are long and are streamed whole.
     """
     encoder = _Encoder(tok)
     bos, eos = np.array([tok.bos_id]), np.array([tok.eos_id])
@@ -415,29 +419,31 @@ def _tokenise_into(writer: _StreamWriter, items: Iterable[Any], *, tok, template
 
 
 def _copy_rows(src_dir: str, src: str, dst_dir: str, dst: str, rows: np.ndarray, dtype) -> dict:
-    """Write the given (sorted) rows of split `src` as split `dst`, copying runs of consecutive rows."""
+    """Write the given (sorted) rows of split `src` as split `dst`, copying runs of consecutive rows
+    in bounded chunks (plain reads, not a memory map, so resident memory stays at one chunk)."""
+    assert len(rows), "callers only copy non-empty splits"
     offsets = np.load(_split_path(src_dir, src, "offsets.npy"))
     source_rows = np.load(_split_path(src_dir, src, "source_rows.npy"))
-    tokens = np.memmap(_split_path(src_dir, src, "tokens.bin"), dtype, "r")
-    mask = np.memmap(_split_path(src_dir, src, "mask.bin"), np.uint8, "r")
     answer = 0
-    assert len(rows), "callers only copy non-empty splits"
-    with open(_split_path(dst_dir, dst, "tokens.bin"), "wb") as ft, \
-            open(_split_path(dst_dir, dst, "mask.bin"), "wb") as fm:
+    with open(_split_path(src_dir, src, "tokens.bin"), "rb") as st, \
+            open(_split_path(src_dir, src, "mask.bin"), "rb") as sm, \
+            open(_split_path(dst_dir, dst, "tokens.bin"), "wb") as dt, \
+            open(_split_path(dst_dir, dst, "mask.bin"), "wb") as dm:
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for run in np.split(rows, breaks):
-            a, b = offsets[run[0]], offsets[run[-1] + 1]
+            a, b = int(offsets[run[0]]), int(offsets[run[-1] + 1])
             for c in range(a, b, _COPY_CHUNK):
-                d = min(b, c + _COPY_CHUNK)
-                tokens[c:d].tofile(ft)
-                m = np.asarray(mask[c:d])
-                m.tofile(fm)
-                answer += int(m.sum())
+                n = min(b, c + _COPY_CHUNK) - c
+                st.seek(c * dtype.itemsize)
+                dt.write(st.read(n * dtype.itemsize))
+                sm.seek(c)
+                m = sm.read(n)
+                dm.write(m)
+                answer += int(np.frombuffer(m, np.uint8).sum())
     lengths = offsets[rows + 1] - offsets[rows]
     new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     np.save(_split_path(dst_dir, dst, "offsets.npy"), new_offsets)
     np.save(_split_path(dst_dir, dst, "source_rows.npy"), source_rows[rows])
-    del tokens, mask
     return {"rows": int(len(rows)), "tokens": int(new_offsets[-1]), "answer_tokens": answer}
 
 
@@ -490,19 +496,22 @@ def _summary(meta: dict, seconds: float) -> str:
     return line
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+
+
 def _check_options(val_fraction, seed, long_rows, max_tokens, batch_rows) -> None:
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 1), e.g. 0.005.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be a non-negative integer.")
+    _check_int("seed", seed, 0)
     if long_rows not in LONG_ROWS:
         raise ValueError(f"long_rows={long_rows!r} is not one of {', '.join(LONG_ROWS)}.")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
         raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 2 (or None for no limit).")
     if long_rows != "keep" and max_tokens is None:
         raise ValueError(f"long_rows={long_rows!r} needs max_tokens (e.g. the model's block_size + 1).")
-    if not isinstance(batch_rows, int) or batch_rows < 1:
-        raise ValueError(f"batch_rows={batch_rows!r} must be a positive integer.")
+    _check_int("batch_rows", batch_rows, 1)
 
 
 def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEMPLATE,
@@ -522,6 +531,7 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
     t0 = time.time()
     _check_options(val_fraction, seed, long_rows, max_tokens, batch_rows)
     kind, where = _resolve(source)
+    tmpl = Template(template, fields) if kind != "text" else None  # template mistakes fail first
     total = None
     if kind == "hub":
         items, total, fingerprint = _hub_rows(where, hf_split)
@@ -533,7 +543,6 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
         described = repr(where[0]) if len(where) == 1 else f"{len(where)} files"
         if kind == "text":
             total = len(where)
-    tmpl = Template(template, fields) if kind == "rows" else None
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(_max_id(tok))
 
@@ -572,6 +581,9 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
             "long_rows": long_info if kind == "rows" else None,
             "splits": splits, "skipped": dict(sorted(skipped.items())),
         }
+        meta["fingerprint"] = _fingerprint({k: meta[k] for k in (
+            "format_version", "tokenizer", "template", "fields", "source", "val_fraction", "seed",
+            "long_rows")})
         seconds = time.time() - t0
         meta["prepare_seconds"] = round(seconds, 3)
         meta["summary"] = _summary(meta, seconds)
@@ -604,10 +616,8 @@ def prepare_task(task: str, out_dir: str, *, tokenizer: str = "bytes", n_train: 
     t0 = time.time()
     t = get_task(task)
     t.options(**task_options)  # validates before any work
-    for name, n in (("n_train", n_train), ("n_val", n_val)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < (1 if name == "n_train" else 0):
-            raise ValueError(f"{name}={n!r} must be an integer >= {1 if name == 'n_train' else 0}.")
-    _check_options(0.0, seed, "keep", None, 1)
+    for name, value, low in (("n_train", n_train, 1), ("n_val", n_val, 0), ("seed", seed, 0)):
+        _check_int(name, value, low)
     tmpl = Template(template)
     if set(tmpl.keys) != {"question", tmpl.answer_field}:
         raise ValueError(f"template {template!r} must use the placeholders {{question}} and {{answer}} "
@@ -615,12 +625,16 @@ def prepare_task(task: str, out_dir: str, *, tokenizer: str = "bytes", n_train: 
     args = {"format_version": FORMAT_VERSION, "task": task, "task_version": TASK_VERSION,
             "options": task_options, "tokenizer": _tokenizer_name(tokenizer), "n_train": n_train,
             "n_val": n_val, "seed": seed, "template": template}
-    fingerprint = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = _fingerprint(args)
     old = _read_meta(out_dir)
     if old is not None and old.get("fingerprint") == fingerprint:
-        if verbose:
-            print(f"{out_dir}: up to date ({old['summary']})")
-        return old
+        try:
+            TokenData.open(out_dir)  # the token files are there too
+            if verbose:
+                print(f"{out_dir}: up to date ({old['summary']})")
+            return old
+        except (OSError, ValueError):
+            pass  # damaged: rebuild
 
     val = t.rows(n_val, f"{seed}-val", **task_options)
     held_out = {r["question"] for r in val}
@@ -664,6 +678,17 @@ def prepare_task(task: str, out_dir: str, *, tokenizer: str = "bytes", n_train: 
     if verbose:
         print(meta["summary"])
     return meta
+
+
+def task_val_rows(meta: dict) -> list[dict]:
+    """The validation rows (question/answer) of a directory prepare_task made, regenerated from its
+    meta exactly as they were drawn (for exact-match evaluation)."""
+    from .tasks import get_task
+    if not meta.get("task"):
+        raise ValueError("this prepared directory was not made by prepare_task, so it has no task rows; "
+                         "use a built-in task (data.task) for exact-match evaluation.")
+    n_val = meta["splits"].get("val", {}).get("rows", 0)
+    return get_task(meta["task"]).rows(n_val, f"{meta['seed']}-val", **meta["source"]["options"])
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -779,8 +804,7 @@ class BatchLoader:
                  process_index: int = 0, process_count: int = 1):
         for name, v, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0),
                              ("process_count", process_count, 1), ("process_index", process_index, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{name}={v!r} must be an integer >= {low}.")
+            _check_int(name, v, low)
         if process_index >= process_count:
             raise ValueError(f"process_index={process_index} must be below process_count={process_count}.")
         if batch_size % process_count:
@@ -795,8 +819,7 @@ class BatchLoader:
 
     def global_starts(self, step: int) -> np.ndarray:
         """Stream positions where the global batch's windows start (all processes agree)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step={step!r} must be a non-negative integer.")
+        _check_int("step", step, 0)
         rng = np.random.default_rng([self.seed, int(step)])
         if self.starts is not None:
             return self.starts[rng.integers(0, len(self.starts), self.batch_size)]
@@ -822,8 +845,7 @@ def val_batches(data: TokenData, batch_size: int, seq_len: int, n_batches: int,
     pad_id with mask = valid = 0. At most n_batches (fewer if the split is small, at least 1).
     """
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("n_batches", n_batches)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer.")
+        _check_int(name, v, 1)
     tokens, mask = data.split(split), data.mask(split)
     length, want = seq_len + 1, n_batches * batch_size
     offsets = data.offsets(split) if data.kind == "rows" else np.array([0, len(tokens)])
@@ -860,6 +882,11 @@ def val_batches(data: TokenData, batch_size: int, seq_len: int, n_batches: int,
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
+def _unescape(text: str) -> str:
+    """Shell-friendly templates: a typed backslash-n is a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
 
 def _option_value(text: str):
     try:
@@ -904,8 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "prepare":
-            unescape = lambda s: s.replace("\\n", "\n").replace("\\t", "\t")
-            prepare(args.source, args.tokenizer, args.out, template=unescape(args.template),
+            prepare(args.source, args.tokenizer, args.out, template=_unescape(args.template),
                     fields=args.fields.split(",") if args.fields else None,
                     val_fraction=args.val_fraction, seed=args.seed, long_rows=args.long_rows,
                     max_tokens=args.max_tokens, hf_split=args.hf_split, batch_rows=args.batch_rows,
@@ -919,7 +945,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 options[k.strip()] = _option_value(v)
             prepare_task(args.task, args.out, tokenizer=args.tokenizer, n_train=args.n_train,
                          n_val=args.n_val, seed=args.seed,
-                         template=args.template.replace("\\n", "\n"), **options)
+                         template=_unescape(args.template), **options)
         else:
             meta = TokenData.open(args.dir).meta
             print(meta.get("summary", ""))

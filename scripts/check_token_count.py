@@ -10,6 +10,7 @@ every row's ids (matched through {split}.source_rows.npy). Exits 1 on any differ
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -31,6 +32,8 @@ def main():
         t0 = time.perf_counter()
         meta = prepare(args.source, args.tokenizer, out, template=args.template, progress=False)
         seconds = time.perf_counter() - t0
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        token_mib = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**20
         data = TokenData.open(out)
         prepared = {}  # source row -> ids
         for split in data.splits:
@@ -55,7 +58,8 @@ def main():
     n_direct = sum(len(v) for v in direct.values())
     mismatched = [i for i in direct if i not in prepared or not np.array_equal(direct[i], prepared[i])]
     print(f"prepare: {len(prepared):,} rows, {n_prepared:,} tokens in {seconds:.2f}s "
-          f"(meta: {sum(s['tokens'] for s in meta['splits'].values()):,})")
+          f"(meta: {sum(s['tokens'] for s in meta['splits'].values()):,}); peak RSS {peak_mib:.0f} MiB, "
+          f"prepared files {token_mib:.1f} MiB")
     print(f"direct transformers: {len(direct):,} rows ({bad} unusable), {n_direct:,} tokens in "
           f"{direct_seconds:.2f}s (incl. tokenizer load)")
     print(f"rows whose ids differ: {len(mismatched)}")

@@ -316,8 +316,8 @@ def test_user_mistakes_give_one_clear_sentence(tmp_path):
 
 def test_hub_id_that_cannot_load_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"could not load HF dataset 'nobody-here/no-such-set' split "
-                                         r"'train' .*pass local"):
+    with pytest.raises(ValueError, match=r"is not a local path and could not be loaded as HF dataset "
+                                         r"'nobody-here/no-such-set' split 'train' .*pass local"):
         prepare("nobody-here/no-such-set", "bytes", str(tmp_path / "out"), progress=False)
 
 
@@ -500,6 +500,8 @@ def test_prepare_task_format_heldout_and_idempotence(tmp_path, monkeypatch, caps
             else:
                 assert question not in val_questions  # val is held out
     assert len(val_questions) == 40
+    assert [r["question"] for r in D.task_val_rows(meta)] == [  # regenerated in stored order
+        ByteTokenizer().decode(ids)[len("Вопрос: "):].split("\n### Ответ: ")[0] for ids, _ in d.rows("val")]
     # same arguments: the existing directory is returned untouched
     stamp = os.path.getmtime(os.path.join(out, "train.tokens.bin"))
     monkeypatch.setattr(tasks.Task, "rows", lambda *a, **k: pytest.fail("regenerated"))
