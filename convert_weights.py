@@ -9,7 +9,7 @@ initialised and dropped. The output loads with `reflex_jax.checkpoint.load_param
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from reflex_jax.checkpoint import CheckpointError
@@ -30,6 +30,8 @@ flags.mark_flags_as_required(["config", "hf", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     config = _CONFIG.value
     seed = _SEED.value if _SEED.value is not None else int(config.get("seed", 0))
     try:
