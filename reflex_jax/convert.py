@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -499,5 +499,5 @@ def convert_to_dir(hf: str, cfg: ModelConfig, out: str, layers: Optional[Sequenc
     return report
 
 
-__all__: Iterable[str] = ["ConvertError", "Source", "Report", "Row", "SWIGLU_ALPHA", "load_gpt2",
-                          "matching_config", "parse_layers", "convert_gpt2", "convert_to_dir"]
+__all__ = ["ConvertError", "Source", "Report", "Row", "SWIGLU_ALPHA", "load_gpt2", "matching_config",
+           "parse_layers", "convert_gpt2", "convert_to_dir"]
