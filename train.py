@@ -3,6 +3,7 @@
     python train.py --config configs/tiny.py                      # the built-in default, CPU, no network
     python train.py --config configs/reflex.py --config.max_steps=2000 --config.run_dir=runs/x
     python train.py --config configs/tiny.py --dry_run            # mesh, one compiled step, memory
+    python train.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # multi-host
 
 Any config field can be overridden: --config.model.n_layer=12, --config.mesh.fsdp=4, ...
 A run directory that already holds checkpoints resumes from its latest step.
@@ -26,12 +27,14 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from reflex_jax import sharding
-    sharding.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    from reflex_jax.trainer import USER_ERRORS, Trainer
+    from reflex_jax.trainer import USER_ERRORS, Trainer  # imports only; no device is touched yet
     try:
+        sharding.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
         trainer = Trainer(_CONFIG.value)
         if _DRY_RUN.value:
-            print(trainer.dry_run())
+            report = trainer.dry_run()  # every process compiles; process 0 prints
+            if trainer.is_main:
+                print(report)
             return
         summary = trainer.train()
     except USER_ERRORS as e:

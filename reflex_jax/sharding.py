@@ -113,8 +113,64 @@ def like_params(abstract_tree, abstract_params, param_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
+def format_spec(spec: P, ndim: int) -> str:
+    """Human form of a PartitionSpec: one entry per dimension, `-` where it is not split, `a+b`
+    where it is split over two mesh axes; `replicated` when nothing is split."""
+    dims = list(spec) + [None] * (ndim - len(spec))
+    if all(d is None for d in dims):
+        return "replicated"
+    return "(" + ", ".join("-" if d is None else d if isinstance(d, str) else "+".join(d)
+                           for d in dims) + ")"
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many equal slices the batch dimension is cut into (product of its mesh axes)."""
+    return int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
+
+
+def process_rows(batch: NamedSharding, global_rows: int) -> tuple[int, int]:
+    """(index, count): this process supplies block `index` of `count` equal row blocks.
+
+    The rows a process must feed to `jax.make_array_from_process_local_data` are the rows its own
+    devices hold. With the batch split over processes that is its 1/process_count slice, but when
+    the batch axes live inside one host (e.g. mesh (1,1,8) over 2 hosts) every process holds, and
+    must load, the whole batch. `BatchLoader(process_index=index, process_count=count)` gives
+    exactly these rows.
+    """
+    held = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                   for s in batch.addressable_devices_indices_map((global_rows, 1)).values()})
+    lo, hi = held[0][0], held[-1][1]
+    covered = lo
+    for a, b in held:  # the blocks must tile [lo, hi) without gaps
+        if a > covered:
+            break
+        covered = max(covered, b)
+    if covered != hi or global_rows % (hi - lo) or lo % (hi - lo):
+        raise MeshError(f"this process's devices hold rows {held} of a {global_rows}-row batch, "
+                        "which is not one contiguous block; order the devices so each host's devices "
+                        "are adjacent along config.mesh.data/fsdp.")
+    return lo // (hi - lo), global_rows // (hi - lo)
+
+
+def gather_to_host(tree, mesh: Mesh):
+    """numpy copy of a tree of (possibly multi-host sharded) arrays, on every process.
+
+    `jax.device_get` cannot read arrays with shards on other hosts; those are first replicated
+    onto every device (one compiled identity for the whole tree), then read from a local shard.
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return jax.device_get(tree)
+    full = jax.jit(_identity, out_shardings=NamedSharding(mesh, P()))(tree)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), full)
+
+
+def _identity(x):
+    return x
 
 
 def logical_rules_for_flax(mesh: Mesh):
@@ -123,22 +179,48 @@ def logical_rules_for_flax(mesh: Mesh):
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
-                                 process_id: int = -1) -> bool:
+                                 process_id: int = -1, timeout_s: int = 300) -> bool:
     """Start multi-host JAX when asked (flags) or when the environment says so.
 
-    Explicit: coordinator address + process count + index (e.g. two GPU nodes). Implicit: a TPU pod
-    or SLURM job, where `jax.distributed.initialize()` finds everything itself. Returns whether
-    JAX runs multi-process.
+    Explicit: coordinator address + process count + index (e.g. two GPU nodes, or CPU processes on
+    loopback). Implicit: a multi-host TPU pod or a SLURM job with several tasks, where
+    `jax.distributed.initialize()` finds everything itself. Must run before anything touches JAX
+    devices. Returns whether JAX runs multi-process.
     """
     if coordinator:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--coordinator={coordinator!r} must be host:port of process 0, "
+                             "e.g. 10.0.0.1:1234.")
         if num_processes < 1 or process_id < 0:
             raise ValueError("--coordinator needs --num_processes and --process_id as well.")
-        # CPU processes need a collectives backend; the setting is ignored on GPU/TPU.
+        if process_id >= num_processes:
+            raise ValueError(f"--process_id={process_id} must be below --num_processes={num_processes} "
+                             "(processes are numbered 0..num_processes-1).")
+        # CPU processes need a cross-process collectives backend; GPU/TPU ignore the setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        _initialize(dict(coordinator_address=coordinator, num_processes=num_processes,
+                         process_id=process_id, initialization_timeout=timeout_s))
         return True
-    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    if num_processes > 1 or process_id >= 0:
+        raise ValueError("--num_processes/--process_id need --coordinator host:port as well.")
+    slurm_tasks = os.environ.get("SLURM_NTASKS", "1")
+    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if (slurm_tasks.isdigit() and int(slurm_tasks) > 1) or "," in tpu_hosts:
+        _initialize({})
         return True
     return False
+
+
+def _initialize(kwargs: dict) -> None:
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        if "before" in str(e) or "already" in str(e):
+            raise ValueError("multi-host start-up must come before anything uses JAX devices; call "
+                             "sharding.maybe_initialize_distributed first (train.py does).") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = kwargs.get("coordinator_address", "the auto-detected coordinator")
+        raise ValueError(f"could not join the multi-host job at {where} ({first[:200]}); start every "
+                         "process with the same --coordinator and --num_processes and a distinct "
+                         "--process_id.") from e

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import data as data_lib
 from . import flops, sharding
 from .defaults import model_config_from
+from .losses import fused_cross_entropy_sum
 from .model import Decoder, head_matrix, logits_from_hidden, param_logical_axes
 
 
@@ -54,23 +55,29 @@ def token_cross_entropy(hidden_BTE, head_VE, targets_BT):
 
 
 class Trainer:
-    def __init__(self, config, *, log: Callable[[str], None] = print):
-        self.config, self.log = config, log
+    def __init__(self, config, *, log: Callable[[str], None] = print, devices=None):
+        """`devices`: the devices to build the mesh over (default: all, on every process)."""
+        self.config = config
+        self.is_main = jax.process_index() == 0
+        self.log = log if self.is_main else (lambda s: None)  # process 0 speaks for the job
         self.cfg = model_config_from(config)
         self._check_run_config()
-        self.is_main = jax.process_index() == 0
         self.data, self.data_dir = self._open_data()
         self._check_fits_data()
         m = config.mesh
-        self.mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+        self.mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+        self._check_fits_mesh()
         self.seq_len = self.cfg.block_size
         self.model = Decoder(self.cfg, remat=bool(config.remat))
         from .optim import make_optimizer
         self.tx, self.schedule = make_optimizer(config.optim, config.max_steps)
         self._build_shardings()
+        # each process loads the rows its own devices hold (all of them if the batch axes stay
+        # inside one host); the global batch is still a pure function of (seed, step)
+        block, blocks = sharding.process_rows(self.batch_sharding, config.batch_size)
         self.train_loader = data_lib.BatchLoader(
             self.data, "train", config.batch_size, self.seq_len, config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=block, process_count=blocks)
         self._check_answer_tokens()
         if self.config.data.task and self.config.eval_exact_match > 0 and self.config.eval_interval:
             self._exact_match_prompts()
@@ -106,7 +113,7 @@ class Trainer:
             if self_is_main():
                 data_lib.prepare_task(c.data.task, out, tokenizer=c.data.tokenizer,
                                       n_train=c.data.task_rows, n_val=c.data.task_val_rows,
-                                      seed=c.seed, **dict(c.data.task_options))
+                                      seed=c.seed, **_task_options(c.data))
             _sync("prepared task data")
             return data_lib.TokenData.open(out), out
         raise TrainingError("no training data: set --config.data.dir to a prepared directory or "
@@ -127,10 +134,22 @@ class Trainer:
                     f"window of block_size+1={cfg.block_size + 1}; lower --config.model.block_size "
                     "or prepare more data.")
 
+    def _check_fits_mesh(self):
+        c, shards = self.config, sharding.batch_shards(self.mesh)
+        micro = c.batch_size // c.grad_accum
+        if micro % shards:
+            raise TrainingError(
+                f"batch_size/grad_accum = {micro} rows per micro-batch must be divisible by "
+                f"config.mesh data*fsdp = {shards} (every batch shard takes an equal slice); change "
+                "--config.batch_size or the mesh.")
+
     def _check_answer_tokens(self):
         if self.config.data.loss_on != "answer":
             return
-        if not np.asarray(self.train_loader.batch(0)["mask"])[:, 1:].any():
+        # the whole global batch, so that every process reaches the same verdict
+        first = data_lib.BatchLoader(self.data, "train", self.config.batch_size, self.seq_len,
+                                     self.config.seed).batch(0)
+        if not np.asarray(first["mask"])[:, 1:].any():
             raise TrainingError(
                 f"data.loss_on='answer' but the first batch of {self.data_dir!r} holds no answer "
                 f"tokens within block_size={self.cfg.block_size}; raise --config.model.block_size "
@@ -180,8 +199,8 @@ class Trainer:
         hidden = self.model.apply({"params": params}, tokens[:, :-1], deterministic=deterministic,
                                   rngs=None if deterministic else {"dropout": rng},
                                   return_hidden=True)
-        ce = token_cross_entropy(hidden, head_matrix(self.cfg, params), tokens[:, 1:])
-        return jnp.sum(ce * weights)
+        # == sum(token_cross_entropy(...) * weights), without [B*T, vocab] float32 logits
+        return fused_cross_entropy_sum(hidden, head_matrix(self.cfg, params), tokens[:, 1:], weights)
 
     def _compile_train_step(self):
         A, B = self.config.grad_accum, self.config.batch_size
@@ -236,12 +255,17 @@ class Trainer:
         return jax.jit(eval_fn, in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
                        out_shardings=(self.replicated, self.replicated))
 
-    def put_batch(self, local: dict, keys=("tokens", "mask")):
-        """Global arrays from this process's rows of the batch."""
+    def put_batch(self, local: dict, keys=("tokens", "mask"), global_rows: Optional[int] = None):
+        """Global arrays from this process's rows of the batch (see `sharding.process_rows`)."""
         arrays = []
+        rows = global_rows or self.config.batch_size
+        _, blocks = sharding.process_rows(self.batch_sharding, rows)
         for k in keys:
             x = np.asarray(local[k], np.int32 if k == "tokens" else np.float32)
-            shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+            if x.shape[0] * blocks != rows:
+                raise TrainingError(f"this process fed {x.shape[0]} rows but its block of a "
+                                    f"{rows}-row batch has {rows // blocks}.")
+            shape = (rows,) + x.shape[1:]
             arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, x, shape))
         return arrays
 
@@ -259,6 +283,10 @@ class Trainer:
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
         lines = [f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices "
                  f"({jax.process_count()} processes); {self.cfg.schedule_table()}",
+                 f"batch {B} x {T + 1} split {sharding.format_spec(self.batch_sharding.spec, 2)} "
+                 f"({B // sharding.batch_shards(self.mesh)} rows per batch shard, "
+                 f"{B // self.config.grad_accum} per micro-batch, {self.config.grad_accum} micro-batches); "
+                 f"remat {bool(self.config.remat)}; compute {self.cfg.dtype}, params {self.cfg.param_dtype}",
                  f"per device: params {mib(per_device(self.abstract_state.params))}, "
                  f"optimizer {mib(per_device(self.abstract_state.opt_state))}"]
         mem = compiled.memory_analysis()
@@ -267,7 +295,8 @@ class Trainer:
                          f"arguments {mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)}")
         lines.append("parameter shardings:")
         for path, x in jax.tree_util.tree_leaves_with_path(self.abstract_state.params):
-            lines.append(f"  {jax.tree_util.keystr(path):45s} {str(x.shape):18s} {x.sharding.spec}")
+            lines.append(f"  {jax.tree_util.keystr(path):45s} {str(x.shape):18s} "
+                         f"{sharding.format_spec(x.sharding.spec, len(x.shape))}")
         return "\n".join(lines)
 
     # ---- evaluation --------------------------------------------------------------------------
@@ -282,7 +311,8 @@ class Trainer:
         loss_sum, count = 0.0, 0.0
         for b in self.val_batches():
             lo = self._local_rows(b)
-            tokens, mask, valid = self.put_batch(lo, ("tokens", "mask", "valid"))
+            tokens, mask, valid = self.put_batch(lo, ("tokens", "mask", "valid"),
+                                                 global_rows=b["tokens"].shape[0])
             ls, n = self.eval_step(params, tokens, mask, valid)
             loss_sum, count = loss_sum + float(ls), count + float(n)
         val_loss = loss_sum / max(count, 1.0)
@@ -292,18 +322,19 @@ class Trainer:
         return out
 
     def _local_rows(self, batch: dict) -> dict:
-        n, pc, pi = batch["tokens"].shape[0], jax.process_count(), jax.process_index()
-        if n % pc:
-            raise TrainingError(f"validation batch of {n} rows does not split over {pc} processes; "
-                                "use a batch_size divisible by the process count.")
-        k = n // pc
-        return {key: v[pi * k:(pi + 1) * k] for key, v in batch.items()}
+        n = batch["tokens"].shape[0]
+        if n % sharding.batch_shards(self.mesh):
+            raise TrainingError(f"validation batch of {n} rows does not split over mesh data*fsdp = "
+                                f"{sharding.batch_shards(self.mesh)}; use a batch_size divisible by it.")
+        block, blocks = sharding.process_rows(self.batch_sharding, n)
+        k = n // blocks
+        return {key: v[block * k:(block + 1) * k] for key, v in batch.items()}
 
     def _exact_match_prompts(self):
         """(rows, prompt token lists, answer budget) for the held-out task questions, checked to fit."""
         from . import tasks
         from .tokenizer import load_tokenizer
-        rows = _task_val_rows(self.data.meta)[: self.config.eval_exact_match]
+        rows = data_lib.task_val_rows(self.data.meta)[: self.config.eval_exact_match]
         tok = load_tokenizer(self.data.meta["tokenizer"])
         template = self.data.meta.get("template", data_lib.DEFAULT_TEMPLATE)
         prompts = [[tok.bos_id] + tok.encode(tasks.render_prompt(r["question"], template)) for r in rows]
@@ -321,7 +352,9 @@ class Trainer:
         from . import sampling, tasks
         rows, prompts, budget, tok = self._exact_match_prompts()
         task = tasks.get_task(self.config.data.task)
-        host_params = jax.device_get(params) if jax.process_count() > 1 else params
+        # multi-host params have shards on other hosts; every process gathers a full copy and
+        # scores the same rows (only process 0 logs the result)
+        host_params = sharding.gather_to_host(params, self.mesh) if jax.process_count() > 1 else params
         if not hasattr(self, "_generator"):
             self._generator = sampling.Generator(self.cfg)
         outs = self._generator.generate(host_params, prompts, max_new_tokens=budget,
@@ -341,11 +374,16 @@ class Trainer:
                 raise TrainingError(
                     f"run_dir {c.run_dir!r} holds checkpoints of a different model (model.{diff[0]} "
                     f"differs); use a new --config.run_dir or the same model config to resume.")
-        ckpt.write_json(model_path, self.cfg.to_dict())
-        ckpt.write_json(os.path.join(c.run_dir, "config.json"), c.to_dict())
-        ckpt.write_json(os.path.join(c.run_dir, ckpt.META),
-                        {"tokenizer": self.data.meta["tokenizer"], "data_dir": os.path.abspath(self.data_dir),
-                         "template": self.data.meta.get("template"), "task": c.data.task or None})
+        # every process checks (same files, same verdict); only process 0 writes, since two
+        # writers racing on the same temp file would break the atomic replace
+        if self.is_main:
+            ckpt.write_json(model_path, self.cfg.to_dict())
+            ckpt.write_json(os.path.join(c.run_dir, "config.json"), c.to_dict())
+            ckpt.write_json(os.path.join(c.run_dir, ckpt.META),
+                            {"tokenizer": self.data.meta["tokenizer"],
+                             "data_dir": os.path.abspath(self.data_dir),
+                             "template": self.data.meta.get("template"), "task": c.data.task or None})
+        _sync("run files written")
 
     def _restore_or_init(self, checkpoints: ckpt.RunCheckpoints):
         c = self.config
@@ -455,12 +493,11 @@ class Trainer:
         return self.train_loader.batch(step)
 
 
-def _task_val_rows(meta: dict) -> list[dict]:
-    """The validation questions of a prepared built-in task, regenerated exactly as
-    `data.prepare_task` drew them (same task, options and seed)."""
+def _task_options(data_cfg) -> dict:
+    """The config's task options that the chosen task has (the config lists every task's options)."""
     from .tasks import get_task
-    n_val = meta["splits"].get("val", {}).get("rows", 0)
-    return get_task(meta["task"]).rows(n_val, f"{meta['seed']}-val", **meta["source"]["options"])
+    known = get_task(data_cfg.task).defaults
+    return {k: v for k, v in dict(data_cfg.task_options).items() if k in known}
 
 
 def self_is_main() -> bool:

@@ -1,0 +1,287 @@
+"""Mesh runs: logical axis rules, 8 fake CPU devices vs one device, orbax restore onto another
+mesh, the --dry_run report, and a real 2-process (loopback, gloo) run that is killed and resumed.
+
+The fake-device flag must be set before jax is imported and this process already imported jax
+with one device, so the 8-device checks run in subprocesses (tests/sharding_worker.py, train.py).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from reflex_jax import checkpoint as ckpt
+from reflex_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra)
+    return env
+
+
+# ---- rules and flags (no devices needed) -----------------------------------------------------
+
+def test_mesh_shape_resolves_the_rest_and_rejects_bad_sizes():
+    assert sharding.mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
+    assert sharding.mesh_shape(1, 1, -1, 8) == (1, 1, 8)
+    with pytest.raises(sharding.MeshError, match=r"data\*fsdp\*tensor = 4 but there are 8 devices"):
+        sharding.mesh_shape(2, 2, 1, 8)
+    with pytest.raises(sharding.MeshError, match=r"8 devices do not divide by 3"):
+        sharding.mesh_shape(-1, 3, 1, 8)
+    with pytest.raises(sharding.MeshError, match=r"at most one of config.mesh.data/fsdp/tensor may be -1"):
+        sharding.mesh_shape(-1, -1, 1, 8)
+    with pytest.raises(sharding.MeshError, match=r"must be positive or -1"):
+        sharding.mesh_shape(0, 1, 1, 8)
+
+
+def test_rules_split_only_dimensions_that_divide():
+    kv = P("embed", "kv_heads", "head_dim")
+    m222 = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+    m118 = AbstractMesh((1, 1, 8), sharding.MESH_AXES)
+    m241 = AbstractMesh((2, 4, 1), sharding.MESH_AXES)
+    assert sharding.spec_for(kv, (64, 6, 8), m222) == P("fsdp", "tensor")
+    assert sharding.spec_for(kv, (64, 7, 8), m222) == P("fsdp")  # 7 K/V heads: replicate
+    assert sharding.spec_for(kv, (64, 8, 8), m118) == P(None, "tensor")
+    assert sharding.spec_for(kv, (64, 6, 8), m118) == P()
+    assert sharding.spec_for(P("vocab", "embed"), (259, 64), m241) == P(None, "fsdp")
+    assert sharding.spec_for(P("vocab", "embed"), (256, 64), m118) == P("tensor")
+    assert sharding.spec_for(P("embed", "mlp"), (30, 256), m241) == P()  # 30 % 4 != 0
+    assert sharding.batch_shards(m241) == 8 and sharding.batch_shards(m118) == 1
+
+
+def test_multihost_flags_are_checked_before_any_connection():
+    with pytest.raises(ValueError, match=r"--coordinator='nohost' must be host:port"):
+        sharding.maybe_initialize_distributed("nohost", 2, 0)
+    with pytest.raises(ValueError, match=r"--coordinator needs --num_processes and --process_id"):
+        sharding.maybe_initialize_distributed("127.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"--process_id=2 must be below --num_processes=2"):
+        sharding.maybe_initialize_distributed("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match=r"--num_processes/--process_id need --coordinator"):
+        sharding.maybe_initialize_distributed("", 2, 1)
+    assert sharding.maybe_initialize_distributed() is False  # nothing asked, nothing started
+
+
+# ---- 8 fake devices: four meshes vs one device, shardings, restore onto other meshes ---------
+
+MESHES = ("8x1x1", "2x4x1", "2x2x2", "1x1x8")
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("meshes")
+    out = tmp / "result.json"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), str(out), str(tmp)],
+                          cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_one_step_on_every_mesh_matches_one_device(mesh_runs):
+    ref = mesh_runs["reference"]
+    assert ref["devices"] == 1
+    for name in MESHES:
+        r = mesh_runs[name]
+        assert "x".join(str(v) for v in r["mesh"].values()) == name
+        # fp32 sums in another order: losses agree to 1e-6 relative (measured <= 2e-7)
+        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-6, err_msg=name)
+        assert r["init_diff"] == 0.0, name  # same init, also when created directly sharded
+        # Adam's first step moves every weight by ~lr=3e-3 times sign(g); where a gradient is
+        # ~0 its sign is float noise, so a few elements differ by up to a fraction of lr.
+        # Measured: max 3.2e-5, at most 0.05% of elements above 1e-6. A broken shard would
+        # move whole tensors by ~lr.
+        assert max(r["param_diffs"]) < 1e-4, (name, r["param_diffs"])
+        assert max(r["param_frac_over_1e-6"]) < 1e-3, (name, r["param_frac_over_1e-6"])
+        assert r["opt_diff"] < 1e-6, (name, r["opt_diff"])  # Adam moments (measured <= 4.1e-8)
+
+
+def test_params_and_optimizer_state_are_sharded_by_the_rules(mesh_runs):
+    def at(mesh, path, tree="params"):
+        return mesh_runs[mesh][tree][path]
+
+    q0, k0 = "['h_0']['attn']['q']['kernel']", "['h_0']['attn']['k']['kernel']"   # 8 self heads
+    k1, k2 = "['h_1']['attn']['k']['kernel']", "['h_2']['attn']['k']['kernel']"   # 7 and 6
+    gate, wte = "['h_0']['mlp']['gate']['kernel']", "['wte']"
+    # pure data parallel: everything replicated
+    assert {spec for spec, _ in mesh_runs["8x1x1"]["params"].values()} == {"replicated"}
+    # tensor=8: q and even kv heads split 8 ways, 7 and 6 K/V heads replicated, vocab 259 replicated
+    assert at("1x1x8", q0) == ["(-, tensor, -)", [64, 1, 8]]
+    assert at("1x1x8", k0) == ["(-, tensor, -)", [64, 1, 8]]
+    assert at("1x1x8", k1) == ["replicated", [64, 7, 8]]
+    assert at("1x1x8", k2) == ["replicated", [64, 6, 8]]
+    assert at("1x1x8", gate) == ["(-, tensor)", [64, 32]]
+    assert at("1x1x8", wte) == ["replicated", [259, 64]]
+    # fsdp=4: embed split 4 ways
+    assert at("2x4x1", wte) == ["(-, fsdp)", [259, 16]]
+    assert at("2x4x1", q0) == ["(fsdp, -, -)", [16, 8, 8]]
+    # (2,2,2): 6 K/V heads split on tensor, 7 only on fsdp
+    assert at("2x2x2", k2) == ["(fsdp, tensor, -)", [32, 3, 8]]
+    assert at("2x2x2", k1) == ["(fsdp, -, -)", [32, 7, 8]]
+    # Adam moments live exactly where their params live
+    for mesh in MESHES:
+        assert mesh_runs[mesh]["adam_mu"] == mesh_runs[mesh]["params"], mesh
+
+
+def test_batch_that_the_mesh_cannot_split_is_one_sentence(mesh_runs):
+    assert mesh_runs["bad_batch_error"] == (
+        "TrainingError: batch_size/grad_accum = 12 rows per micro-batch must be divisible by "
+        "config.mesh data*fsdp = 8 (every batch shard takes an equal slice); change "
+        "--config.batch_size or the mesh.")
+
+
+def test_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(mesh_runs):
+    for name, devices in (("restore 8x1x1", 8), ("restore 1 device", 1)):
+        r = mesh_runs[name]
+        assert r["param_diff"] == 0.0 and r["opt_diff"] == 0.0, name  # bitwise
+        assert r["devices"] == [devices] and r["matches_target_shardings"], name
+    assert {s for s, _ in mesh_runs["restore 8x1x1"]["params"].values()} == {"replicated"}
+    assert mesh_runs["2x2x2"]["params"]["['wte']"][0] == "(-, fsdp)"
+
+
+# ---- train.py: dry run and a real two-process run --------------------------------------------
+
+MODEL_CLI = ["--config.model.n_layer=3", "--config.model.n_head=8", "--config.model.n_embd=32"]
+
+
+def _cli(run_dir, **kw) -> list:
+    opts = {"run_dir": run_dir, "data.task_rows": 400, "data.task_val_rows": 16,
+            "data.loss_on": "all", "batch_size": 8, "eval_batches": 1, "log_interval": 1,
+            "async_checkpoints": False, "optim.warmup_steps": 2}
+    opts.update(kw)
+    return MODEL_CLI + [f"--config.{k}={v}" for k, v in opts.items()]
+
+
+def _train(args, devices, log_path, **env):
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                             os.path.join(ROOT, "configs/tiny.py")] + args, cwd=ROOT,
+                            env=_env(devices, **env), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc, log_path, timeout=600):
+    proc.wait(timeout=timeout)
+    out = open(log_path).read()
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_dry_run_prints_mesh_memory_and_shardings_without_training(tmp_path):
+    run = tmp_path / "dry"
+    log = tmp_path / "dry.log"
+    proc = _train(_cli(run, max_steps=5, **{"mesh.fsdp": 2, "mesh.tensor": 2,
+                                            "model.block_size": 32, "eval_exact_match": 0})
+                  + ["--dry_run"], 8, log)
+    out = _wait(proc, log)
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices (1 processes)" in out
+    assert "batch 8 x 33 split (data+fsdp, -) (2 rows per batch shard" in out
+    assert "per device: params " in out and "optimizer " in out
+    assert "compiled step (per device): temporaries " in out
+    lines = out.splitlines()
+    q1 = next(line for line in lines if "['h_1']['attn']['q']['kernel']" in line)
+    k1 = next(line for line in lines if "['h_1']['attn']['k']['kernel']" in line)
+    assert q1.endswith("(fsdp, tensor, -)") and "(32, 8, 4)" in q1
+    assert k1.endswith("(fsdp, -, -)") and "(32, 7, 4)" in k1  # 7 heads: no tensor
+    n_params = len(jax.tree_util.tree_leaves(ckpt.abstract_params(_tiny_model_cfg(block=32))))
+    assert sum(line.startswith("  [") for line in lines) == n_params  # every parameter, once
+    assert next(line for line in lines if "['wte']" in line).endswith("(-, fsdp)")  # vocab 259 odd
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def _tiny_model_cfg(block):
+    sys.path.insert(0, ROOT)
+    from configs.tiny import get_config
+    from reflex_jax.defaults import model_config_from
+    c = get_config()
+    c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 3, 8, 32, block
+    return model_config_from(c)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _restore_on_one_device(run_dir, cfg, step):
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                                      ckpt.abstract_params(cfg))
+    ck = ckpt.RunCheckpoints(str(run_dir), create=False)
+    try:
+        return jax.device_get(ck.restore_params(step, abstract))
+    finally:
+        ck.close()
+
+
+def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
+    n, ckpt_every = 12, 3
+    run_kw = dict(max_steps=n, checkpoint_interval=ckpt_every, eval_interval=6, eval_exact_match=4,
+                  **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.block_size": 96})
+    # the reference saves only where it evaluates (6, 12); saving never changes the numbers
+    single = _train(_cli(tmp_path / "single", **dict(run_kw, checkpoint_interval=0)), 8,
+                    tmp_path / "single.log")
+
+    run = tmp_path / "multi"
+
+    def launch(phase):
+        port = _free_port()
+        return [_train(_cli(run, **run_kw) + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                              f"--process_id={i}"], 4, tmp_path / f"{phase}{i}.log")
+                for i in range(2)]
+
+    procs = launch("first")
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / str(ckpt_every)).exists() and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=60)
+    first = [open(tmp_path / f"first{i}.log").read() for i in range(2)]
+    assert all(p.returncode == -signal.SIGKILL for p in procs), "\n".join(f[-3000:] for f in first)
+    saved = ckpt.RunCheckpoints(str(run), create=False).all_steps()
+    assert saved and saved[-1] < n, f"the 2-process run finished before it was killed: {saved}"
+
+    procs = launch("resumed")
+    out0, out1 = (_wait(p, tmp_path / f"resumed{i}.log") for i, p in enumerate(procs))
+    _wait(single, tmp_path / "single.log")
+
+    # process 0 speaks and writes; process 1 only computes and checkpoints its shards
+    assert f"resuming {run} from step {saved[-1]}" in out0 and "checkpoints:" in out0
+    assert "resuming" not in out1 and "checkpoints:" not in out1
+    for name in ("config.json", "model_config.json", "meta.json"):
+        json.loads((run / name).read_text())
+
+    multi, straight = _read_metrics(run), _read_metrics(tmp_path / "single")
+    assert [r["step"] for r in multi] == list(range(1, n + 1))  # resumed rows replace killed ones
+    # same global batches, same program; gloo vs in-process all-reduce may sum in another order
+    np.testing.assert_allclose([r["loss"] for r in multi], [r["loss"] for r in straight], rtol=1e-5)
+    evals = [(r["step"], r["val_loss"], r["exact_match"]) for r in multi if "val_loss" in r]
+    assert [e[0] for e in evals] == [6, 12]
+    for (step, val, em), ref in zip(evals, [r for r in straight if "val_loss" in r]):
+        np.testing.assert_allclose(val, ref["val_loss"], rtol=1e-5, err_msg=f"step {step}")
+        assert em == ref["exact_match"], step  # greedy answers from params gathered off both hosts
+    assert ckpt.RunCheckpoints(str(run), create=False).latest_step() == n
+
+    cfg = _tiny_model_cfg(block=96)
+    p_multi = _restore_on_one_device(run, cfg, n)
+    p_single = _restore_on_one_device(tmp_path / "single", cfg, n)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p_multi, p_single)
