@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import data as data_lib
 from . import flops, sharding
 from .defaults import model_config_from
+from .losses import fused_cross_entropy_sum
 from .model import Decoder, head_matrix, logits_from_hidden, param_logical_axes
 
 
@@ -198,8 +199,8 @@ class Trainer:
         hidden = self.model.apply({"params": params}, tokens[:, :-1], deterministic=deterministic,
                                   rngs=None if deterministic else {"dropout": rng},
                                   return_hidden=True)
-        ce = token_cross_entropy(hidden, head_matrix(self.cfg, params), tokens[:, 1:])
-        return jnp.sum(ce * weights)
+        # == sum(token_cross_entropy(...) * weights), without [B*T, vocab] float32 logits
+        return fused_cross_entropy_sum(hidden, head_matrix(self.cfg, params), tokens[:, 1:], weights)
 
     def _compile_train_step(self):
         A, B = self.config.grad_accum, self.config.batch_size
