@@ -14,11 +14,10 @@ from typing import Optional, Sequence
 
 from reflex_jax.checkpoint import CheckpointError, load_params, read_meta
 from reflex_jax.config import ConfigError
+from reflex_jax.data import DEFAULT_TEMPLATE
 from reflex_jax.sampling import GenerationError, generate
+from reflex_jax.tasks import render_prompt
 from reflex_jax.tokenizer import load_tokenizer
-
-# Text templates; "instruct" is the training template of DESIGN §1 up to the answer.
-TEMPLATES = {"none": "{prompt}", "instruct": "Вопрос: {prompt}\n### Ответ: "}
 
 
 class UsageError(ValueError):
@@ -35,8 +34,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--prompt_file", help="text file, one prompt per non-empty line")
     p.add_argument("--prompt_tokens", action="append", default=[],
                    help="comma-separated token ids, e.g. 5,17,3 (repeat for a batch); no tokenizer")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default="none",
-                   help="instruct: bos + 'Вопрос: {prompt}\\n### Ответ: '")
+    p.add_argument("--template", choices=("none", "instruct"), default="none",
+                   help="instruct: bos + the run's training template up to the answer (default "
+                        "'Вопрос: {question}\\n### Ответ: '); none: the raw text")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer named in meta.json")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -70,6 +70,15 @@ def _token_prompts(args) -> list[list[int]]:
     return rows
 
 
+def _instruct(texts: list[str], template: str) -> list[str]:
+    """Each prompt as a question in the run's training template, up to where the answer goes."""
+    try:
+        return [render_prompt(t, template) for t in texts]
+    except ValueError:
+        raise UsageError(f"the run's template {template!r} has no {{question}} and {{answer}} to "
+                         "fill; use --template none and write the whole prompt.") from None
+
+
 def run(args) -> list[str]:
     """The lines sample.py prints."""
     texts, token_rows = _text_prompts(args), _token_prompts(args)
@@ -82,7 +91,8 @@ def run(args) -> list[str]:
         raise UsageError("--template applies to text prompts only; drop it when using "
                          "--prompt_tokens.")
     cfg, params = load_params(args.run, step=args.step, which=args.which)
-    tok_name = args.tokenizer or read_meta(args.run).get("tokenizer")
+    meta = read_meta(args.run)
+    tok_name = args.tokenizer or meta.get("tokenizer")
     tok = None
     if tok_name:
         tok = load_tokenizer(tok_name)
@@ -93,9 +103,11 @@ def run(args) -> list[str]:
     elif texts:
         raise UsageError(f"{args.run!r} names no tokenizer in meta.json; pass --tokenizer (e.g. "
                          "bytes or a tokenizer directory) or give --prompt_tokens.")
+    if texts and args.template == "instruct":
+        texts = _instruct(texts, meta.get("template") or DEFAULT_TEMPLATE)
     if texts:
-        bos = [tok.bos_id] if args.template == "instruct" else []
-        token_rows = [bos + tok.encode(TEMPLATES[args.template].format(prompt=t)) for t in texts]
+        bos = [tok.bos_id] if args.template == "instruct" else []  # training rows start with bos
+        token_rows = [bos + tok.encode(t) for t in texts]
     out = generate(cfg, params, token_rows, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eos_id=tok.eos_id if tok else None,

@@ -148,7 +148,11 @@ class Generator:
                  eos_id: Optional[int] = None, pad_id: int = 0) -> list[list[int]]:
         """New tokens per row, cut before the first eos. See the module docstring."""
         cfg = self.cfg
-        prompts = [list(map(int, p)) for p in prompts]
+        try:
+            prompts = [[int(t) for t in p] for p in prompts]
+        except (TypeError, ValueError):
+            raise GenerationError("prompts must be lists of token ids; encode text with the "
+                                  "model's tokenizer first.") from None
         _check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id)
         if max_new_tokens == 0:
             self.last_steps = 0
@@ -167,10 +171,10 @@ class Generator:
         # bucket or sampling mode; every other argument is a traced scalar.
         out, n = self._loop(params, tokens, pad, active, np.zeros((B, S - P), np.int32),
                             np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
-                            np.int32(top_k), np.float32(top_p), np.uint32(seed),
+                            np.int32(top_k), np.float32(top_p), np.uint32(seed % 2**32),
                             np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
                             greedy=temperature == 0,
-                            filtered=top_k > 0 or top_p < 1.0)
+                            filtered=temperature > 0 and (top_k > 0 or top_p < 1.0))
         self.last_steps = int(n)
         out = np.asarray(out)[:n_rows, :self.last_steps]
         return [_cut_at(row.tolist(), eos_id) for row in out]

@@ -225,6 +225,7 @@ def test_prompt_plus_new_tokens_must_fit_block_size():
 @pytest.mark.parametrize("prompts,kw,match", [
     ([], {}, "no prompts given"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
+    (["hello"], {}, "prompts must be lists of token ids; encode text"),
     ([[1, 300]], {}, "token id 300 outside the model's vocab 0..258"),
     ([[1]], {"max_new_tokens": -1}, "max_new_tokens=-1 must be a non-negative integer"),
     ([[1]], {"temperature": -0.5}, "temperature=-0.5 must be >= 0"),
@@ -329,6 +330,16 @@ def test_sample_py_errors(params_dir, sample_main, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("sample.py: error: ") and len(err.splitlines()) == 1, err
         assert re.search(match, err), (match, err)
+    # --template instruct follows the template the run was trained with.
+    custom = save_params(str(tmp_path / "custom"), cfg, tiny_params(cfg),
+                         meta={"tokenizer": "bytes", "template": "Q: {question}\nA: {answer}"})
+    assert main(["--run", custom, "--prompt", "Hi", "--template", "instruct", "--max_new_tokens",
+                 "10", "--print_tokens"]) == 0
+    assert capsys.readouterr().out.startswith(_ids([257, *b"Q: Hi\nA: "]) + " | ")
+    odd = save_params(str(tmp_path / "odd"), cfg, tiny_params(cfg),
+                      meta={"tokenizer": "bytes", "template": "{text}"})
+    assert main(["--run", odd, "--prompt", "Hi", "--template", "instruct"]) == 2
+    assert "use --template none and write the whole prompt" in capsys.readouterr().err
     # A converted dir without a tokenizer still samples from token ids (printed as ids).
     assert main(["--run", no_tok, "--prompt_tokens", "1,2", "--max_new_tokens", "10"]) == 0
     assert capsys.readouterr().out.startswith("1,2 | ")

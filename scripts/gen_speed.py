@@ -1,0 +1,106 @@
+"""Quick measurement: cached generation vs re-running the whole prefix for every token.
+
+    python scripts/gen_speed.py                       # 6x8 'all', n_embd 256, vocab 50257, batch 1
+    python scripts/gen_speed.py --lengths 64,128 --new_tokens 16 --repeats 5
+
+Both sides are greedy, batch 1, float32, compiled, and timed alternately in one run (the machine is
+shared and noisy); compile time is excluded on both sides. "no cache" is what the original PyTorch
+code did: every new token runs the full forward pass over the whole current prefix (compiled once
+per prefix length, logits for the last position only). "cached" is `Generator.generate`: one
+prefill plus the compiled decode loop, end to end including the prefill. This is a quick look, not
+the benchmark (bench.py makes it rigorous).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from reflex_jax import Decoder, ModelConfig, init_params  # noqa: E402
+from reflex_jax.model import head_matrix, logits_from_hidden  # noqa: E402
+from reflex_jax.sampling import Generator  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_uncached(cfg: ModelConfig):
+    @jax.jit
+    def extend(params, tokens_BT):  # one full forward over the prefix -> prefix + greedy token
+        h = Decoder(cfg).apply({"params": params}, tokens_BT, return_hidden=True)
+        logits = logits_from_hidden(h[:, -1:], head_matrix(cfg, params))[:, 0]
+        return jnp.concatenate([tokens_BT, jnp.argmax(logits, -1)[:, None].astype(tokens_BT.dtype)], 1)
+
+    def generate(params, prompt, n):
+        tokens = jnp.asarray([prompt], jnp.int32)
+        for _ in range(n):
+            tokens = extend(params, tokens)
+        return np.asarray(tokens)[0, len(prompt):].tolist()
+    return generate
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="64,128,256", help="prompt lengths, comma-separated")
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--n_layer", type=int, default=6)
+    p.add_argument("--n_head", type=int, default=8)
+    p.add_argument("--n_embd", type=int, default=256)
+    p.add_argument("--vocab_size", type=int, default=50257)
+    p.add_argument("--reflex", default="all")
+    args = p.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    cfg = ModelConfig(vocab_size=args.vocab_size, block_size=max(lengths) + args.new_tokens,
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      reflex=args.reflex, dtype="float32")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    gen, uncached = Generator(cfg), make_uncached(cfg)
+    n = args.new_tokens
+
+    print(f"# {datetime.date.today()} | {cpu_name()}, {os.cpu_count()} cores | jax {jax.__version__}"
+          f" | load avg {os.getloadavg()[0]:.1f}")
+    print(f"# model {cfg.schedule_table()}, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, float32, "
+          f"batch 1, greedy, {n} new tokens, median of {args.repeats}")
+    print("| prompt | cached tok/s | no-cache tok/s | speed-up | same tokens |")
+    print("|---:|---:|---:|---:|:---:|")
+    for length in lengths:
+        prompt = np.random.default_rng(length).integers(0, cfg.vocab_size, length).tolist()
+        run_cached = lambda: gen.generate(params, [prompt], max_new_tokens=n)[0]
+        run_uncached = lambda: uncached(params, prompt, n)
+        same = run_cached() == run_uncached()  # also compiles both sides
+        t_cached, t_uncached = [], []
+        for _ in range(args.repeats):  # alternate, so both see the same machine noise
+            t_cached.append(timed(run_cached)[0])
+            t_uncached.append(timed(run_uncached)[0])
+        tc, tu = statistics.median(t_cached), statistics.median(t_uncached)
+        print(f"| {length} | {n / tc:.1f} | {n / tu:.1f} | {tu / tc:.1f}x | {'yes' if same else 'NO'} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
