@@ -210,11 +210,15 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
 def test_train_cli_default_config_prints_checkpoint(tmp_path):
     args = overrides_cli(tmp_path / "cli", max_steps=3, eval_interval=3, checkpoint_interval=0,
                          eval_exact_match=4)
-    proc = _run_train(args + ["--config.model.block_size=96"])
+    proc = _run_train(args + ["--config.model.block_size=96", "--config.data.task_options.max_operand=9",
+                              "--config.data.task_options.ops=plus,minus"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert f"checkpoints: {tmp_path / 'cli' / 'checkpoints'}" in out
     assert "exact_match" in read_metrics(tmp_path / "cli")[-1]
+    meta = json.load(open(tmp_path / "cli" / "data" / "meta.json"))
+    assert meta["source"]["options"]["max_operand"] == 9  # task options reach the generator
+    assert "n_pairs" not in meta["source"]["options"]      # only the options arith has
     bad = _run_train(["--config.model.norm=batchnorm"])
     out, _ = bad.communicate(timeout=300)
     assert bad.returncode == 2
