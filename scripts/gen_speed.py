@@ -7,8 +7,9 @@ Both sides are greedy, batch 1, float32, compiled, and timed alternately in one 
 shared and noisy); compile time is excluded on both sides. "no cache" is what the original PyTorch
 code did: every new token runs the full forward pass over the whole current prefix (compiled once
 per prefix length, logits for the last position only). "cached" is `Generator.generate`: one
-prefill plus the compiled decode loop, end to end including the prefill. This is a quick look, not
-the benchmark (bench.py makes it rigorous).
+prefill plus the compiled decode loop, end to end including the prefill; "decode only" subtracts
+a 1-token call (prefill + first token) from it. This is a quick look, not the benchmark (bench.py
+makes it rigorous).
 """
 from __future__ import annotations
 
@@ -86,20 +87,24 @@ def main(argv=None):
           f" | load avg {os.getloadavg()[0]:.1f}")
     print(f"# model {cfg.schedule_table()}, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, float32, "
           f"batch 1, greedy, {n} new tokens, median of {args.repeats}")
-    print("| prompt | cached tok/s | no-cache tok/s | speed-up | same tokens |")
-    print("|---:|---:|---:|---:|:---:|")
+    print("| prompt | cached tok/s | cached, decode only | no-cache tok/s | speed-up | same tokens |")
+    print("|---:|---:|---:|---:|---:|:---:|")
     for length in lengths:
         prompt = np.random.default_rng(length).integers(0, cfg.vocab_size, length).tolist()
         run_cached = lambda: gen.generate(params, [prompt], max_new_tokens=n)[0]
+        run_first = lambda: gen.generate(params, [prompt], max_new_tokens=1)[0]  # same buckets
         run_uncached = lambda: uncached(params, prompt, n)
         same = run_cached() == run_uncached()  # also compiles both sides
-        t_cached, t_uncached = [], []
-        for _ in range(args.repeats):  # alternate, so both see the same machine noise
+        run_first()
+        t_cached, t_first, t_uncached = [], [], []
+        for _ in range(args.repeats):  # interleaved, so all see the same machine noise
             t_cached.append(timed(run_cached)[0])
+            t_first.append(timed(run_first)[0])
             t_uncached.append(timed(run_uncached)[0])
-        tc, tu = statistics.median(t_cached), statistics.median(t_uncached)
-        print(f"| {length} | {n / tc:.1f} | {n / tu:.1f} | {tu / tc:.1f}x | {'yes' if same else 'NO'} |",
-              flush=True)
+        tc, tf, tu = (statistics.median(t) for t in (t_cached, t_first, t_uncached))
+        decode = f"{(n - 1) / (tc - tf):.1f}" if tc > tf else "n/a (noise)"
+        print(f"| {length} | {n / tc:.1f} | {decode} | {n / tu:.1f} | "
+              f"{tu / tc:.1f}x | {'yes' if same else 'NO'} |", flush=True)
 
 
 if __name__ == "__main__":
