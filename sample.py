@@ -17,6 +17,7 @@ from reflex_jax.config import ConfigError
 from reflex_jax.data import DEFAULT_TEMPLATE
 from reflex_jax.sampling import GenerationError, generate
 from reflex_jax.tasks import render_prompt
+from reflex_jax.tokenizer import TokenizerError
 from reflex_jax.tokenizer import load_tokenizer
 
 
@@ -126,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         lines = run(args)
-    except (UsageError, GenerationError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (UsageError, GenerationError, CheckpointError, ConfigError, TokenizerError,
+            FileNotFoundError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     if hasattr(sys.stdout, "reconfigure"):  # completions may be Cyrillic whatever the locale

@@ -10,6 +10,10 @@ import os
 from typing import Sequence
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot serve this project (e.g. no bos/eos); the message names the fix."""
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0..255 plus <pad>=256, <s>=257, </s>=258. Needs no files and no network."""
     name = "bytes"
@@ -48,7 +52,7 @@ class HFTokenizer:
     def _special(self, attr: str) -> int:
         value = getattr(self.tok, attr)
         if value is None:
-            raise ValueError(f"tokenizer {self.name!r} defines no {attr.replace('_id', '')}; "
+            raise TokenizerError(f"tokenizer {self.name!r} defines no {attr.replace('_id', '')}; "
                              "pick a tokenizer with bos/eos special tokens.")
         return int(value)
 
