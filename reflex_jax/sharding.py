@@ -179,14 +179,21 @@ def logical_rules_for_flax(mesh: Mesh):
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
-                                 process_id: int = -1, timeout_s: int = 300) -> bool:
+                                 process_id: int = -1, timeout_s: int = 300,
+                                 auto: bool = False) -> bool:
     """Start multi-host JAX when asked (flags) or when the environment says so.
 
     Explicit: coordinator address + process count + index (e.g. two GPU nodes, or CPU processes on
-    loopback). Implicit: a multi-host TPU pod or a SLURM job with several tasks, where
-    `jax.distributed.initialize()` finds everything itself. Must run before anything touches JAX
-    devices. Returns whether JAX runs multi-process.
+    loopback). `auto` (train.py --multihost): `jax.distributed.initialize()` detects the cluster
+    itself (Cloud TPU pod workers, SLURM, Open MPI, Kubernetes). Without flags, a SLURM job with
+    several tasks or a GKE TPU slice with several hosts starts multi-host too. Must run before
+    anything touches JAX devices. Returns whether JAX runs multi-process.
     """
+    if auto and coordinator:
+        raise ValueError("use either --multihost (auto-detected cluster) or --coordinator, not both.")
+    if auto:
+        _initialize({})
+        return True
     if coordinator:
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():

@@ -281,17 +281,19 @@ class Trainer:
                        for x in jax.tree_util.tree_leaves(tree))
 
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+        n_proc = jax.process_count()
         lines = [f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices "
-                 f"({jax.process_count()} processes); {self.cfg.schedule_table()}",
+                 f"({n_proc} process{'es' if n_proc > 1 else ''}); {self.cfg.schedule_table()}",
                  f"batch {B} x {T + 1} split {sharding.format_spec(self.batch_sharding.spec, 2)} "
                  f"({B // sharding.batch_shards(self.mesh)} rows per batch shard, "
-                 f"{B // self.config.grad_accum} per micro-batch, {self.config.grad_accum} micro-batches); "
+                 f"{B // self.config.grad_accum} per micro-batch x {self.config.grad_accum}); "
                  f"remat {bool(self.config.remat)}; compute {self.cfg.dtype}, params {self.cfg.param_dtype}",
                  f"per device: params {mib(per_device(self.abstract_state.params))}, "
                  f"optimizer {mib(per_device(self.abstract_state.opt_state))}"]
         mem = compiled.memory_analysis()
         if mem is not None:
-            lines.append(f"compiled step (per device): temporaries {mib(mem.temp_size_in_bytes)}, "
+            lines.append(f"compiled step (per device): temporaries {mib(mem.temp_size_in_bytes)} "
+                         "(activations and workspace), "
                          f"arguments {mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)}")
         lines.append("parameter shardings:")
         for path, x in jax.tree_util.tree_leaves_with_path(self.abstract_state.params):
@@ -396,11 +398,38 @@ class Trainer:
             self.log(f"resuming {c.run_dir} from step {latest}")
             return state
         if c.init_from:
-            cfg0, params = ckpt.load_params(c.init_from)
-            ckpt.check_params_fit(self.cfg, params, c.init_from)
+            params = self._init_params(c.init_from)
             self.log(f"initialised params from {c.init_from}")
             return self.init_state(params)
         return self.init_state()
+
+    def _init_params(self, path: str):
+        """`init_from` params (a params dir or a run dir's best step), checked against the model."""
+        if jax.process_count() == 1:
+            _, params = ckpt.load_params(path)
+            ckpt.check_params_fit(self.cfg, params, path)
+            return params
+        # multi-host: orbax cannot restore a tree saved on another topology without a target, and
+        # no host needs the whole model: every process restores only its shards of this mesh
+        import orbax.checkpoint as ocp
+        path = os.path.abspath(os.path.expanduser(path))
+        ckpt.read_model_config(path)  # one sentence if this is not a params or run directory
+        target = self.abstract_state.params
+
+        def check(item: str, where: str):  # shapes from the metadata, before reading any weights
+            meta = ocp.StandardCheckpointer().metadata(item).item_metadata
+            ckpt.check_params_fit(self.cfg, getattr(meta, "tree", meta), where)
+
+        if os.path.isdir(os.path.join(path, ckpt.PARAMS)):
+            check(os.path.join(path, ckpt.PARAMS), path)
+            return ckpt.restore_tree(os.path.join(path, ckpt.PARAMS), target)
+        run = ckpt.RunCheckpoints(path, create=False)
+        try:
+            step = run.pick_step()
+            check(os.path.join(run.directory, str(step), "params"), f"{path} step {step}")
+            return run.restore_params(step, target)
+        finally:
+            run.close()
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):

@@ -70,6 +70,8 @@ def test_multihost_flags_are_checked_before_any_connection():
         sharding.maybe_initialize_distributed("127.0.0.1:1234", 2, 2)
     with pytest.raises(ValueError, match=r"--num_processes/--process_id need --coordinator"):
         sharding.maybe_initialize_distributed("", 2, 1)
+    with pytest.raises(ValueError, match=r"either --multihost .* or --coordinator, not both"):
+        sharding.maybe_initialize_distributed("127.0.0.1:1234", 2, 0, auto=True)
     assert sharding.maybe_initialize_distributed() is False  # nothing asked, nothing started
 
 
@@ -183,8 +185,8 @@ def test_dry_run_prints_mesh_memory_and_shardings_without_training(tmp_path):
                                             "model.block_size": 32, "eval_exact_match": 0})
                   + ["--dry_run"], 8, log)
     out = _wait(proc, log)
-    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices (1 processes)" in out
-    assert "batch 8 x 33 split (data+fsdp, -) (2 rows per batch shard" in out
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices (1 process)" in out
+    assert "batch 8 x 33 split (data+fsdp, -) (2 rows per batch shard, 8 per micro-batch x 1)" in out
     assert "per device: params " in out and "optimizer " in out
     assert "compiled step (per device): temporaries " in out
     lines = out.splitlines()
@@ -231,7 +233,14 @@ def _restore_on_one_device(run_dir, cfg, step):
 
 def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
     n, ckpt_every = 12, 3
+    cfg = _tiny_model_cfg(block=96)
+    # both runs start from the same converted-style params dir: every process reads it and keeps
+    # only its shards (init_from on a multi-host mesh)
+    from reflex_jax.model import init_params
+    start = ckpt.save_params(str(tmp_path / "start"), cfg, init_params(cfg, jax.random.PRNGKey(3)),
+                             {"tokenizer": "bytes"})
     run_kw = dict(max_steps=n, checkpoint_interval=ckpt_every, eval_interval=6, eval_exact_match=4,
+                  init_from=start,
                   **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.block_size": 96})
     # the reference saves only where it evaluates (6, 12); saving never changes the numbers
     single = _train(_cli(tmp_path / "single", **dict(run_kw, checkpoint_interval=0)), 8,
@@ -281,7 +290,25 @@ def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
         assert em == ref["exact_match"], step  # greedy answers from params gathered off both hosts
     assert ckpt.RunCheckpoints(str(run), create=False).latest_step() == n
 
-    cfg = _tiny_model_cfg(block=96)
+    assert f"initialised params from {start}" in open(tmp_path / "first0.log").read()
     p_multi = _restore_on_one_device(run, cfg, n)
     p_single = _restore_on_one_device(tmp_path / "single", cfg, n)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p_multi, p_single)
+
+
+def test_two_processes_with_a_config_error_both_exit_with_one_sentence(tmp_path):
+    port = _free_port()
+    args = _cli(tmp_path / "bad", max_steps=2, eval_exact_match=0, batch_size=6,
+                **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.block_size": 32})
+    procs = [_train(args + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                            f"--process_id={i}"], 4, tmp_path / f"bad{i}.log") for i in range(2)]
+    start = time.time()
+    for p in procs:
+        p.wait(timeout=300)
+    logs = [open(tmp_path / f"bad{i}.log").read() for i in range(2)]
+    want = ("error: batch_size/grad_accum = 6 rows per micro-batch must be divisible by config.mesh "
+            "data*fsdp = 4 (every batch shard takes an equal slice); change --config.batch_size or "
+            "the mesh.")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 2 and want in log.splitlines(), log[-3000:]
+    assert time.time() - start < 120  # nobody waits minutes in the shutdown barrier
