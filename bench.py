@@ -33,6 +33,7 @@ def parse(argv=None):
     p.add_argument("--new-tokens", type=int, help="generated tokens per cached/HF call")
     p.add_argument("--no-torch", action="store_true", help="skip every PyTorch contender")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     p.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers generate")
     p.add_argument("--xla-flags", help="extra XLA_FLAGS for this run (set before jax starts)")
@@ -58,7 +59,7 @@ def main(argv=None):
     if args.prompts:
         s.gen_prompts = tuple(int(x) for x in args.prompts.split(","))
     s.torch, s.torch_compile = not args.no_torch, not (args.no_torch or args.no_compile) and s.torch_compile
-    s.gen, s.hf = not args.no_gen, not args.no_hf
+    s.train, s.gen, s.hf = not args.no_train, not args.no_gen, not args.no_hf
     res = bench_lib.run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(bench_lib.markdown(res))
     if args.json:

@@ -49,17 +49,18 @@ class BenchSettings:
     n_embd: int = 512
     block_size: int = 256
     batch: int = 8
-    dtypes: tuple[str, ...] = ("bfloat16", "float32")   # first = headline dtype
+    dtypes: tuple[str, ...] = ()      # compute dtypes, first = headline; () = default_dtypes()
     train_reps: int = 5
     peak_n: int = 2048                # square matmul size for the peak
+    train: bool = True
     torch: bool = True
     torch_compile: bool = True
     gen: bool = True
     gen_prompts: tuple[int, ...] = (128, 512, 1024)
     gen_batches: tuple[int, ...] = (1, 8)
     gen_new_tokens: int = 64          # cached / HF: new tokens per call, prefill included
-    gen_recompute_tokens: int = 4     # prefix re-run: new tokens timed (each is a full forward)
-    gen_reps: int = 3
+    gen_recompute_tokens: int = 2     # prefix re-run: new tokens timed (each is a full forward)
+    gen_reps: int = 2
     hf: bool = True
     name: str = "default"
 
@@ -67,16 +68,21 @@ class BenchSettings:
     def preset(cls, name: str) -> "BenchSettings":
         if name == "default":
             return cls()
-        if name == "quick":  # ~2 minutes on 2 cores
+        if name == "quick":  # ~2-3 minutes on 2 quiet cores: one dtype, small model
             return cls(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=8, train_reps=3,
-                       peak_n=1024, gen_prompts=(128, 512), gen_new_tokens=16,
-                       gen_recompute_tokens=2, gen_reps=2, name="quick")
+                       dtypes=default_dtypes()[:1], peak_n=1024, gen_prompts=(128, 512),
+                       gen_batches=(1, 8), gen_new_tokens=32, gen_recompute_tokens=1, gen_reps=2,
+                       name="quick")
         if name == "smoke":  # seconds; for the tests (no torch.compile)
             return cls(vocab_size=512, n_layer=2, n_head=4, n_embd=32, block_size=16, batch=2,
                        dtypes=("float32",), train_reps=1, peak_n=128, torch_compile=False,
                        gen_prompts=(16,), gen_batches=(2,), gen_new_tokens=4,
                        gen_recompute_tokens=1, gen_reps=1, name="smoke")
         raise ValueError(f"unknown bench preset {name!r}; use default, quick or smoke.")
+
+    def __post_init__(self):
+        if not self.dtypes:
+            self.dtypes = default_dtypes()
 
     def model_fields(self, reflex: str, dtype: str, **over) -> dict:
         d = dict(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -116,6 +122,13 @@ def cpu_flags() -> set:
     except OSError:
         pass
     return set()
+
+
+def default_dtypes() -> tuple[str, ...]:
+    """bfloat16 first where the CPU has bf16 dot instructions (the fast path), then float32."""
+    if jax.default_backend() != "cpu" or {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        return ("bfloat16", "float32")
+    return ("float32",)
 
 
 def environment() -> dict:
@@ -522,7 +535,7 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
     T = s.block_size
     res["train"] = {}
     res["peak"] = {}
-    for dtype in s.dtypes:
+    for dtype in (s.dtypes if s.train else ()):
         log(f"## train, {dtype}: building contenders")
         contenders: dict[str, Any] = {}
         for reflex in ("all", "none"):
@@ -579,7 +592,7 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
         res["train"][f"parity {dtype}"] = {"first_losses": first,
                                            "max_abs_diff": max(first.values()) - min(first.values())}
         del contenders, fns
-    res["train_parity"] = {d: res["train"].pop(f"parity {d}") for d in s.dtypes}
+    res["train_parity"] = {d: res["train"].pop(f"parity {d}") for d in s.dtypes if s.train}
     if s.gen:
         res["generation"] = run_generation(s, tmp, log, have_torch and s.hf)
     res["kv_cache"] = kv_cache_report(s)
@@ -666,7 +679,7 @@ def ratios(res: dict, s: BenchSettings) -> dict:
     def ratio(a, b):
         return a / b if a and b else None
 
-    for d in s.dtypes:
+    for d in (s.dtypes if tr else ()):
         suffix = "" if d == d0 else f"_{d}"
         r[f"train_vs_torch_compile{suffix}"] = ratio(tok("jax all", d), tok("torch.compile all", d))
         r[f"train_vs_torch_eager{suffix}"] = ratio(tok("jax all", d), tok("torch eager all", d))
@@ -675,7 +688,7 @@ def ratios(res: dict, s: BenchSettings) -> dict:
         r[f"mfu{suffix}"] = tr[f"jax all {d}"]["mfu"]
     torch_best = max([tok(n, d) or 0 for n in ("torch.compile all", "torch eager all")
                       for d in s.dtypes], default=0)
-    jax_best = max(tok("jax all", d) for d in s.dtypes)
+    jax_best = max([tok("jax all", d) or 0 for d in s.dtypes], default=0)
     r["train_best_vs_torch_best"] = ratio(jax_best, torch_best)
     gen = res.get("generation")
     if gen:
