@@ -595,10 +595,9 @@ def write_report(out_dir: str, runs: Sequence[Run], summaries: Sequence[dict], g
         g.update(facts[g["group"]])
     base = runs[0].config
     setup = setup_facts(base)
-    variants = {}
-    for run in runs:
-        if run.variant and run.variant not in variants:
-            variants[run.variant] = {k: _get(run.config, k) for k in _variant_keys(run, base)}
+    variants = variant_differences(runs)
+    if any("init_from" in diff for diff in variants.values()):
+        setup["init_from"] = None  # per variant, listed with the variants
     plots = plot_curves(out_dir, runs, summaries)
     results = {"title": title or os.path.basename(os.path.normpath(out_dir)), "created": _now(),
                "command": command, "setup": setup, "variants": variants, "groups": groups,
@@ -610,17 +609,17 @@ def write_report(out_dir: str, runs: Sequence[Run], summaries: Sequence[dict], g
     return results
 
 
-def _variant_keys(run: Run, base: ConfigDict) -> list[str]:
-    a, b = _flatten(run.config.to_dict()), _flatten(base.to_dict())
-    return sorted(k for k in a if k.split(".")[0] not in ("run_dir", "seed") and k != "model.reflex"
-                  and a[k] != b.get(k))
-
-
-def _get(config: ConfigDict, key: str):
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
+def variant_differences(runs: Sequence[Run]) -> dict:
+    """{variant: {field: value}} for the config fields in which the variants differ from each other
+    (schedule, seed and run_dir aside)."""
+    first: dict[str, dict] = {}
+    for run in runs:
+        if run.variant and run.variant not in first:
+            first[run.variant] = _flatten(run.config.to_dict())
+    skip = {"run_dir", "seed", "model.reflex"}
+    keys = sorted({k for flat in first.values() for k in flat if k not in skip
+                   and len({json.dumps(f.get(k), default=str) for f in first.values()}) > 1})
+    return {name: {k: flat.get(k) for k in keys} for name, flat in first.items()}
 
 
 def render_markdown(results: dict) -> str:
@@ -636,8 +635,8 @@ def render_markdown(results: dict) -> str:
     if s.get("init_from"):
         lines.append(f"* Init from: `{s['init_from']}`")
     for name, diff in results.get("variants", {}).items():
-        lines.append(f"* Variant `{name}`: " + (", ".join(f"`{k}={v}`" for k, v in diff.items()) or
-                                                 "the shared config unchanged"))
+        lines.append(f"* Variant `{name}`: " + (", ".join(f"`{k}={v!r}`" for k, v in diff.items()) or
+                                                 "the shared config"))
     lines += ["", "Mean ± sample std over the finished seeds (one value: one seed). "
               + (f"Δ is the final val loss minus `{baseline}`'s, paired by seed (same data and batches). "
                  if baseline else "")

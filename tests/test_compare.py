@@ -268,6 +268,9 @@ def test_schedules_seeds_variants_and_run_names(tmp_path):
     assert runs[1].config.optim.lr == small_config().optim.lr
     assert runs[0].config.seed == 3 and runs[0].config.model.reflex == "recent:2,1"
     assert runs[0].group == "pre recent:2,1"
+    assert compare.variant_differences(runs) == {
+        "pre": {"init_from": "weights/x", "optim.lr": 1e-4},
+        "random": {"init_from": "", "optim.lr": small_config().optim.lr}}
 
 
 @pytest.mark.parametrize("call, message", [
