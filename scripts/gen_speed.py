@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,18 +28,8 @@ import numpy as np  # noqa: E402
 
 from reflex_jax import Decoder, ModelConfig, init_params  # noqa: E402
 from reflex_jax.model import head_matrix, logits_from_hidden  # noqa: E402
+from reflex_jax.bench_lib import cpu_model  # noqa: E402
 from reflex_jax.sampling import Generator  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_uncached(cfg: ModelConfig):
@@ -83,7 +72,7 @@ def main(argv=None):
     gen, uncached = Generator(cfg), make_uncached(cfg)
     n = args.new_tokens
 
-    print(f"# {datetime.date.today()} | {cpu_name()}, {os.cpu_count()} cores | jax {jax.__version__}"
+    print(f"# {datetime.date.today()} | {cpu_model()}, {os.cpu_count()} cores | jax {jax.__version__}"
           f" | load avg {os.getloadavg()[0]:.1f}")
     print(f"# model {cfg.schedule_table()}, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, float32, "
           f"batch 1, greedy, {n} new tokens, median of {args.repeats}")
