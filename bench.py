@@ -37,6 +37,8 @@ def parse(argv=None):
     p.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers generate")
     p.add_argument("--xla-flags", help="extra XLA_FLAGS for this run (set before jax starts)")
+    p.add_argument("--ablation", action="store_true", help="only the train step, optimisations "
+                   "switched on one by one (interleaved), instead of the benchmark")
     return p.parse_args(argv)
 
 
@@ -60,8 +62,13 @@ def main(argv=None):
         s.gen_prompts = tuple(int(x) for x in args.prompts.split(","))
     s.torch, s.torch_compile = not args.no_torch, not (args.no_torch or args.no_compile) and s.torch_compile
     s.train, s.gen, s.hf = not args.no_train, not args.no_gen, not args.no_hf
-    res = bench_lib.run(s, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(bench_lib.markdown(res))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.ablation:
+        res = bench_lib.ablation(s, log=log)
+        print(bench_lib.ablation_markdown(res))
+    else:
+        res = bench_lib.run(s, log=log)
+        print(bench_lib.markdown(res))
     if args.json:
         bench_lib.write_json(res, args.json)
         print(f"\nwrote {args.json}", file=sys.stderr)

@@ -199,9 +199,11 @@ def median(xs: Sequence[float]) -> float:
 # ---- peak ---------------------------------------------------------------------------------------
 
 def jax_matmul(n: int, dtype: str) -> Callable[[], Any]:
+    """n x n x n matmul accumulating in float32 (for bf16 the fast XLA:CPU path; a bf16-output
+    dot runs as an f32 dot plus converts there, and the model never uses that form)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, b).block_until_ready()
     return lambda: f(a, b).block_until_ready()
 
@@ -454,6 +456,86 @@ class TorchTrain:
         value = float(loss.detach())
         self.losses.append(value)
         return value
+
+
+# ---- ablation: what each optimisation of the train step buys ---------------------------------------
+
+@contextlib.contextmanager
+def _without(optimisations: Sequence[str]):
+    """Temporarily swap this project's optimised pieces for their plain versions (while a train
+    step traces and compiles): 'fused_loss' -> log-softmax over [B, T, vocab] float32 logits,
+    'dense' -> flax nn.DenseGeneral with autodiff, 'attn_blocks' -> one dense causal call."""
+    import flax.linen as nn
+    from . import attention, model, trainer
+    saved = (trainer.fused_cross_entropy_sum, model._dense, attention.causal_blocks)
+
+    def plain_loss(h, head, targets, weights):
+        return jnp.sum(trainer.token_cross_entropy(h, head, targets) * weights)
+
+    def plain_dense(cfg, features, axes, std, name, axis=-1):
+        bias_axes = axes[-1:] if isinstance(features, int) else axes[-len(features):]
+        return nn.DenseGeneral(features, axis=axis, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+                               param_dtype=cfg.params_dtype, kernel_init=model._init(std, axes),
+                               bias_init=model._zeros(bias_axes), name=name)
+    try:
+        if "fused_loss" in optimisations:
+            trainer.fused_cross_entropy_sum = plain_loss
+        if "dense" in optimisations:
+            model._dense = plain_dense
+        if "attn_blocks" in optimisations:
+            attention.causal_blocks = lambda t_len: 1
+        yield
+    finally:
+        trainer.fused_cross_entropy_sum, model._dense, attention.causal_blocks = saved
+
+
+ABLATION_STEPS = (("plain jit port", ("fused_loss", "dense", "attn_blocks")),
+                  ("+ fused chunked loss", ("dense", "attn_blocks")),
+                  ("+ Dense fwd/bwd (f32-accumulating dots, f32 bias sums)", ("attn_blocks",)),
+                  ("+ causal attention in query blocks (= this project)", ()))
+
+
+def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
+    """Train-step time of the `all` schedule with the optimisations switched on one by one, all
+    variants interleaved in one process (same machine noise), for every dtype."""
+    tmp = tempfile.mkdtemp(prefix="reflex_ablation_")
+    tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
+    out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "rows": []}
+    for dtype in s.dtypes:
+        variants = {}
+        for i, (label, off) in enumerate(ABLATION_STEPS):
+            with _without(off):
+                c = JaxTrain(s, "all", dtype, tokens, os.path.join(tmp, f"{dtype}_{i}"))
+            variants[label] = c
+            log(f"  {dtype} {label}: compiled in {c.compile_s:.1f} s; XLA temp "
+                f"{_mib((c.memory or {}).get('temp_bytes'))}")
+        for c in variants.values():
+            c.step()
+        times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log)
+        base = prev = None
+        for label, c in variants.items():
+            t = median(times[label])
+            base = base or t
+            out["rows"].append({"dtype": dtype, "variant": label, "step_s": t, "step_s_all": times[label],
+                                "vs_previous": (prev / t) if prev else None, "vs_plain": base / t,
+                                "xla_temp_bytes": (c.memory or {}).get("temp_bytes"),
+                                "loss_first": c.losses[0]})
+            prev = t
+    out["env"]["load_avg_end"] = os.getloadavg()[0]
+    return out
+
+
+def ablation_markdown(res: dict) -> str:
+    env = res["env"]
+    lines = [f"# train-step ablation — {env['date']}, {env['cpu']}, {env['cores']} cores, load "
+             f"{env['load_avg_start']:.2f} -> {env['load_avg_end']:.2f}", "",
+             "| dtype | variant | step s | vs previous | vs plain | XLA temp | first loss |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['dtype']} | {r['variant']} | {r['step_s']:.3f} | "
+                     f"{_f(r['vs_previous'], '{:.2f}x')} | {r['vs_plain']:.2f}x | "
+                     f"{_mib(r['xla_temp_bytes'])} | {r['loss_first']:.4f} |")
+    return "\n".join(lines)
 
 
 # ---- generation ----------------------------------------------------------------------------------
