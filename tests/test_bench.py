@@ -144,3 +144,23 @@ def test_blocked_causal_attention_equals_dense():
     np.testing.assert_allclose(float(blocked(q, k, v)), float(dense(q, k, v)), rtol=1e-5)
     for a, b in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t_len,offset", [(1, 37), (1, 0), (128, 0), (256, 0), (128, 64)])
+def test_attention_fast_paths_equal_one_masked_call(t_len, offset):
+    """Decode (one query: multiply + reduce), prefill into a longer cache (invisible slots cut) and
+    query blocks give what one masked dot_product_attention call gives, padding mask included."""
+    from reflex_jax import attention
+    S = 320
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, t_len, 2, 8))
+    k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, S, 2, 8)) for i in (1, 2))
+    key_mask = jnp.arange(S)[None, :] >= jnp.array([[0], [5]])  # row 1 left-padded by 5 slots
+    mask = attention.attention_mask(t_len, S, offset, key_mask)
+    # queries that see no key at all (left padding) have no meaningful output; compare the rest
+    seen = np.asarray(mask.any(-1))[:, 0][:, :, None, None]  # [B, T, 1, 1]
+    want = np.where(seen, jax.nn.dot_product_attention(q, k, v, mask=mask), 0)
+    got = attention.multihead_attention(q, k, v, offset=offset, key_mask_BS=key_mask)
+    np.testing.assert_allclose(np.where(seen, got, 0), want, rtol=1e-5, atol=1e-5)
+    if t_len == 1:  # traced slot, as in the compiled decode loop
+        got = jax.jit(lambda o: attention.multihead_attention(q, k, v, offset=o, key_mask_BS=key_mask))(offset)
+        np.testing.assert_allclose(np.where(seen, got, 0), want, rtol=1e-5, atol=1e-5)
