@@ -152,9 +152,10 @@ def test_attention_fast_paths_equal_one_masked_call(t_len, offset):
     query blocks give what one masked dot_product_attention call gives, padding mask included."""
     from reflex_jax import attention
     S = 320
-    q = jax.random.normal(jax.random.PRNGKey(0), (2, t_len, 2, 8))
-    k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, S, 2, 8)) for i in (1, 2))
-    key_mask = jnp.arange(S)[None, :] >= jnp.array([[0], [5]])  # row 1 left-padded by 5 slots
+    B = 1 if t_len == 1 else 2  # the single-query path is for batch 1
+    q = jax.random.normal(jax.random.PRNGKey(0), (B, t_len, 2, 8))
+    k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, S, 2, 8)) for i in (1, 2))
+    key_mask = (jnp.arange(S)[None, :] >= jnp.array([[5], [0]]))[:B]  # row 0 left-padded by 5
     mask = attention.attention_mask(t_len, S, offset, key_mask)
     # queries that see no key at all (left padding) have no meaningful output; compare the rest
     seen = np.asarray(mask.any(-1))[:, 0][:, :, None, None]  # [B, T, 1, 1]
