@@ -101,3 +101,31 @@ def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
                           v_BSHD[:, :offset + (i + 1) * c], offset + i * c,
                           None if key_mask_BS is None else key_mask_BS[:, :offset + (i + 1) * c],
                           implementation) for i in range(n)], axis=1)
+
+
+def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *, offset=0,
+                     key_mask_BS=None, dtype=None):
+    """Attention of one layer: query head h reads own K/V head h (h < n_self), later heads read
+    their cross group's source K/V (see `gather_kv`); K/V are cast to `dtype` (default q's).
+
+    Prefill/training concatenate K/V into one [B, S, H, D] call (one big op). Cached decoding
+    (one query) attends group by group over the caches in place instead: the concatenation would
+    copy every layer's whole cache on every token, which made `all` decode slower than `none` at
+    batch 8 (bench.py). Per head the math is the same in both forms.
+    """
+    dt = dtype or q_BTHD.dtype
+    if q_BTHD.shape[1] != 1 or not plan.cross:
+        k, v = gather_kv(own, earlier, plan)
+        return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
+                                   key_mask_BS=key_mask_BS)
+    parts = [(own[0], own[1], plan.n_self)]
+    for g in plan.cross:
+        lo, hi = g.source_heads[0], g.source_heads[-1] + 1
+        src_k, src_v = earlier[g.source]
+        parts.append((src_k[:, :, lo:hi], src_v[:, :, lo:hi], g.n_heads))
+    outs, h = [], 0
+    for k, v, n in parts:
+        outs.append(multihead_attention(q_BTHD[:, :, h:h + n], k.astype(dt), v.astype(dt),
+                                        offset=offset, key_mask_BS=key_mask_BS))
+        h += n
+    return jnp.concatenate(outs, axis=2)

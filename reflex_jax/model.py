@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import KV, gather_kv, multihead_attention
+from .attention import KV, reflex_attention
 from .config import ModelConfig
 
 Cache = tuple[KV, ...]  # per layer (k_BSKD, v_BSKD), K = that layer's self heads
@@ -193,10 +193,9 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
             offset = cache_index
         own = (k, v)
-        k_all, v_all = gather_kv(own, earlier, plan)
         dt = cfg.compute_dtype
-        y = multihead_attention(q.astype(dt), k_all.astype(dt), v_all.astype(dt), offset=offset,
-                                key_mask_BS=key_mask_BS)
+        y = reflex_attention(q.astype(dt), own, earlier, plan, offset=offset,
+                             key_mask_BS=key_mask_BS, dtype=dt)
         out = _dense(cfg, cfg.n_embd, ("heads", "head_dim", "embed"), _residual_std(cfg), "o",
                      axis=(-2, -1))(y)
         return out, own
