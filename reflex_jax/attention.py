@@ -72,14 +72,20 @@ def _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, implementation
     if key_mask_BS is None and t_len == s_len and isinstance(offset, int) and offset == 0:
         return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, is_causal=True,
                                             implementation=implementation)
+    # masked calls (cached decoding, padded prompts) stay on XLA: cuDNN's flash attention takes
+    # the plain causal case of training and prefill
     mask = attention_mask(t_len, s_len, offset, key_mask_BS)
-    return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask=mask,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask=mask, implementation=None)
 
 
 def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
                         implementation: Optional[str] = None):
-    """Causal attention of T queries (at slots offset..offset+T-1) over S key slots."""
+    """Causal attention of T queries (at slots offset..offset+T-1) over S key slots.
+
+    `implementation`: None (XLA, with the CPU fast paths below) or "cudnn" (NVIDIA GPUs only)."""
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                         f"{jax.default_backend()}; use --config.model.attention=xla.")
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
     on_cpu = implementation is None and jax.default_backend() == "cpu"
     if on_cpu and t_len == 1 and q_BTHD.shape[0] == 1:
@@ -104,7 +110,7 @@ def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
 
 
 def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *, offset=0,
-                     key_mask_BS=None, dtype=None):
+                     key_mask_BS=None, dtype=None, implementation: Optional[str] = None):
     """Attention of one layer: query head h reads own K/V head h (h < n_self), later heads read
     their cross group's source K/V (see `gather_kv`); K/V are cast to `dtype` (default q's).
 
@@ -117,7 +123,7 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
     if q_BTHD.shape[1] != 1 or not plan.cross:
         k, v = gather_kv(own, earlier, plan)
         return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
-                                   key_mask_BS=key_mask_BS)
+                                   key_mask_BS=key_mask_BS, implementation=implementation)
     parts = [(own[0], own[1], plan.n_self)]
     for g in plan.cross:
         lo, hi = g.source_heads[0], g.source_heads[-1] + 1
@@ -126,6 +132,7 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
     outs, h = [], 0
     for k, v, n in parts:
         outs.append(multihead_attention(q_BTHD[:, :, h:h + n], k.astype(dt), v.astype(dt),
-                                        offset=offset, key_mask_BS=key_mask_BS))
+                                        offset=offset, key_mask_BS=key_mask_BS,
+                                        implementation=implementation))
         h += n
     return jnp.concatenate(outs, axis=2)

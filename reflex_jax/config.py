@@ -82,6 +82,7 @@ class ModelConfig:
     reflex: Union[str, Sequence] = "all"      # none | all | recent:c1,c2,... | explicit tuples
     reflex_window: Optional[int] = None       # `all`: at most this many (newest) source layers
     reflex_min_self: int = 1                  # `all`: every layer keeps at least this many self heads
+    attention: str = "xla"                    # xla | cudnn (NVIDIA GPU flash attention for training)
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -100,7 +101,7 @@ class ModelConfig:
             raise ConfigError(f"pos_emb='rope' needs an even head size, got {self.head_dim}; "
                               "change n_embd or n_head.")
         for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
-                              ("pos_emb", ("learned", "rope"))):
+                              ("pos_emb", ("learned", "rope")), ("attention", ("xla", "cudnn"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; use one of "
                                   f"{' | '.join(allowed)}.")

@@ -195,7 +195,8 @@ class Attention(nn.Module):
         own = (k, v)
         dt = cfg.compute_dtype
         y = reflex_attention(q.astype(dt), own, earlier, plan, offset=offset,
-                             key_mask_BS=key_mask_BS, dtype=dt)
+                             key_mask_BS=key_mask_BS, dtype=dt,
+                             implementation=None if cfg.attention == "xla" else cfg.attention)
         out = _dense(cfg, cfg.n_embd, ("heads", "head_dim", "embed"), _residual_std(cfg), "o",
                      axis=(-2, -1))(y)
         return out, own

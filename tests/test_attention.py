@@ -71,3 +71,14 @@ def test_group_wise_decode_equals_concatenated_kv(reflex, batch):
                 q, own, earlier, plan, offset=o, key_mask_BS=key_mask))(offset)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
                                        err_msg=f"{reflex} layer {layer} slot {offset}")
+
+
+def test_attention_backend_is_checked():
+    """An unknown backend fails at config time; cuDNN off an NVIDIA GPU fails in one sentence."""
+    with pytest.raises(ValueError, match=r"model.attention='flash' is unknown; use one of xla \| cudnn"):
+        ModelConfig(attention="flash")
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN may be available here")
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU.*--config.model.attention=xla"):
+        attention.multihead_attention(q, q, q, implementation="cudnn")
