@@ -36,6 +36,8 @@ def parse(argv=None):
     p.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     p.add_argument("--no-gen", action="store_true", help="skip the generation benchmark")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers generate")
+    p.add_argument("--attention", choices=("xla", "cudnn"),
+                   help="attention backend of this project's models (cudnn: NVIDIA GPUs)")
     p.add_argument("--xla-flags", help="extra XLA_FLAGS for this run (set before jax starts)")
     p.add_argument("--ablation", action="store_true", help="only the train step, optimisations "
                    "switched on one by one (interleaved), instead of the benchmark")
@@ -53,7 +55,7 @@ def main(argv=None):
     for field, value in (("train_reps", args.reps), ("gen_reps", args.gen_reps), ("batch", args.batch),
                          ("block_size", args.block_size), ("n_layer", args.n_layer),
                          ("n_embd", args.n_embd), ("n_head", args.n_head),
-                         ("gen_new_tokens", args.new_tokens)):
+                         ("gen_new_tokens", args.new_tokens), ("attention", args.attention)):
         if value is not None:
             setattr(s, field, value)
     if args.dtypes:

@@ -62,6 +62,7 @@ class BenchSettings:
     gen_recompute_tokens: int = 2     # prefix re-run: new tokens timed (each is a full forward)
     gen_reps: int = 2
     hf: bool = True
+    attention: str = "xla"            # model.attention of this project's models (cudnn: GPUs)
     name: str = "default"
 
     @classmethod
@@ -88,7 +89,7 @@ class BenchSettings:
         d = dict(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                  n_head=self.n_head, n_embd=self.n_embd, norm="rmsnorm", mlp="swiglu", bias=True,
                  pos_emb="learned", tie_embeddings=True, dropout=0.0, dtype=dtype,
-                 param_dtype="float32", reflex=reflex)
+                 param_dtype="float32", reflex=reflex, attention=self.attention)
         d.update(over)
         return d
 
