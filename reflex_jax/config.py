@@ -152,6 +152,14 @@ class ModelConfig:
             rows.append(f"layer {p.layer}: {p.n_self} self" + (f"; cross {groups}" if groups else ""))
         return "\n".join(rows)
 
+    # ---- comparison ------------------------------------------------------------------------
+    RUNTIME_FIELDS = ("attention",)  # how the model computes, not what it is: free on resume
+
+    def model_differences(self, other: "ModelConfig") -> list[str]:
+        """Fields (other than RUNTIME_FIELDS) in which `other` describes a different model."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in self.RUNTIME_FIELDS and a[k] != b[k]]
+
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

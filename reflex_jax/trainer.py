@@ -8,7 +8,6 @@ uninterrupted run would have done.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -371,10 +370,8 @@ class Trainer:
         os.makedirs(c.run_dir, exist_ok=True)
         model_path = os.path.join(c.run_dir, ckpt.MODEL_CONFIG)
         if os.path.exists(model_path):
-            # the attention backend does not change the weights: a run may resume with another
-            saved = dataclasses.replace(ckpt.read_model_config(c.run_dir), attention=self.cfg.attention)
-            if saved != self.cfg and os.path.isdir(os.path.join(c.run_dir, ckpt.CHECKPOINTS)):
-                diff = [k for k, v in self.cfg.to_dict().items() if saved.to_dict()[k] != v]
+            diff = self.cfg.model_differences(ckpt.read_model_config(c.run_dir))
+            if diff and os.path.isdir(os.path.join(c.run_dir, ckpt.CHECKPOINTS)):
                 raise TrainingError(
                     f"run_dir {c.run_dir!r} holds checkpoints of a different model (model.{diff[0]} "
                     f"differs); use a new --config.run_dir or the same model config to resume.")

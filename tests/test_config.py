@@ -1,4 +1,6 @@
 """The reflex schedule resolves exactly as DESIGN §2 says, and bad configs fail in one sentence."""
+import dataclasses
+
 import pytest
 
 from reflex_jax import ConfigError, ModelConfig
@@ -83,3 +85,12 @@ def test_dtype_names_and_objects_normalise():
     assert cfg(dtype=jnp.bfloat16).dtype == "bfloat16"
     assert cfg(dtype="bf16").compute_dtype == jnp.bfloat16
     assert hash(cfg()) == hash(cfg())  # usable as a jit static argument
+
+
+def test_model_differences_ignore_the_attention_backend():
+    """Resuming decides by these fields: a backend switch is the same model, a size change is not."""
+    base = ModelConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=16, block_size=8)
+    assert base.model_differences(dataclasses.replace(base, attention="cudnn")) == []
+    assert base.model_differences(dataclasses.replace(base, n_embd=16)) == ["n_embd"]
+    assert base.model_differences(dataclasses.replace(base, reflex="none", dtype="bfloat16")) == \
+        ["dtype", "reflex"]
