@@ -11,21 +11,25 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .config import LayerPlan
+from .config import CrossGroup, LayerPlan
 
 KV = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer's self heads
 
 
+def borrowed_kv(earlier: Sequence[KV], group: CrossGroup) -> KV:
+    """The source layer's K/V heads that `group`'s cross heads read."""
+    lo, hi = group.source_heads[0], group.source_heads[-1] + 1  # always a contiguous range
+    k, v = earlier[group.source]
+    return k[:, :, lo:hi], v[:, :, lo:hi]
+
+
 def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan) -> KV:
     """K/V for every query head of `plan`'s layer: own self heads, then each cross group."""
-    ks, vs = [own[0]], [own[1]]
-    for g in plan.cross:
-        lo, hi = g.source_heads[0], g.source_heads[-1] + 1  # always a contiguous range
-        ks.append(earlier[g.source][0][:, :, lo:hi])
-        vs.append(earlier[g.source][1][:, :, lo:hi])
-    if len(ks) == 1:
+    if not plan.cross:
         return own
-    return jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2)
+    parts = [own] + [borrowed_kv(earlier, g) for g in plan.cross]
+    return (jnp.concatenate([k for k, _ in parts], axis=2),
+            jnp.concatenate([v for _, v in parts], axis=2))
 
 
 def attention_mask(t_len: int, s_len: int, offset, key_mask_BS: Optional[jax.Array]):
@@ -124,13 +128,9 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
         k, v = gather_kv(own, earlier, plan)
         return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
                                    key_mask_BS=key_mask_BS, implementation=implementation)
-    parts = [(own[0], own[1], plan.n_self)]
-    for g in plan.cross:
-        lo, hi = g.source_heads[0], g.source_heads[-1] + 1
-        src_k, src_v = earlier[g.source]
-        parts.append((src_k[:, :, lo:hi], src_v[:, :, lo:hi], g.n_heads))
+    groups = [(own, plan.n_self)] + [(borrowed_kv(earlier, g), g.n_heads) for g in plan.cross]
     outs, h = [], 0
-    for k, v, n in parts:
+    for (k, v), n in groups:
         outs.append(multihead_attention(q_BTHD[:, :, h:h + n], k.astype(dt), v.astype(dt),
                                         offset=offset, key_mask_BS=key_mask_BS,
                                         implementation=implementation))
