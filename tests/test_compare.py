@@ -148,6 +148,7 @@ def test_missing_run_is_reported(tmp_path):
 
 def test_report_files_tables_and_small_plots(tmp_path):
     import matplotlib.image as mpimg
+    from PIL import Image
 
     runs = fabricated_grid(tmp_path)
     summaries = compare.collect(runs)
@@ -159,6 +160,8 @@ def test_report_files_tables_and_small_plots(tmp_path):
         img = mpimg.imread(out / p)
         assert img.shape[:2] == (500, 800)
         assert os.path.getsize(out / p) < 100_000
+        with Image.open(out / p) as im:
+            assert im.mode == "P"  # palette PNG: small in git
     data = json.loads((out / "results.json").read_text())
     g = {g["group"]: g for g in data["groups"]}
     # model facts from the ModelConfig: 3 layers x 8 heads of size 4, float32
