@@ -13,6 +13,10 @@ import argparse
 import os
 import sys
 
+if __name__ == "__main__":  # before JAX starts: see reflex_jax/malloc_tuning.py
+    from reflex_jax.malloc_tuning import tune_malloc
+    tune_malloc()
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -14,6 +14,10 @@ are reused, interrupted ones resume.
 import os
 import sys
 
+if __name__ == "__main__":  # before JAX starts: see reflex_jax/malloc_tuning.py
+    from reflex_jax.malloc_tuning import tune_malloc
+    tune_malloc()
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from reflex_jax.compare import main  # noqa: E402

@@ -12,6 +12,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+if __name__ == "__main__":  # before JAX starts: see reflex_jax/malloc_tuning.py
+    from reflex_jax.malloc_tuning import tune_malloc
+    tune_malloc()
+
 from reflex_jax.checkpoint import CheckpointError, load_params, read_meta
 from reflex_jax.config import ConfigError
 from reflex_jax.data import DEFAULT_TEMPLATE

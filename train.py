@@ -12,6 +12,10 @@ A run directory that already holds checkpoints resumes from its latest step.
 import os
 import sys
 
+if __name__ == "__main__":  # before JAX starts: see reflex_jax/malloc_tuning.py
+    from reflex_jax.malloc_tuning import tune_malloc
+    tune_malloc()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -1,7 +1,18 @@
-"""reflex_jax: Reflex Attention decoders in JAX/Flax."""
-from .config import ConfigError, CrossGroup, LayerPlan, ModelConfig
-from .model import Decoder, count_params, init_cache, init_params, param_logical_axes
-from .checkpoint import load_params, save_params
+"""reflex_jax: Reflex Attention decoders in JAX/Flax.
 
-__all__ = ["ConfigError", "CrossGroup", "LayerPlan", "ModelConfig", "Decoder", "count_params",
-           "init_cache", "init_params", "param_logical_axes", "load_params", "save_params"]
+The names below load on first use, so that `reflex_jax.malloc_tuning` can restart a CLI before
+JAX is imported."""
+import importlib
+
+_EXPORTS = {"ConfigError": "config", "CrossGroup": "config", "LayerPlan": "config",
+            "ModelConfig": "config", "Decoder": "model", "count_params": "model",
+            "init_cache": "model", "init_params": "model", "param_logical_axes": "model",
+            "load_params": "checkpoint", "save_params": "checkpoint"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'reflex_jax' has no attribute {name!r}")

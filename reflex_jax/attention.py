@@ -6,6 +6,7 @@ Concatenating K/V in that order turns the whole layer into one ordinary multi-he
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -48,6 +49,80 @@ def causal_blocks(t_len: int) -> int:
     if jax.default_backend() != "cpu" or t_len % 128:
         return 1
     return min(t_len // 128, 4)
+
+
+def flash_query_block(t_len: int) -> int:
+    """Query block size of `blockwise_causal_attention` on CPU (0: not used): 64 queries, or T/8
+    for long sequences (the blocks are unrolled; 8 bounds the program size)."""
+    if jax.default_backend() != "cpu" or t_len < 128 or t_len % 64:
+        return 0
+    block = max(64, t_len // 8)
+    return block if t_len % block == 0 else 0
+
+
+def _block_scores(q_BCHD, k_BSHD, lo: int, scale: float):
+    """Scaled scores [B, H, C, S] of the queries at slots lo..lo+C-1 over key slots 0..S-1, with
+    the causal mask (only the last C keys, the diagonal block, can be masked)."""
+    s_BHCS = jnp.einsum("bqhd,bkhd->bhqk", q_BCHD, k_BSHD, preferred_element_type=jnp.float32)
+    c, s_len = q_BCHD.shape[1], k_BSHD.shape[1]
+    visible = jnp.arange(s_len)[None, :] <= jnp.arange(lo, lo + c)[:, None]
+    return jnp.where(visible, s_BHCS * scale, -1e30)
+
+
+def _blockwise_forward(q, k, v, block):
+    """Per query block: softmax over the visible keys only; returns the output and, per block,
+    the log-sum-exp of the scores (all the backward needs besides q, k, v and the output)."""
+    scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for lo in range(0, q.shape[1], block):
+        hi = lo + block
+        s = _block_scores(q[:, lo:hi], k[:, :hi], lo, scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        l_sum = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(q.dtype), v[:, :hi],
+                       preferred_element_type=jnp.float32)
+        outs.append((o / jnp.swapaxes(l_sum, 1, 2)).astype(q.dtype))
+        lses.append(m + jnp.log(l_sum))
+    return jnp.concatenate(outs, axis=1), lses
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blockwise_causal_attention(q_BTHD, k_BTHD, v_BTHD, block: int):
+    """Causal self-attention (T queries over the same T slots) computed in query blocks that
+    skip the fully masked keys, with the backward written out FlashAttention-style (scores
+    recomputed from the saved log-sum-exp; rowsum(dP * P) taken as rowsum(dO * O)). On XLA:CPU
+    this is ~1.7x faster than autodiff through the dense call for 6x8 heads, T=256 (bench.py
+    --ablation measures it in the train step). Operands in q's dtype, accumulation in float32."""
+    return _blockwise_forward(q_BTHD, k_BTHD, v_BTHD, block)[0]
+
+
+def _blockwise_fwd(q, k, v, block):
+    o, lses = _blockwise_forward(q, k, v, block)
+    return o, (q, k, v, o, lses)
+
+
+def _blockwise_bwd(block, res, do):
+    q, k, v, o, lses = res
+    f32, dt = jnp.float32, q.dtype
+    scale = q.shape[-1] ** -0.5
+    delta_BHT = jnp.einsum("bqhd,bqhd->bhq", do.astype(f32), o.astype(f32))[..., None]
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for i, lo in enumerate(range(0, q.shape[1], block)):
+        hi = lo + block
+        p = jnp.exp(_block_scores(q[:, lo:hi], k[:, :hi], lo, scale) - lses[i])
+        do_i = do[:, lo:hi]
+        dv = dv.at[:, :hi].add(jnp.einsum("bhqk,bqhd->bkhd", p.astype(dt), do_i,
+                                          preferred_element_type=f32))
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do_i, v[:, :hi], preferred_element_type=f32)
+        ds = (p * (dp - delta_BHT[:, :, lo:hi]) * scale).astype(dt)
+        dq.append(jnp.einsum("bhqk,bkhd->bqhd", ds, k[:, :hi], preferred_element_type=f32))
+        dk = dk.at[:, :hi].add(jnp.einsum("bhqk,bqhd->bkhd", ds, q[:, lo:hi],
+                                          preferred_element_type=f32))
+    return jnp.concatenate(dq, axis=1).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+blockwise_causal_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def _single_query_attention(q_B1HD, k_BSHD, v_BSHD, mask):
@@ -102,6 +177,9 @@ def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
     end = min(s_len, offset + t_len)  # slots after the last query are never visible
     k_BSHD, v_BSHD = k_BSHD[:, :end], v_BSHD[:, :end]
     key_mask_BS = None if key_mask_BS is None else key_mask_BS[:, :end]
+    block = flash_query_block(t_len) if on_cpu else 0
+    if block and offset == 0 and end == t_len and key_mask_BS is None:  # training, plain prefill
+        return blockwise_causal_attention(q_BTHD, k_BSHD, v_BSHD, block)
     n = causal_blocks(t_len) if on_cpu else 1
     if n == 1:
         return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, implementation)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import flops
+from . import flops, malloc_tuning
 from .config import ModelConfig
 
 
@@ -137,7 +137,9 @@ def environment() -> dict:
            "cores": cpu_count(), "load_avg_start": os.getloadavg()[0],
            "jax": jax.__version__, "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "avx512_bf16": "avx512_bf16" in cpu_flags()}
+           "avx512_bf16": "avx512_bf16" in cpu_flags(),
+           # malloc settings (reflex_jax/malloc_tuning.py): the same for every contender
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": malloc_tuning.thp_mode()}
     try:
         import torch
         env["torch"] = torch.__version__
@@ -465,10 +467,12 @@ class TorchTrain:
 def _without(optimisations: Sequence[str]):
     """Temporarily swap this project's optimised pieces for their plain versions (while a train
     step traces and compiles): 'fused_loss' -> log-softmax over [B, T, vocab] float32 logits,
-    'dense' -> flax nn.DenseGeneral with autodiff, 'attn_blocks' -> one dense causal call."""
+    'dense' -> flax nn.DenseGeneral with autodiff, 'attn_blocks' -> one dense causal call,
+    'flash_attn' -> autodiff through the query-blocked call instead of the written-out backward."""
     import flax.linen as nn
     from . import attention, model, trainer
-    saved = (trainer.fused_cross_entropy_sum, model._dense, attention.causal_blocks)
+    saved = (trainer.fused_cross_entropy_sum, model._dense, attention.causal_blocks,
+             attention.flash_query_block)
 
     def plain_loss(h, head, targets, weights):
         return jnp.sum(trainer.token_cross_entropy(h, head, targets) * weights)
@@ -485,15 +489,20 @@ def _without(optimisations: Sequence[str]):
             model._dense = plain_dense
         if "attn_blocks" in optimisations:
             attention.causal_blocks = lambda t_len: 1
+        if "flash_attn" in optimisations:
+            attention.flash_query_block = lambda t_len: 0
         yield
     finally:
-        trainer.fused_cross_entropy_sum, model._dense, attention.causal_blocks = saved
+        (trainer.fused_cross_entropy_sum, model._dense, attention.causal_blocks,
+         attention.flash_query_block) = saved
 
 
-ABLATION_STEPS = (("plain jit port", ("fused_loss", "dense", "attn_blocks")),
-                  ("+ fused chunked loss", ("dense", "attn_blocks")),
-                  ("+ Dense fwd/bwd (f32-accumulating dots, f32 bias sums)", ("attn_blocks",)),
-                  ("+ causal attention in query blocks (= this project)", ()))
+ABLATION_STEPS = (("plain jit port", ("fused_loss", "dense", "attn_blocks", "flash_attn")),
+                  ("+ fused chunked loss", ("dense", "attn_blocks", "flash_attn")),
+                  ("+ Dense fwd/bwd (f32-accumulating dots, f32 bias sums)",
+                   ("attn_blocks", "flash_attn")),
+                  ("+ causal attention in query blocks (autodiff)", ("flash_attn",)),
+                  ("+ blockwise attention, written-out backward (= this project)", ()))
 
 
 def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
@@ -643,9 +652,11 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
             mm["torch"] = torch_matmul(s.peak_n, dtype)
         for k, f in mm.items():
             fns[f"matmul {k}"] = (lambda f=f: [f() for _ in range(3)])
-        # one untimed warm-up step each (allocator, caches), then interleaved timed reps
-        for name, f in fns.items():
-            f()
+        # two untimed warm-up rounds (the heap grows to hold every contender's buffers; caches),
+        # then interleaved timed reps
+        for _ in range(2):
+            for name, f in fns.items():
+                f()
         log(f"## train, {dtype}: {s.train_reps} interleaved reps")
         times = interleaved(fns, s.train_reps, log)
         flop_mm = 2 * s.peak_n ** 3 * 3
@@ -814,7 +825,8 @@ def markdown(res: dict) -> str:
              f"{env['cpu']}, {env['cores']} cores, load avg {env['load_avg_start']:.2f} -> "
              f"{env.get('load_avg_end', float('nan')):.2f}; jax {env['jax']} ({env['backend']}), "
              f"torch {env.get('torch')} ({env.get('torch_threads')} threads); "
-             f"XLA_FLAGS={env['xla_flags'] or '(none)'}", "",
+             f"XLA_FLAGS={env['xla_flags'] or '(none)'}; GLIBC_TUNABLES="
+             f"{env.get('glibc_tunables') or '(none)'} (THP {env.get('thp')})", "",
              f"Model: vocab {s['vocab_size']}, {s['n_layer']} layers x {s['n_head']} heads, n_embd "
              f"{s['n_embd']}, block {s['block_size']}, batch {s['batch']} (pre-RMSNorm, SwiGLU, "
              "learned positions, tied head, bias); AdamW + clip 1.0; same initial weights on all "
