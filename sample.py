@@ -29,6 +29,9 @@ class UsageError(ValueError):
     """A command-line mistake; the message is one sentence naming the fix."""
 
 
+DEFAULT_NEW_TOKENS = 128
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory (train.py) or converted params dir")
@@ -43,7 +46,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="instruct: bos + the run's training template up to the answer (default "
                         "'Вопрос: {question}\\n### Ответ: '); none: the raw text")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer named in meta.json")
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"default: {DEFAULT_NEW_TOKENS}, or fewer if that would overrun the model's "
+                        "block_size after the longest prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
@@ -113,7 +118,14 @@ def run(args) -> list[str]:
     if texts:
         bos = [tok.bos_id] if args.template == "instruct" else []  # training rows start with bos
         token_rows = [bos + tok.encode(t) for t in texts]
-    out = generate(cfg, params, token_rows, max_new_tokens=args.max_new_tokens,
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default fits the block; an explicit value that does not is an error
+        longest = max(len(p) for p in token_rows)
+        max_new = min(DEFAULT_NEW_TOKENS, cfg.block_size - longest)
+        if max_new < 1:
+            raise UsageError(f"the longest prompt has {longest} tokens, which fills the model's "
+                             f"block_size={cfg.block_size}; shorten it.")
+    out = generate(cfg, params, token_rows, max_new_tokens=max_new,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eos_id=tok.eos_id if tok else None,
                    pad_id=tok.pad_id if tok and tok.pad_id < cfg.vocab_size else 0)

@@ -323,6 +323,7 @@ def test_sample_py_errors(params_dir, sample_main, tmp_path, capsys):
         (["--run", path, "--prompt_file", str(tmp_path / "nope.txt")], "does not exist"),
         (["--run", path, "--prompt", "x" * 45, "--max_new_tokens", "8"],
          "together 53 > block_size=48; shorten the prompt"),
+        (["--run", path, "--prompt", "x" * 48], "has 48 tokens, which fills the model's block_size=48"),
         (["--run", path, "--prompt", "x", "--top_p", "0"], "top_p=0.0 must be in"),
     ]
     for argv, match in cases:
@@ -330,6 +331,11 @@ def test_sample_py_errors(params_dir, sample_main, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("sample.py: error: ") and len(err.splitlines()) == 1, err
         assert re.search(match, err), (match, err)
+    # Without --max_new_tokens, generation fills what the block leaves after the longest prompt.
+    assert main(["--run", path, "--prompt_tokens", "1,2", "--prompt_tokens=" + _ids(range(3, 43)),
+                 "--print_tokens", "--temperature", "1.0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines[1].split(" | ")[1].split(",")) == cfg.block_size - 40
     # --template instruct follows the template the run was trained with.
     custom = save_params(str(tmp_path / "custom"), cfg, tiny_params(cfg),
                          meta={"tokenizer": "bytes", "template": "Q: {question}\nA: {answer}"})
