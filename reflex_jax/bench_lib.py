@@ -655,7 +655,7 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
         # two untimed warm-up rounds (the heap grows to hold every contender's buffers; caches),
         # then interleaved timed reps
         for _ in range(2):
-            for name, f in fns.items():
+            for f in fns.values():
                 f()
         log(f"## train, {dtype}: {s.train_reps} interleaved reps")
         times = interleaved(fns, s.train_reps, log)

@@ -4,11 +4,11 @@ buffers with transparent huge pages.
 
 Why: XLA:CPU allocates a train step's temporary buffer (1.0 GiB for bench.py's default config)
 afresh on every step. By default glibc serves it with mmap and returns it with munmap, so the
-kernel hands out and zeroes ~290k fresh 4 KiB pages per step: a fifth of a core in the kernel,
-~9% of the step on the 2-core benchmark machine. In a VM that reports freed pages to its host,
-memory freed by one library and re-touched by another costs far more (the bf16 step took 2.9 s
-instead of 2.1 s when interleaved with PyTorch). With these settings the buffer is reused from
-the heap: no page faults at all once the heap has grown (numbers in notes/bench.md).
+kernel hands out and zeroes ~290k fresh 4 KiB pages per step: a fifth of a core in the kernel;
+the bf16 step of the benchmark config takes 2.44-2.63 s instead of 2.10-2.15 s on 2 cores. Huge
+pages alone cut the faults but not the churn: interleaved with PyTorch in one process (in a VM
+that hands freed memory back to its host) the step took 2.9-3.1 s. With all four settings the
+buffer is reused from the heap: no page faults once the heap has grown (notes/bench.md).
 
 What it costs: the process keeps its peak heap until it exits (fine for a training run), and
 all threads share one malloc arena. glibc reads tunables only when a process starts, hence the
