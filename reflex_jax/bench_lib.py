@@ -152,9 +152,15 @@ def environment() -> dict:
 # ---- timing and memory ----------------------------------------------------------------------------
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int,
-                log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
-    """Wall seconds of `reps` calls of every fn, alternating the order (A B C, C B A, ...)."""
+                log: Callable[[str], None] = lambda s: None,
+                warmup_rounds: int = 0) -> dict[str, list[float]]:
+    """Wall seconds of `reps` calls of every fn, alternating the order (A B C, C B A, ...), after
+    `warmup_rounds` untimed rounds (caches; with the malloc tuning, the heap grows until it holds
+    every contender's buffers, so the first rounds in one process are not steady)."""
     names = list(fns)
+    for _ in range(warmup_rounds):
+        for n in names:
+            fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in (names if r % 2 == 0 else names[::-1]):
@@ -519,9 +525,8 @@ def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
             variants[label] = c
             log(f"  {dtype} {label}: compiled in {c.compile_s:.1f} s; XLA temp "
                 f"{_mib((c.memory or {}).get('temp_bytes'))}")
-        for c in variants.values():
-            c.step()
-        times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log)
+        times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log,
+                            warmup_rounds=2)
         base = prev = None
         for label, c in variants.items():
             t = median(times[label])
@@ -652,13 +657,8 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
             mm["torch"] = torch_matmul(s.peak_n, dtype)
         for k, f in mm.items():
             fns[f"matmul {k}"] = (lambda f=f: [f() for _ in range(3)])
-        # two untimed warm-up rounds (the heap grows to hold every contender's buffers; caches),
-        # then interleaved timed reps
-        for _ in range(2):
-            for f in fns.values():
-                f()
         log(f"## train, {dtype}: {s.train_reps} interleaved reps")
-        times = interleaved(fns, s.train_reps, log)
+        times = interleaved(fns, s.train_reps, log, warmup_rounds=2)
         flop_mm = 2 * s.peak_n ** 3 * 3
         # the peak is the best rep (a peak; and the conservative choice for MFU on a noisy box)
         peak_rates = {k: flop_mm / min(times[f"matmul {k}"]) for k in mm}
