@@ -1,10 +1,10 @@
 """The embedded default: a small Reflex decoder learns the built-in Russian arithmetic task
 ("Сколько будет 17 плюс 5?" -> "22") with a byte tokenizer and answers held-out questions.
-No files, no network; minutes on a 2-core CPU (README, Quick start, has the measured numbers).
+No files, no network; minutes on a 2-core CPU (docs/training.md has the measured numbers).
 
     python train.py --config configs/tiny.py
 """
-from reflex_jax.defaults import base_config
+from reflex_jax.run_config import base_config
 
 
 def get_config():

@@ -4,9 +4,10 @@ The names below load on first use, so that `reflex_jax.malloc_tuning` can restar
 JAX is imported."""
 import importlib
 
-_EXPORTS = {"ConfigError": "config", "CrossGroup": "config", "LayerPlan": "config",
-            "ModelConfig": "config", "Decoder": "model", "count_params": "model",
-            "init_cache": "model", "init_params": "model", "param_logical_axes": "model",
+_EXPORTS = {"ReflexError": "errors", "ConfigError": "errors", "CrossGroup": "model",
+            "LayerPlan": "model", "ModelConfig": "model", "Decoder": "model",
+            "count_params": "model", "init_cache": "model", "init_params": "model",
+            "abstract_params": "model", "param_logical_axes": "model",
             "load_params": "checkpoint", "save_params": "checkpoint"}
 
 __all__ = sorted(_EXPORTS)

@@ -16,16 +16,13 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from .config import ModelConfig
+from .errors import CheckpointError
+from .model.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
 META = "meta.json"
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing or does not fit; the message names the path and the fix."""
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -52,14 +49,9 @@ def read_meta(directory: str) -> dict:
         return json.load(f)
 
 
-def abstract_params(cfg: ModelConfig):
-    """ShapeDtypeStructs of `cfg`'s params (no allocation)."""
-    from .model import init_params
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-
-
 def check_params_fit(cfg: ModelConfig, params, where: str) -> None:
     """Raise one sentence naming the first parameter whose presence or shape differs from `cfg`."""
+    from .model import abstract_params
     want = {jax.tree_util.keystr(k): v.shape for k, v in
             jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
     have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in

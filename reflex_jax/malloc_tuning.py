@@ -8,7 +8,7 @@ kernel hands out and zeroes ~290k fresh 4 KiB pages per step: a fifth of a core 
 the bf16 step of the benchmark config takes 2.44-2.63 s instead of 2.10-2.15 s on 2 cores. Huge
 pages alone cut the faults but not the churn: interleaved with PyTorch in one process (in a VM
 that hands freed memory back to its host) the step took 2.9-3.1 s. With all four settings the
-buffer is reused from the heap: no page faults once the heap has grown (notes/bench.md).
+buffer is reused from the heap: no page faults once the heap has grown (docs/bench.md).
 
 What it costs: the process keeps its peak heap until it exits (fine for a training run), and
 all threads share one malloc arena. glibc reads tunables only when a process starts, hence the

@@ -1,4 +1,4 @@
-"""Generation with a per-layer KV cache that holds only each layer's self heads (DESIGN §2).
+"""Generation with a per-layer KV cache that holds only each layer's self heads (docs/attention.md).
 
 Prompts are left-padded to a common length P, so every row's last prompt token sits at slot P-1
 and new tokens go to the same slot for all rows. A key mask hides the padding and per-row
@@ -19,12 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .model import Decoder, head_matrix, init_cache, logits_from_hidden
-
-
-class GenerationError(ValueError):
-    """A user-fixable generation request; the message is one sentence naming the fix."""
+from .errors import GenerationError
+from .model import Decoder, ModelConfig, head_matrix, init_cache, logits_from_hidden
 
 
 # ---- the two model calls: prefill a left-padded prompt batch, then one token at a time ------------

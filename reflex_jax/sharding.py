@@ -1,7 +1,7 @@
 """Device mesh, logical axis rules and multi-host start-up.
 
 Every run is a mesh run over axes ('data', 'fsdp', 'tensor'); one device is the 1x1x1 case.
-Parameters carry logical axis names (model.py); RULES below is the one place that maps them onto
+Parameters carry logical axis names (model/layers.py); RULES below is the one place that maps them onto
 mesh axes. A dimension that a mesh axis does not divide is replicated instead: reflex layers have
 uneven self-head counts (8, 7, 6, ...), so K/V head axes cannot assume divisibility.
 """
@@ -13,6 +13,8 @@ from typing import Optional
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .errors import MeshError, UsageError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -28,10 +30,6 @@ RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "seq": (),
 }
-
-
-class MeshError(ValueError):
-    """A mesh shape that does not fit the devices; the message names the config fields."""
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
@@ -190,19 +188,19 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
     anything touches JAX devices. Returns whether JAX runs multi-process.
     """
     if auto and coordinator:
-        raise ValueError("use either --multihost (auto-detected cluster) or --coordinator, not both.")
+        raise UsageError("use either --multihost (auto-detected cluster) or --coordinator, not both.")
     if auto:
         _initialize({})
         return True
     if coordinator:
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"--coordinator={coordinator!r} must be host:port of process 0, "
+            raise UsageError(f"--coordinator={coordinator!r} must be host:port of process 0, "
                              "e.g. 10.0.0.1:1234.")
         if num_processes < 1 or process_id < 0:
-            raise ValueError("--coordinator needs --num_processes and --process_id as well.")
+            raise UsageError("--coordinator needs --num_processes and --process_id as well.")
         if process_id >= num_processes:
-            raise ValueError(f"--process_id={process_id} must be below --num_processes={num_processes} "
+            raise UsageError(f"--process_id={process_id} must be below --num_processes={num_processes} "
                              "(processes are numbered 0..num_processes-1).")
         # CPU processes need a cross-process collectives backend; GPU/TPU ignore the setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -210,7 +208,7 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
                          process_id=process_id, initialization_timeout=timeout_s))
         return True
     if num_processes > 1 or process_id >= 0:
-        raise ValueError("--num_processes/--process_id need --coordinator host:port as well.")
+        raise UsageError("--num_processes/--process_id need --coordinator host:port as well.")
     slurm_tasks = os.environ.get("SLURM_NTASKS", "1")
     tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if (slurm_tasks.isdigit() and int(slurm_tasks) > 1) or "," in tpu_hosts:
@@ -224,10 +222,10 @@ def _initialize(kwargs: dict) -> None:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:
         if "before" in str(e) or "already" in str(e):
-            raise ValueError("multi-host start-up must come before anything uses JAX devices; call "
+            raise UsageError("multi-host start-up must come before anything uses JAX devices; call "
                              "sharding.maybe_initialize_distributed first (train.py does).") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = kwargs.get("coordinator_address", "the auto-detected coordinator")
-        raise ValueError(f"could not join the multi-host job at {where} ({first[:200]}); start every "
+        raise UsageError(f"could not join the multi-host job at {where} ({first[:200]}); start every "
                          "process with the same --coordinator and --num_processes and a distinct "
                          "--process_id.") from e

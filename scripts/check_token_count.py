@@ -1,4 +1,4 @@
-"""Check `prepare` against a direct `transformers` tokenisation of the same rows (issue 4).
+"""Check `prepare` against a direct `transformers` tokenisation of the same rows.
 
     python scripts/check_token_count.py \
         --source ../shared/data/ru_instructions/ru_qa_combined.jsonl --tokenizer ../shared/data/rugpt3_tokenizer
@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reflex_jax.data import DEFAULT_TEMPLATE, TokenData, prepare  # noqa: E402
+from reflex_jax.data import DEFAULT_TEMPLATE, TokenData, prepare
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Held-out loss of an HF GPT-2 and of its conversions (issue 3; numbers in notes/convert.md).
+"""Held-out loss of an HF GPT-2 and of its conversions (numbers in docs/convert.md).
 
     python scripts/eval_converted.py [--hf ../shared/data/models/ru-gpt2-tiny] \
         [--text ../shared/data/ru_text/turgenev]
@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reflex_jax.checkpoint import load_params  # noqa: E402
-from reflex_jax.convert import convert_to_dir, load_gpt2, matching_config  # noqa: E402
-from reflex_jax.model import Decoder, init_params  # noqa: E402
-from reflex_jax.tokenizer import load_tokenizer  # noqa: E402
+from reflex_jax.checkpoint import load_params
+from reflex_jax.data.tokenizer import load_tokenizer
+from reflex_jax.interop.hf_gpt2 import convert_to_dir, load_gpt2, matching_config
+from reflex_jax.model import Decoder, init_params
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                       "data")

@@ -9,7 +9,7 @@ code did: every new token runs the full forward pass over the whole current pref
 per prefix length, logits for the last position only). "cached" is `Generator.generate`: one
 prefill plus the compiled decode loop, end to end including the prefill; "decode only" subtracts
 a 1-token call (prefill + first token) from it. This is a quick look, not the benchmark (bench.py
-makes it rigorous).
+makes it rigorous; the prefix re-run is its `make_recompute`).
 """
 from __future__ import annotations
 
@@ -17,34 +17,21 @@ import argparse
 import datetime
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from reflex_jax import Decoder, ModelConfig, init_params  # noqa: E402
-from reflex_jax.model import head_matrix, logits_from_hidden  # noqa: E402
-from reflex_jax.bench_lib import cpu_model  # noqa: E402
-from reflex_jax.sampling import Generator  # noqa: E402
+from reflex_jax.model import ModelConfig, init_params
+from reflex_jax.sampling import Generator
+from reflex_lab.bench.generation import make_recompute
+from reflex_lab.machine import cpu_model
 
 
 def make_uncached(cfg: ModelConfig):
-    @jax.jit
-    def extend(params, tokens_BT):  # one full forward over the prefix -> prefix + greedy token
-        h = Decoder(cfg).apply({"params": params}, tokens_BT, return_hidden=True)
-        logits = logits_from_hidden(h[:, -1:], head_matrix(cfg, params))[:, 0]
-        return jnp.concatenate([tokens_BT, jnp.argmax(logits, -1)[:, None].astype(tokens_BT.dtype)], 1)
-
-    def generate(params, prompt, n):
-        tokens = jnp.asarray([prompt], jnp.int32)
-        for _ in range(n):
-            tokens = extend(params, tokens)
-        return np.asarray(tokens)[0, len(prompt):].tolist()
-    return generate
+    """The prefix re-run of the benchmark for one prompt (a list of ids) -> the new ids."""
+    recompute = make_recompute(cfg)
+    return lambda params, prompt, n: recompute(params, np.asarray([prompt]), n)[0].tolist()
 
 
 def timed(fn):

@@ -11,14 +11,10 @@ import sys
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from reflex_jax import checkpoint as ckpt  # noqa: E402
-from reflex_jax import sharding  # noqa: E402
-from reflex_jax.trainer import Trainer  # noqa: E402
-from test_trainer import small_config  # noqa: E402
+from reflex_jax import checkpoint as ckpt
+from reflex_jax import sharding
+from reflex_jax.train.trainer import Trainer
+from test_trainer import small_config  # this script's folder is on sys.path
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 STEPS = 2

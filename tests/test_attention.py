@@ -1,12 +1,12 @@
-"""The attention op (reflex_jax/attention.py): CPU fast paths and the group-wise decode path
-against plain dense attention."""
+"""The attention kernels (reflex_jax/kernels/) and the reflex K/V op (reflex_jax/model/kv.py):
+CPU fast paths and the group-wise decode path against plain dense attention."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reflex_jax import attention
-from reflex_jax.config import ModelConfig
+from reflex_jax.kernels import attention, cpu_attention
+from reflex_jax.model import ModelConfig, kv
 
 
 def _weighted_loss(fn, w):
@@ -23,12 +23,12 @@ def test_blockwise_causal_attention_equals_dense(T):
     saved log-sum-exp): values and all three gradients equal autodiff through one dense causal
     call, in float32; multihead_attention takes this path for plain causal calls on CPU."""
     on_cpu = jax.default_backend() == "cpu"
-    assert attention.flash_query_block(T) == ((64 if T < 1024 else 128) if on_cpu else 0)
-    assert attention.flash_query_block(192 + 32) == 0 and attention.flash_query_block(64) == 0
+    assert cpu_attention.flash_query_block(T) == ((64 if T < 1024 else 128) if on_cpu else 0)
+    assert cpu_attention.flash_query_block(192 + 32) == 0 and cpu_attention.flash_query_block(64) == 0
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, T, 3, 8)) for i in range(3))
     w = jax.random.normal(jax.random.PRNGKey(5), (2, T, 3, 8))
     dense = _weighted_loss(_dense_causal, w)
-    for blockwise in (_weighted_loss(lambda q, k, v: attention.blockwise_causal_attention(q, k, v, 64), w),
+    for blockwise in (_weighted_loss(lambda q, k, v: cpu_attention.blockwise_causal_attention(q, k, v, 64), w),
                       _weighted_loss(attention.multihead_attention, w)):
         np.testing.assert_allclose(float(blockwise(q, k, v)), float(dense(q, k, v)), rtol=1e-5)
         for a, b in zip(jax.grad(blockwise, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
@@ -42,7 +42,7 @@ def test_blockwise_causal_attention_bf16_error_matches_dense():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, T, 4, 16)) for i in range(3))
     w = jax.random.normal(jax.random.PRNGKey(5), (2, T, 4, 16))
     bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
-    fns = {"blockwise": lambda q, k, v: attention.blockwise_causal_attention(q, k, v, 64),
+    fns = {"blockwise": lambda q, k, v: cpu_attention.blockwise_causal_attention(q, k, v, 64),
            "dense": _dense_causal}
     truth = jax.value_and_grad(_weighted_loss(_dense_causal, w), (0, 1, 2))(q, k, v)
     errors = {}
@@ -89,11 +89,11 @@ def test_group_wise_decode_equals_concatenated_kv(reflex, batch):
     for layer, plan in enumerate(cfg.layers):
         q = jax.random.normal(next(keys), (batch, 1, cfg.n_head, D))
         own, earlier = caches[layer], tuple(caches[:layer])
-        k, v = attention.gather_kv(own, earlier, plan)
+        k, v = kv.gather_kv(own, earlier, plan)
         for offset in (0, 17, S - 1):
             want = jax.nn.dot_product_attention(
                 q, k, v, mask=attention.attention_mask(1, S, offset, key_mask))
-            got = jax.jit(lambda o: attention.reflex_attention(
+            got = jax.jit(lambda o: kv.reflex_attention(
                 q, own, earlier, plan, offset=o, key_mask_BS=key_mask))(offset)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
                                        err_msg=f"{reflex} layer {layer} slot {offset}")

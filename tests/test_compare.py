@@ -7,10 +7,17 @@ import statistics
 import numpy as np
 import pytest
 
-from reflex_jax import compare
-from reflex_jax.compare import CompareError
-from reflex_jax.config import ModelConfig
-from reflex_jax.schedule_plot import layer_colors, plot_schedule, source_head_matrix, source_matrix
+from reflex_jax.errors import ConfigError, UsageError
+from reflex_jax.model import ModelConfig
+from reflex_jax.run_config import load_config, split_overrides
+from reflex_lab.compare import cli as compare_cli
+from reflex_lab.compare import runs as compare_runs
+from reflex_lab.compare.grid import (CompareError, Variant, parse_schedules, parse_seeds, parse_variant,
+                                     plan_grid)
+from reflex_lab.compare.report import variant_differences, write_report
+from reflex_lab.compare.runs import RUN_MARKER, read_metrics, run_grid, run_state
+from reflex_lab.compare.stats import aggregate, collect, summarize_run
+from reflex_lab.schedule_plot import layer_colors, plot_schedule, source_head_matrix, source_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -19,7 +26,7 @@ SMALL = [("model.n_layer", "3"), ("model.n_embd", "32"), ("max_steps", "30"), ("
 
 
 def small_config(**extra):
-    return compare.load_config(TINY, SMALL + [(k, str(v)) for k, v in extra.items()])
+    return load_config(TINY, SMALL + [(k, str(v)) for k, v in extra.items()])
 
 
 def fabricate(run_dir, val_losses, *, max_steps=30, eval_every=10, log_every=5, stop_at=None,
@@ -48,7 +55,7 @@ def fabricate(run_dir, val_losses, *, max_steps=30, eval_every=10, log_every=5, 
 
 def test_summarize_run_final_best_exact_match_and_throughput(tmp_path):
     fabricate(tmp_path / "r", [3.0, 2.5, 2.7], exact=[0.1, 0.4, 0.3])
-    s = compare.summarize_run(compare.read_metrics(str(tmp_path / "r" / "metrics.jsonl")), 30)
+    s = summarize_run(read_metrics(str(tmp_path / "r" / "metrics.jsonl")), 30)
     assert s["finished"] and s["step"] == 30 and s["eval_rows"] == 3
     assert (s["final_val_loss"], s["final_val_step"]) == (2.7, 30)
     assert (s["best_val_loss"], s["best_val_step"]) == (2.5, 20)
@@ -62,7 +69,7 @@ def test_missing_eval_rows_and_a_torn_line(tmp_path):
     fabricate(tmp_path / "r", [])  # eval turned off: no val rows at all
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
         f.write('{"step": 35, "loss": 1.')  # killed mid-write
-    s = compare.summarize_run(compare.read_metrics(str(tmp_path / "r" / "metrics.jsonl")), 30)
+    s = summarize_run(read_metrics(str(tmp_path / "r" / "metrics.jsonl")), 30)
     assert s["step"] == 30 and s["finished"]
     assert s["final_val_loss"] is None and s["best_val_loss"] is None and s["final_exact_match"] is None
 
@@ -72,7 +79,7 @@ def test_resumed_run_keeps_the_rewritten_rows(tmp_path):
     os.makedirs(d)
     rows = [{"step": 10, "loss": 3.0, "val_loss": 9.0}, {"step": 10, "loss": 3.0, "val_loss": 2.0}]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert compare.read_metrics(str(d / "metrics.jsonl")) == [rows[1]]
+    assert read_metrics(str(d / "metrics.jsonl")) == [rows[1]]
 
 
 # ---- grid aggregation -----------------------------------------------------------------------------
@@ -82,7 +89,7 @@ FINAL = {"none": [2.0, 2.2, 2.4], "all": [1.9, 2.0, 2.6]}
 
 def fabricated_grid(tmp_path, unfinished=None):
     config = small_config()
-    runs = compare.plan_grid(config, ["none", "all"], [0, 1, 2], str(tmp_path / "runs"))
+    runs = plan_grid(config, ["none", "all"], [0, 1, 2], str(tmp_path / "runs"))
     for run in runs:
         finals = FINAL[run.schedule]
         vals = [3.0, 2.8, finals[run.seed]]
@@ -93,7 +100,7 @@ def fabricated_grid(tmp_path, unfinished=None):
 
 def test_mean_and_sample_std_over_seeds_and_paired_delta(tmp_path):
     runs = fabricated_grid(tmp_path)
-    groups = {g["group"]: g for g in compare.aggregate(compare.collect(runs))}
+    groups = {g["group"]: g for g in aggregate(collect(runs))}
     assert list(groups) == ["none", "all"]
     for name, finals in FINAL.items():
         g = groups[name]
@@ -111,26 +118,26 @@ def test_mean_and_sample_std_over_seeds_and_paired_delta(tmp_path):
 
 def test_best_differs_from_final_when_the_loss_rises(tmp_path):
     config = small_config()
-    runs = compare.plan_grid(config, ["all"], [0, 1], str(tmp_path / "runs"))
+    runs = plan_grid(config, ["all"], [0, 1], str(tmp_path / "runs"))
     fabricate(runs[0].run_dir, [3.0, 2.0, 2.5])
     fabricate(runs[1].run_dir, [3.0, 2.2, 2.1])
-    (g,) = compare.aggregate(compare.collect(runs))
+    (g,) = aggregate(collect(runs))
     assert g["best_val_loss"]["mean"] == pytest.approx(2.05)
     assert g["final_val_loss"]["mean"] == pytest.approx(2.3)
 
 
 def test_unfinished_run_is_reported_and_left_out_of_the_means(tmp_path):
     runs = fabricated_grid(tmp_path, unfinished="all-s2")
-    summaries = compare.collect(runs)
+    summaries = collect(runs)
     status = {s["name"]: s["status"] for s in summaries}
     assert status["all-s2"] == "unfinished (step 20 of 30)"
     assert status["none-s2"] == "finished"
-    g = {g["group"]: g for g in compare.aggregate(summaries)}["all"]
+    g = {g["group"]: g for g in aggregate(summaries)}["all"]
     assert g["finished"] == 2 and g["runs"] == 3 and g["seeds"] == [0, 1]
     assert g["not_finished"] == {"all-s2": "unfinished (step 20 of 30)"}
     assert g["final_val_loss"]["mean"] == pytest.approx(statistics.fmean(FINAL["all"][:2]))
     out = tmp_path / "out"
-    compare.write_report(str(out), runs, summaries, compare.aggregate(summaries))
+    write_report(str(out), runs, summaries, aggregate(summaries))
     md = (out / "results.md").read_text()
     assert "| `all` |" in md and "2/3 (0, 1)" in md
     assert "`all-s2` (unfinished (step 20 of 30))" in md
@@ -138,11 +145,11 @@ def test_unfinished_run_is_reported_and_left_out_of_the_means(tmp_path):
 
 def test_missing_run_is_reported(tmp_path):
     config = small_config()
-    runs = compare.plan_grid(config, ["none"], [0, 1], str(tmp_path / "runs"))
+    runs = plan_grid(config, ["none"], [0, 1], str(tmp_path / "runs"))
     fabricate(runs[0].run_dir, [3.0, 2.5, 2.0])
-    summaries = compare.collect(runs)
+    summaries = collect(runs)
     assert [s["status"] for s in summaries] == ["finished", "missing"]
-    (g,) = compare.aggregate(summaries)
+    (g,) = aggregate(summaries)
     assert g["final_val_loss"] == {"mean": 2.0, "std": None, "n": 1}
 
 
@@ -151,9 +158,9 @@ def test_report_files_tables_and_small_plots(tmp_path):
     from PIL import Image
 
     runs = fabricated_grid(tmp_path)
-    summaries = compare.collect(runs)
+    summaries = collect(runs)
     out = tmp_path / "out"
-    res = compare.write_report(str(out), runs, summaries, compare.aggregate(summaries), command="x")
+    res = write_report(str(out), runs, summaries, aggregate(summaries), command="x")
     assert sorted(res["plots"]) == ["exact_match_vs_step.png", "val_loss_vs_step.png",
                                     "val_loss_vs_tokens.png"]
     for p in res["plots"]:
@@ -180,10 +187,10 @@ def test_report_files_tables_and_small_plots(tmp_path):
 
 def test_no_eval_rows_gives_dashes_and_no_plots(tmp_path):
     config = small_config()
-    runs = compare.plan_grid(config, ["none"], [0], str(tmp_path / "runs"))
+    runs = plan_grid(config, ["none"], [0], str(tmp_path / "runs"))
     fabricate(runs[0].run_dir, [])
-    summaries = compare.collect(runs)
-    res = compare.write_report(str(tmp_path / "out"), runs, summaries, compare.aggregate(summaries))
+    summaries = collect(runs)
+    res = write_report(str(tmp_path / "out"), runs, summaries, aggregate(summaries))
     assert res["plots"] == []
     row = next(l for l in (tmp_path / "out" / "results.md").read_text().splitlines()
                if l.startswith("| `none` |"))
@@ -194,43 +201,43 @@ def test_no_eval_rows_gives_dashes_and_no_plots(tmp_path):
 
 def test_run_state_decides_train_resume_or_reuse(tmp_path):
     config = small_config()
-    (run,) = compare.plan_grid(config, ["all"], [0], str(tmp_path / "runs"))
+    (run,) = plan_grid(config, ["all"], [0], str(tmp_path / "runs"))
     d = run.run_dir
-    assert compare.run_state(d, run.config).kind == "new"
+    assert run_state(d, run.config).kind == "new"
     fabricate(d, [3.0], stop_at=10)
-    st = compare.run_state(d, run.config)
+    st = run_state(d, run.config)
     assert (st.kind, st.step) == ("partial", 10)
     fabricate(d, [3.0, 2.9, 2.8])
-    assert compare.run_state(d, run.config).kind == "finished"  # no checkpoints written at all
+    assert run_state(d, run.config).kind == "finished"  # no checkpoints written at all
     os.makedirs(os.path.join(d, "checkpoints", "20"))
-    assert compare.run_state(d, run.config).kind == "partial"   # final checkpoint not there yet
+    assert run_state(d, run.config).kind == "partial"   # final checkpoint not there yet
     os.makedirs(os.path.join(d, "checkpoints", "30"))
-    assert compare.run_state(d, run.config).kind == "finished"
+    assert run_state(d, run.config).kind == "finished"
     # a longer grid must not reuse it: its cosine schedule differs, so the config check says so
-    longer = compare.plan_grid(small_config(max_steps=60), ["all"], [0], str(tmp_path / "runs"))[0]
+    longer = plan_grid(small_config(max_steps=60), ["all"], [0], str(tmp_path / "runs"))[0]
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(run.config.to_dict(), f, default=str)
-    assert compare.run_state(d, run.config).kind == "finished"  # same config: fine
+    assert run_state(d, run.config).kind == "finished"  # same config: fine
     with pytest.raises(CompareError, match=r"different config \(max_steps=30 there, 60 here\)"):
-        compare.run_state(d, longer.config)
+        run_state(d, longer.config)
 
 
 def test_failed_run_is_recorded_and_not_retried_by_default(tmp_path):
     config = small_config()
-    (run,) = compare.plan_grid(config, ["all"], [0], str(tmp_path / "runs"))
+    (run,) = plan_grid(config, ["all"], [0], str(tmp_path / "runs"))
     fabricate(run.run_dir, [3.0], stop_at=10)
-    with open(os.path.join(run.run_dir, compare.RUN_MARKER), "w") as f:
+    with open(os.path.join(run.run_dir, RUN_MARKER), "w") as f:
         json.dump({"error": "loss became nan at step 11", "wall_s": 3.0}, f)
-    st = compare.run_state(run.run_dir, run.config)
+    st = run_state(run.run_dir, run.config)
     assert (st.kind, st.detail) == ("failed", "loss became nan at step 11")
-    assert compare.run_grid([run], log=lambda s: None) == {"all-s0": "failed"}
-    (s,) = compare.collect([run])
+    assert run_grid([run], log=lambda s: None) == {"all-s0": "failed"}
+    (s,) = collect([run])
     assert s["status"] == "failed at step 10: loss became nan at step 11"
 
 
 def test_run_grid_trains_only_what_is_not_finished(tmp_path, monkeypatch):
     config = small_config()
-    runs = compare.plan_grid(config, ["none", "all"], [0, 1], str(tmp_path / "runs"))
+    runs = plan_grid(config, ["none", "all"], [0, 1], str(tmp_path / "runs"))
     fabricate(runs[0].run_dir, [3.0, 2.9, 2.8])              # none-s0 finished
     fabricate(runs[1].run_dir, [3.0], stop_at=10)            # none-s1 half-way
     trained = []
@@ -240,77 +247,77 @@ def test_run_grid_trains_only_what_is_not_finished(tmp_path, monkeypatch):
         fabricate(run.run_dir, [3.0, 2.9, 2.8])
         return {"final_step": 30, "stopped_by": None}
 
-    monkeypatch.setattr(compare, "train_run", fake_train)
-    outcome = compare.run_grid(runs, log=lambda s: None)
+    monkeypatch.setattr(compare_runs, "train_run", fake_train)
+    outcome = run_grid(runs, log=lambda s: None)
     assert trained == ["none-s1", "all-s0", "all-s1"]
     assert outcome == {"none-s0": "reused", "none-s1": "resumed", "all-s0": "trained", "all-s1": "trained"}
     trained.clear()
-    assert set(compare.run_grid(runs, log=lambda s: None).values()) == {"reused"}
+    assert set(run_grid(runs, log=lambda s: None).values()) == {"reused"}
     assert trained == []
 
 
 def test_grid_stops_when_a_run_is_interrupted(tmp_path, monkeypatch):
-    runs = compare.plan_grid(small_config(), ["none", "all"], [0], str(tmp_path / "runs"))
-    monkeypatch.setattr(compare, "train_run",
+    runs = plan_grid(small_config(), ["none", "all"], [0], str(tmp_path / "runs"))
+    monkeypatch.setattr(compare_runs, "train_run",
                         lambda run, log=print: {"final_step": 12, "stopped_by": "SIGINT"})
-    assert compare.run_grid(runs, log=lambda s: None) == {"none-s0": "stopped"}
+    assert run_grid(runs, log=lambda s: None) == {"none-s0": "stopped"}
 
 
 # ---- the grid and user mistakes ---------------------------------------------------------------------
 
 def test_schedules_seeds_variants_and_run_names(tmp_path):
-    assert compare.parse_schedules("none,all,recent:2,1") == ["none", "all", "recent:2,1"]
-    assert compare.parse_schedules("recent:1,1;all") == ["recent:1,1", "all"]
-    assert compare.parse_seeds("0, 1,2") == [0, 1, 2]
-    v = compare.parse_variant("pre:init_from=weights/x;optim.lr=1e-4")
-    assert v == compare.Variant("pre", (("init_from", "weights/x"), ("optim.lr", "1e-4")))
-    runs = compare.plan_grid(small_config(), ["recent:2,1"], [3], str(tmp_path),
-                             [v, compare.parse_variant("random:")])
+    assert parse_schedules("none,all,recent:2,1") == ["none", "all", "recent:2,1"]
+    assert parse_schedules("recent:1,1;all") == ["recent:1,1", "all"]
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    v = parse_variant("pre:init_from=weights/x;optim.lr=1e-4")
+    assert v == Variant("pre", (("init_from", "weights/x"), ("optim.lr", "1e-4")))
+    runs = plan_grid(small_config(), ["recent:2,1"], [3], str(tmp_path),
+                             [v, parse_variant("random:")])
     assert [r.name for r in runs] == ["pre-recent-2-1-s3", "random-recent-2-1-s3"]
     assert runs[0].config.optim.lr == 1e-4 and runs[0].config.init_from == "weights/x"
     assert runs[1].config.optim.lr == small_config().optim.lr
     assert runs[0].config.seed == 3 and runs[0].config.model.reflex == "recent:2,1"
     assert runs[0].group == "pre recent:2,1"
-    assert compare.variant_differences(runs) == {
+    assert variant_differences(runs) == {
         "pre": {"init_from": "weights/x", "optim.lr": 1e-4},
         "random": {"init_from": "", "optim.lr": small_config().optim.lr}}
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: compare.parse_schedules("1,all"), r"number 1 follows no 'recent:'"),
-    (lambda: compare.parse_schedules("all,all"), r"lists all more than once"),
-    (lambda: compare.parse_seeds("0,a"), r"'a' is not a non-negative integer"),
-    (lambda: compare.parse_variant("no colon"), r"NAME:key=value"),
-    (lambda: compare.parse_variant("x:lr"), r"'lr' is not key=value"),
-    (lambda: compare.plan_grid(small_config(), ["alll"], [0], "r"),
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: parse_schedules("1,all"), CompareError, r"number 1 follows no 'recent:'"),
+    (lambda: parse_schedules("all,all"), CompareError, r"lists all more than once"),
+    (lambda: parse_seeds("0,a"), CompareError, r"'a' is not a non-negative integer"),
+    (lambda: parse_variant("no colon"), CompareError, r"NAME:key=value"),
+    (lambda: parse_variant("x:lr"), CompareError, r"'lr' is not key=value"),
+    (lambda: plan_grid(small_config(), ["alll"], [0], "r"), CompareError,
      r"schedule 'alll' does not fit .*'alll' is unknown"),
-    (lambda: compare.plan_grid(compare.load_config(TINY, [("model.n_head", "4")]), ["recent:2,1"], [0], "r"),
+    (lambda: plan_grid(load_config(TINY, [("model.n_head", "4")]), ["recent:2,1"], [0], "r"), CompareError,
      r"schedule 'recent:2,1' does not fit this model \(4 layers x 4 heads\).*layer 3 wants 2 heads of layer 2"),
-    (lambda: compare.plan_grid(small_config(), ["all"], [0], "r", [compare.parse_variant("x:seed=3")]),
+    (lambda: plan_grid(small_config(), ["all"], [0], "r", [parse_variant("x:seed=3")]), CompareError,
      r"sets seed, which the grid sets itself; use --seeds"),
-    (lambda: compare.load_config("configs/nope.py"), r"config file 'configs/nope.py' does not exist"),
-    (lambda: compare.load_config(TINY, [("model.n_layr", "2")]), r"did you mean 'model.n_layer'"),
-    (lambda: compare.load_config(TINY, [("model.n_layer", "two")]), r"'model.n_layer' takes a int"),
-    (lambda: compare.load_config(TINY, [("model", "2")]), r"is a group, not a value"),
-    (lambda: compare.split_overrides(["--max_steps=3"]), r"unknown argument '--max_steps=3'"),
+    (lambda: load_config("configs/nope.py"), ConfigError, r"config file 'configs/nope.py' does not exist"),
+    (lambda: load_config(TINY, [("model.n_layr", "2")]), ConfigError, r"did you mean 'model.n_layer'"),
+    (lambda: load_config(TINY, [("model.n_layer", "two")]), ConfigError, r"'model.n_layer' takes a int"),
+    (lambda: load_config(TINY, [("model", "2")]), ConfigError, r"is a group, not a value"),
+    (lambda: split_overrides(["--max_steps=3"]), UsageError, r"unknown argument '--max_steps=3'"),
 ])
-def test_user_mistakes_are_one_sentence(call, message):
-    with pytest.raises(CompareError, match=message) as e:
+def test_user_mistakes_are_one_sentence(call, error, message):
+    with pytest.raises(error, match=message) as e:
         call()
     assert "\n" not in str(e.value)
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
-    code = compare.main(["--out", str(tmp_path / "o"), "--config.model.reflex=all"])
+    code = compare_cli.main(["--out", str(tmp_path / "o"), "--config.model.reflex=all"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "set per run by the grid; use --schedules" in err
-    assert compare.main(["--out", str(tmp_path / "o"), "--config", "configs/nope.py"]) == 2
+    assert compare_cli.main(["--out", str(tmp_path / "o"), "--config", "configs/nope.py"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_overrides_are_typed_like_the_config():
-    c = compare.load_config(TINY, compare.split_overrides(
+    c = load_config(TINY, split_overrides(
         ["--config.optim.lr=1e-4", "--config.max_steps", "7", "--config.model.reflex_window=2",
          "--config.async_checkpoints=false", "--config.data.task=kv_recall"]))
     assert c.optim.lr == 1e-4 and c.max_steps == 7 and c.model.reflex_window == 2
@@ -320,7 +327,7 @@ def test_overrides_are_typed_like_the_config():
 def test_plan_prints_each_run(tmp_path, capsys):
     runs_dir = tmp_path / "runs"
     fabricate(runs_dir / "all-s1", [3.0, 2.9, 2.8], max_steps=4, eval_every=2, log_every=1)
-    assert compare.main(["--out", str(tmp_path / "o"), "--runs_dir", str(runs_dir), "--schedules",
+    assert compare_cli.main(["--out", str(tmp_path / "o"), "--runs_dir", str(runs_dir), "--schedules",
                          "none,all", "--seeds", "0,1", "--plan", "--config.max_steps=4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     kinds = {line.split()[0]: line.split()[1] for line in lines}
@@ -366,7 +373,7 @@ def test_schedule_png_cells_have_the_source_layer_colour(tmp_path, reflex):
 
 
 def test_schedule_plot_cli(tmp_path, capsys):
-    from reflex_jax import schedule_plot
+    from reflex_lab import schedule_plot
     out = tmp_path / "p.png"
     assert schedule_plot.main(["--config", TINY, "--schedule", "recent:1", "--out", str(out)]) == 0
     assert out.exists() and "recent:1 4x8: 8 | 7+1 | 7+1 | 7+1" in capsys.readouterr().out
@@ -383,14 +390,14 @@ def test_cli_trains_reports_and_reuses_a_finished_run(tmp_path, capsys):
             "--config.batch_size=4", "--config.eval_batches=1", "--config.data.task_rows=64",
             "--config.data.task_val_rows=4", "--config.eval_exact_match=0", "--config.log_interval=1",
             "--config.checkpoint_interval=0", "--config.async_checkpoints=false"]
-    assert compare.main(args) == 0
+    assert compare_cli.main(args) == 0
     assert "[1/1] recent-1-s0: training" in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "recent-1-s0"
-    assert (run_dir / "checkpoints" / "2").is_dir() and (run_dir / compare.RUN_MARKER).exists()
+    assert (run_dir / "checkpoints" / "2").is_dir() and (run_dir / RUN_MARKER).exists()
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     (run,) = data["runs"]
     assert run["status"] == "finished" and run["final_val_step"] == 2
     assert run["final_val_loss"] is not None and run["wall_s"] > 0
     assert data["groups"][0]["layout"] == "recent:1 2x2: 2 | 1+1"
-    assert compare.main(args) == 0  # again: nothing is trained
+    assert compare_cli.main(args) == 0  # again: nothing is trained
     assert "finished before (step 2), reused" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The reflex schedule resolves exactly as DESIGN §2 says, and bad configs fail in one sentence."""
+"""The reflex schedule resolves exactly as docs/attention.md says, and bad configs fail in one sentence."""
 import dataclasses
 
 import pytest

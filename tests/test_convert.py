@@ -1,4 +1,4 @@
-"""HF GPT-2 -> reflex params (reflex_jax/convert.py, convert_weights.py).
+"""HF GPT-2 -> reflex params (reflex_jax/interop/hf_gpt2.py, convert_weights.py).
 
 Real `transformers.GPT2LMHeadModel`s (tiny, random) saved to disk are the reference: parity of the
 vanilla conversion, the documented slices of reflex conversions, the SwiGLU mapping's error, the
@@ -17,7 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from reflex_jax.checkpoint import load_params, read_meta
-from reflex_jax.convert import (SWIGLU_ALPHA, ConvertError, convert_gpt2, load_gpt2,
+from reflex_jax.interop.hf_gpt2 import (SWIGLU_ALPHA, ConvertError, convert_gpt2, load_gpt2,
                                 matching_config, parse_layers)
 from reflex_jax.model import Decoder, init_params
 
@@ -287,7 +287,7 @@ def test_missing_or_unreachable_checkpoints_are_clear_errors(tmp_path, monkeypat
 # ---- the CLI ------------------------------------------------------------------------------------------
 
 CONFIG_FILE = """
-from reflex_jax.defaults import base_config
+from reflex_jax.run_config import base_config
 
 def get_config():
     c = base_config()
@@ -328,5 +328,5 @@ def test_cli_writes_a_loadable_params_dir_with_provenance(tmp_path, gpt2):
     bad = _cli("--hf", source.directory, f"--config={config}", "--config.model.n_embd=64",
                "--out", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert "convert_weights: source tensor wte.weight has shape (50, 32)" in bad.stderr
+    assert "convert_weights.py: error: source tensor wte.weight has shape (50, 32)" in bad.stderr
     assert not (tmp_path / "bad").exists()

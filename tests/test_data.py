@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from reflex_jax import data as D
-from reflex_jax.data import (BatchLoader, TokenData, Template, main, prepare, prepare_task, token_dtype,
-                             val_batches)
-from reflex_jax.tokenizer import ByteTokenizer, load_tokenizer
+from reflex_jax.cli.data import main
+from reflex_jax.data import (BatchLoader, ByteTokenizer, TokenData, Template, load_tokenizer, prepare,
+                             prepare_task, token_dtype, val_batches)
+from reflex_jax.data.encode import RowEncoder
+from reflex_jax.data.templates import BadRow
 
 ROWS = [
     {"question": "Сколько будет 2 плюс 2?", "answer": "4"},
@@ -127,8 +129,8 @@ def test_generic_encoder_path_matches_backend(hf_bpe):
 
     texts = [render(r) for r in ROWS + qa_rows(10)]
     starts = [len(t) - len(r["answer"]) for t, r in zip(texts, ROWS + qa_rows(10))]
-    fast = D._Encoder(tok).encode(texts, starts)
-    slow = D._Encoder(NoBackend()).encode(texts, starts)
+    fast = RowEncoder(tok).encode(texts, starts)
+    slow = RowEncoder(NoBackend()).encode(texts, starts)
     for (a, ma), (b, mb) in zip(fast, slow):
         assert a.tolist() == b.tolist() and ma.tolist() == mb.tolist()
 
@@ -139,7 +141,7 @@ def test_template_fields_and_errors():
     assert t.answer_field == "output"
     values = t.values({"prompt": "p", "context": "c", "response": "r"})
     assert t.prompt(values) == "Q: p\nc\nA: "
-    with pytest.raises(D._Bad, match=r"missing_field\(response\)"):
+    with pytest.raises(BadRow, match=r"missing_field\(response\)"):
         t.values({"prompt": "p", "context": "c"})
     for template, fields, message in [
         ("{answer} tail", None, "must end with the answer placeholder"),
@@ -334,7 +336,8 @@ def test_cli_prepare_info_and_errors(tmp_path, capsys):
     assert main(["prepare", "--source", str(tmp_path / "nope.csv"), "--tokenizer", "bytes",
                  "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: source") and "does not exist" in err[0]
+    assert (len(err) == 1 and err[0].startswith("reflex_jax.data: error: source")
+            and "does not exist" in err[0])
     assert main(["task", "--task", "nope", "--out", out]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
@@ -480,7 +483,7 @@ def test_val_batches_long_rows_and_text_overlap_by_one(tmp_path):
 # ------------------------------------------------------------------------------------------ tasks
 
 def test_prepare_task_format_heldout_and_idempotence(tmp_path, monkeypatch, capsys):
-    from reflex_jax import tasks
+    from reflex_jax.data import tasks
     out = str(tmp_path / "kv")
     meta = prepare_task("kv_recall", out, n_train=300, n_val=40, seed=2, n_pairs=2)
     assert meta["splits"]["train"]["rows"] == 300 and meta["splits"]["val"]["rows"] == 40
@@ -493,7 +496,7 @@ def test_prepare_task_format_heldout_and_idempotence(tmp_path, monkeypatch, caps
             text = ByteTokenizer().decode(ids)
             question = text[len("Вопрос: "):text.index("\n### Ответ: ")]
             answer = ByteTokenizer().decode(ids[mask.astype(bool)])
-            assert text == tasks.render_prompt(question) + answer
+            assert text == D.render_prompt(question) + answer
             assert t.score(answer, answer) and ids[-1] == d.eos_id and mask[-1] == 1
             if split == "val":
                 val_questions.add(question)

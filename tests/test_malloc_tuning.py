@@ -9,7 +9,6 @@ import pytest
 
 from reflex_jax import malloc_tuning as mt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # prints "start <pid>" once per (re)start, then the page faults of touching a 256 MiB malloc,
 # and of touching it again after free + malloc (what XLA:CPU does with its buffers every step)
@@ -65,7 +64,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 def _probe(**env_over):
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", mt.OPT_OUT, mt.RESTARTED)}
-    env.update(env_over, PYTHONPATH=ROOT)
+    env.update(env_over)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                          timeout=60, check=True).stdout.split("\n")
     starts = [line.split()[1] for line in out if line.startswith("start")]

@@ -1,4 +1,4 @@
-"""The decoder implements DESIGN §2: causal cross heads over earlier layers' exported K/V."""
+"""The decoder implements docs/attention.md: causal cross heads over earlier layers' exported K/V."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +62,7 @@ def test_cross_head_by_hand(pos_emb):
     if pos_emb == "rope":
         q = _rope_np(q, np.arange(T, dtype=np.float64))
     own_k, own_v = exported[2][0][0], exported[2][1][0]
-    # Which K/V each of the 4 query heads reads (DESIGN §2): 1 self head; 1 head <- layer 1's last
+    # Which K/V each of the 4 query heads reads (docs/attention.md): 1 self head; 1 head <- layer 1's last
     # self head (head 2); 2 heads <- layer 0's last two self heads (heads 2, 3).
     sources = [(own_k[:, 0], own_v[:, 0]),
                (exported[1][0][0][:, 2], exported[1][1][0][:, 2]),

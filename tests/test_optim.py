@@ -6,7 +6,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from reflex_jax import ModelConfig, init_params
-from reflex_jax.optim import decay_mask, lr_schedule, make_optimizer
+from reflex_jax.train.optim import decay_mask, lr_schedule, make_optimizer
 
 
 def test_decay_mask_only_matrices():

@@ -1,4 +1,4 @@
-"""KV-cache generation (issue 7): the cache reproduces the full forward pass, holds only self heads,
+"""KV-cache generation: the cache reproduces the full forward pass, holds only self heads,
 and batched, left-padded generation gives every row what it would get alone."""
 import functools
 import os
@@ -259,9 +259,8 @@ def params_dir(tmp_path_factory):
 def sample_main(monkeypatch):
     """sample.main, in process; its generate() reuses this file's fast-compiled Generator."""
     monkeypatch.setitem(sampling._GENERATORS, tiny(*GEN), gen(tiny(*GEN)))
-    monkeypatch.syspath_prepend(ROOT)
-    import sample
-    return sample.main
+    from reflex_jax.cli.sample import main
+    return main
 
 
 def _ids(text):

@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from reflex_jax import checkpoint as ckpt
 from reflex_jax import sharding
+from reflex_jax.model import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -194,17 +195,15 @@ def test_dry_run_prints_mesh_memory_and_shardings_without_training(tmp_path):
     k1 = next(line for line in lines if "['h_1']['attn']['k']['kernel']" in line)
     assert q1.endswith("(fsdp, tensor, -)") and "(32, 8, 4)" in q1
     assert k1.endswith("(fsdp, -, -)") and "(32, 7, 4)" in k1  # 7 heads: no tensor
-    n_params = len(jax.tree_util.tree_leaves(ckpt.abstract_params(_tiny_model_cfg(block=32))))
+    n_params = len(jax.tree_util.tree_leaves(abstract_params(_tiny_model_cfg(block=32))))
     assert sum(line.startswith("  [") for line in lines) == n_params  # every parameter, once
     assert next(line for line in lines if "['wte']" in line).endswith("(-, fsdp)")  # vocab 259 odd
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
 
 
 def _tiny_model_cfg(block):
-    sys.path.insert(0, ROOT)
-    from configs.tiny import get_config
-    from reflex_jax.defaults import model_config_from
-    c = get_config()
+    from reflex_jax.run_config import load_config, model_config_from
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 3, 8, 32, block
     return model_config_from(c)
 
@@ -223,7 +222,7 @@ def _read_metrics(run_dir):
 def _restore_on_one_device(run_dir, cfg, step):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                                      ckpt.abstract_params(cfg))
+                                      abstract_params(cfg))
     ck = ckpt.RunCheckpoints(str(run_dir), create=False)
     try:
         return jax.device_get(ck.restore_params(step, abstract))
@@ -306,8 +305,8 @@ def test_two_processes_with_a_config_error_both_exit_with_one_sentence(tmp_path)
     for p in procs:
         p.wait(timeout=300)
     logs = [open(tmp_path / f"bad{i}.log").read() for i in range(2)]
-    want = ("error: batch_size/grad_accum = 6 rows per micro-batch must be divisible by config.mesh "
-            "data*fsdp = 4 (every batch shard takes an equal slice); change --config.batch_size or "
+    want = ("train.py: error: batch_size/grad_accum = 6 rows per micro-batch must be divisible "
+            "by config.mesh data*fsdp = 4 (every batch shard takes an equal slice); change --config.batch_size or "
             "the mesh.")
     for p, log in zip(procs, logs):
         assert p.returncode == 2 and want in log.splitlines(), log[-3000:]

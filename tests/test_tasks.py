@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from reflex_jax.data import DEFAULT_TEMPLATE
-from reflex_jax.tasks import _NOUNS, TASKS, get_task, render_prompt
+from reflex_jax.data import DEFAULT_TEMPLATE, TASKS, get_task, render_prompt
+from reflex_jax.data.tasks import _NOUNS
 
 ARITH = re.compile(r"Сколько будет (\d+) (плюс|минус|умножить на) (\d+)\?")
 KV = re.compile(r"Запомни: (.*)\. Сколько у (\w+)\?")

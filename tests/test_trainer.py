@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 
 from reflex_jax import checkpoint as ckpt
-from reflex_jax.trainer import Trainer, TrainingError
+from reflex_jax.errors import TrainingError
+from reflex_jax.run_config import load_config
+from reflex_jax.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs.tiny import get_config as tiny_config  # noqa: E402
+
+
+def tiny_config():
+    return load_config(os.path.join(ROOT, "configs", "tiny.py"))
+
 
 TINY_OVERRIDES = dict(n_layer=2, n_head=4, n_embd=32, block_size=32)
 
@@ -70,6 +75,16 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
     assert cfg.n_embd == 32 and params["wte"].shape == (259, 32)
     steps = ckpt.RunCheckpoints(c.run_dir, create=False).all_steps()
     assert steps == [15, 30]
+
+
+def test_block_size_below_the_init_length_trains(tmp_path):
+    """The model is initialised with a dummy batch no longer than block_size (one helper for
+    every caller): a 4-token block builds, compiles and takes a finite step."""
+    c = small_config(tmp_path / "b4", max_steps=2, **{"model.block_size": 4})
+    summary = Trainer(c, log=lambda s: None).train()
+    assert summary["final_step"] == 2 and np.isfinite(summary["loss"])
+    _, params = ckpt.load_params(c.run_dir, which="latest")
+    assert params["wpe"].shape == (4, 32)
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
@@ -222,5 +237,5 @@ def test_train_cli_default_config_prints_checkpoint(tmp_path):
     bad = _run_train(["--config.model.norm=batchnorm"])
     out, _ = bad.communicate(timeout=300)
     assert bad.returncode == 2
-    assert out.strip().splitlines()[-1] == ("error: model.norm='batchnorm' is unknown; use one of "
-                                            "rmsnorm | layernorm.")
+    assert out.strip().splitlines()[-1] == ("train.py: error: model.norm='batchnorm' is unknown; "
+                                            "use one of rmsnorm | layernorm.")

@@ -1,0 +1,107 @@
+"""The data CLI: prepare a directory from a source, generate a built-in task, or describe a directory.
+
+    python -m reflex_jax.data prepare --source <hub id | files | dir> --tokenizer <hub id | dir | bytes> --out DIR
+    python -m reflex_jax.data task --task mix --out DIR --option n_pairs=3
+    python -m reflex_jax.data info DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from ..data import (DEFAULT_SOURCE, DEFAULT_TEMPLATE, DEFAULT_TOKENIZER, LONG_ROWS, TokenData, prepare,
+                    prepare_task)
+from ..errors import UsageError
+from . import user_errors_as_status
+
+PROG = "reflex_jax.data"
+
+
+def _unescape(text: str) -> str:
+    """Shell-friendly templates: a typed backslash-n is a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _option_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _task_options(items: Sequence[str]) -> dict:
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--option {item!r} must look like KEY=VALUE, e.g. n_pairs=8.")
+        k, v = item.split("=", 1)
+        options[k.strip()] = _option_value(v)
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reflex_jax.data",
+                                description="Data: prepare text (HF hub, local files, built-in tasks) "
+                                            "into token files, and load batches from them.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("prepare", help="tokenise an HF dataset or local files into a directory")
+    pp.add_argument("--source", nargs="+", default=[DEFAULT_SOURCE],
+                    help="HF hub dataset id, or .jsonl/.json/.parquet/.csv/.txt files or directories of "
+                         f".txt (default {DEFAULT_SOURCE})")
+    pp.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                    help=f"HF hub id, tokenizer directory, or 'bytes' (default {DEFAULT_TOKENIZER})")
+    pp.add_argument("--out", required=True, help="output directory")
+    pp.add_argument("--template", default=DEFAULT_TEMPLATE,
+                    help="row template; \\n and \\t are unescaped (default %(default)r)")
+    pp.add_argument("--fields", default=None,
+                    help="comma list: placeholder or placeholder=row_key (default: the placeholders)")
+    pp.add_argument("--val_fraction", type=float, default=0.005)
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--long_rows", choices=LONG_ROWS, default="keep")
+    pp.add_argument("--max_tokens", type=int, default=None, help="row length limit for --long_rows")
+    pp.add_argument("--hf_split", default="train", help="split of a hub dataset to read")
+    pp.add_argument("--batch_rows", type=int, default=1024, help="rows per tokenizer call")
+    pp.add_argument("--no_progress", action="store_true")
+    pt = sub.add_parser("task", help="generate a built-in task (reflex_jax.data.tasks) into a directory")
+    pt.add_argument("--task", required=True)
+    pt.add_argument("--out", required=True)
+    pt.add_argument("--tokenizer", default="bytes")
+    pt.add_argument("--n_train", type=int, default=20000)
+    pt.add_argument("--n_val", type=int, default=256)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--template", default=DEFAULT_TEMPLATE)
+    pt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="task option, e.g. --option n_pairs=8 (repeatable)")
+    pi = sub.add_parser("info", help="print a prepared directory's summary and meta.json")
+    pi.add_argument("dir")
+    return p
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "prepare":
+        prepare(args.source, args.tokenizer, args.out, template=_unescape(args.template),
+                fields=args.fields.split(",") if args.fields else None,
+                val_fraction=args.val_fraction, seed=args.seed, long_rows=args.long_rows,
+                max_tokens=args.max_tokens, hf_split=args.hf_split, batch_rows=args.batch_rows,
+                progress=not args.no_progress)
+    elif args.command == "task":
+        prepare_task(args.task, args.out, tokenizer=args.tokenizer, n_train=args.n_train,
+                     n_val=args.n_val, seed=args.seed, template=_unescape(args.template),
+                     **_task_options(args.option))
+    else:
+        meta = TokenData.open(args.dir).meta
+        print(meta.get("summary", ""))
+        print(json.dumps(meta, ensure_ascii=False, indent=1))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The exit status: 0, or 2 after printing `reflex_jax.data: error: <sentence>` for a user's
+    mistake (argparse exits with 2 itself on a bad command line)."""
+    args = _parser().parse_args(argv)
+    return user_errors_as_status(PROG, lambda: _command(args))
+
+
+def run() -> None:
+    sys.exit(main())

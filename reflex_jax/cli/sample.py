@@ -1,0 +1,150 @@
+"""Sample from a train.py run or a convert_weights.py directory with the KV-cache generator.
+
+    python sample.py --run runs/reflex --prompt "Как дела?" --template instruct --max_new_tokens 64
+    python sample.py --run weights/tiny --prompt_tokens 5,17,3 --print_tokens --max_new_tokens 8
+
+temperature 0 (the default) is greedy. Every row stops at the tokenizer's eos or max_new_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from ..errors import UsageError
+from . import user_errors_as_status
+
+PROG = "sample.py"
+DEFAULT_NEW_TOKENS = 128
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run directory (train.py) or converted params dir")
+    p.add_argument("--step", type=int, default=None, help="restore this step (default: best)")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="without --step: best (lowest val loss) or latest checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt_file", help="text file, one prompt per non-empty line")
+    p.add_argument("--prompt_tokens", action="append", default=[],
+                   help="comma-separated token ids, e.g. 5,17,3 (repeat for a batch); no tokenizer")
+    p.add_argument("--template", choices=("none", "instruct"), default="none",
+                   help="instruct: bos + the run's training template up to the answer (default "
+                        "'Вопрос: {question}\\n### Ответ: '); none: the raw text")
+    p.add_argument("--tokenizer", default=None, help="override the tokenizer named in meta.json")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"default: {DEFAULT_NEW_TOKENS}, or fewer if that would overrun the model's "
+                        "block_size after the longest prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print_tokens", action="store_true",
+                   help="print 'prompt ids | new ids' (comma-separated), one line per row")
+    return p.parse_args(argv)
+
+
+def _text_prompts(args) -> list[str]:
+    texts = list(args.prompt)
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise UsageError(f"--prompt_file {args.prompt_file!r} does not exist; pass a text file "
+                             "with one prompt per line.")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    return texts
+
+
+def _token_prompts(args) -> list[list[int]]:
+    rows = []
+    for spec in args.prompt_tokens:
+        try:
+            rows.append([int(t) for t in spec.replace(" ", "").split(",") if t])
+        except ValueError:
+            raise UsageError(f"--prompt_tokens {spec!r} is not a comma-separated list of token "
+                             "ids; write it like 5,17,3.") from None
+    return rows
+
+
+def _instruct(texts: list[str], template: str) -> list[str]:
+    """Each prompt as a question in the run's training template, up to where the answer goes."""
+    from ..data import render_prompt
+    try:
+        return [render_prompt(t, template) for t in texts]
+    except ValueError:
+        raise UsageError(f"the run's template {template!r} has no {{question}} and {{answer}} to "
+                         "fill; use --template none and write the whole prompt.") from None
+
+
+def generate_lines(args) -> list[str]:
+    """The lines sample.py prints."""
+    from ..checkpoint import load_params, read_meta
+    from ..data import DEFAULT_TEMPLATE, load_tokenizer
+    from ..sampling import generate
+    texts, token_rows = _text_prompts(args), _token_prompts(args)
+    if texts and token_rows:
+        raise UsageError("give text prompts (--prompt/--prompt_file) or --prompt_tokens, not both.")
+    if not texts and not token_rows:
+        raise UsageError("no prompt given; pass --prompt TEXT, --prompt_file FILE or "
+                         "--prompt_tokens 5,17,3.")
+    if token_rows and args.template != "none":
+        raise UsageError("--template applies to text prompts only; drop it when using "
+                         "--prompt_tokens.")
+    cfg, params = load_params(args.run, step=args.step, which=args.which)
+    meta = read_meta(args.run)
+    tok_name = args.tokenizer or meta.get("tokenizer")
+    tok = None
+    if tok_name:
+        tok = load_tokenizer(tok_name)
+        if tok.vocab_size > cfg.vocab_size:
+            raise UsageError(f"tokenizer {tok_name!r} has {tok.vocab_size} tokens but the model in "
+                             f"{args.run!r} has vocab_size={cfg.vocab_size}; pass the tokenizer the "
+                             "model was trained with (--tokenizer).")
+    elif texts:
+        raise UsageError(f"{args.run!r} names no tokenizer in meta.json; pass --tokenizer (e.g. "
+                         "bytes or a tokenizer directory) or give --prompt_tokens.")
+    if texts and args.template == "instruct":
+        texts = _instruct(texts, meta.get("template") or DEFAULT_TEMPLATE)
+    if texts:
+        bos = [tok.bos_id] if args.template == "instruct" else []  # training rows start with bos
+        token_rows = [bos + tok.encode(t) for t in texts]
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default fits the block; an explicit value that does not is an error
+        longest = max(len(p) for p in token_rows)
+        max_new = min(DEFAULT_NEW_TOKENS, cfg.block_size - longest)
+        if max_new < 1:
+            raise UsageError(f"the longest prompt has {longest} tokens, which fills the model's "
+                             f"block_size={cfg.block_size}; shorten it.")
+    out = generate(cfg, params, token_rows, max_new_tokens=max_new,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, eos_id=tok.eos_id if tok else None,
+                   pad_id=tok.pad_id if tok and tok.pad_id < cfg.vocab_size else 0)
+    if args.print_tokens or tok is None:
+        return [f"{','.join(map(str, p))} | {','.join(map(str, o))}" for p, o in zip(token_rows, out)]
+    lines = []
+    for r, (p, o) in enumerate(zip(token_rows, out)):
+        if r:
+            lines.append("-" * 40)
+        lines.append(tok.decode(p + o))
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    lines = []
+    status = user_errors_as_status(PROG, lambda: lines.extend(generate_lines(args)))
+    if status:
+        return status
+    if hasattr(sys.stdout, "reconfigure"):  # completions may be Cyrillic whatever the locale
+        sys.stdout.reconfigure(encoding="utf-8")
+    for line in lines:
+        print(line)
+    return 0
+
+
+def run():
+    """Console-script entry (reflex-sample)."""
+    from ..malloc_tuning import tune_malloc
+    tune_malloc()
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Train a Reflex Attention decoder.
+
+    python train.py --config configs/tiny.py                      # the built-in default, CPU, no network
+    python train.py --config configs/reflex.py --config.max_steps=2000 --config.run_dir=runs/x
+    python train.py --config configs/tiny.py --dry_run            # mesh, one compiled step, memory
+    python train.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # multi-host
+    python train.py ... --multihost                   # TPU pod / SLURM: JAX finds the cluster itself
+
+Any config field can be overridden: --config.model.n_layer=12, --config.mesh.fsdp=4, ...
+A run directory that already holds checkpoints resumes from its latest step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import exit_on_user_error
+
+PROG = "train.py"
+DEFAULT_CONFIG = "configs/tiny.py"
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    """(flags, config overrides): every `--config.<field>` word is an override."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (defines get_config())")
+    p.add_argument("--dry_run", action="store_true", help="build the mesh, compile one step, print "
+                   "memory and parameter shardings, and exit without training")
+    p.add_argument("--coordinator", default="", help="multi-host: coordinator host:port (process 0)")
+    p.add_argument("--num_processes", type=int, default=0, help="multi-host: number of processes")
+    p.add_argument("--process_id", type=int, default=-1, help="multi-host: this process's index")
+    p.add_argument("--multihost", action="store_true", help="multi-host on a cluster JAX detects "
+                   "itself (Cloud TPU pod, SLURM, Open MPI, Kubernetes); no other flags needed")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
+    return p.parse_known_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args, rest = parse_args(argv)
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    with exit_on_user_error(PROG, traceback=args.traceback, exit=_exit_after_error):
+        from ..run_config import load_config, split_overrides
+        config = load_config(args.config, split_overrides(rest))
+        from .. import sharding
+        from ..train.trainer import Trainer  # imports only; no device is touched yet
+        sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
+                                              args.process_id, auto=args.multihost)
+        trainer = Trainer(config)
+        if args.dry_run:
+            report = trainer.dry_run()  # every process compiles; process 0 prints
+            if trainer.is_main:
+                print(report)
+            return
+        summary = trainer.train()
+    if trainer.is_main:
+        print(_summary_lines(summary))
+
+
+def _summary_lines(summary: dict) -> str:
+    how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "finished"
+    extra = "".join(f", {k} {summary[k]:.4g}" for k in ("loss", "val_loss", "exact_match")
+                    if k in summary)
+    return (f"{how} at step {summary['final_step']}{extra}.\n"
+            f"checkpoints: {summary['checkpoint_dir']}\n"
+            f"sample:      python sample.py --run {_short(summary['run_dir'])} --prompt \"...\"")
+
+
+def _exit_after_error(status: int):
+    """Exit. Multi-host: when every process failed alike (config errors do) they leave together;
+    otherwise don't wait in JAX's shutdown barrier for peers that are still running (minutes)."""
+    from jax._src import distributed  # the client's barrier takes a timeout; the public one does not
+    client = distributed.global_state.client
+    if client is not None:
+        try:
+            client.wait_at_barrier("reflex_jax_user_error", 30_000)
+        except Exception:  # noqa: BLE001 - some peer did not fail
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    sys.exit(status)
+
+
+def _short(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def run():
+    """Console-script entry (reflex-train)."""
+    from ..malloc_tuning import tune_malloc
+    tune_malloc()
+    main()

@@ -1,0 +1,35 @@
+"""Data: prepare text (HF hub, local files, built-in tasks) into token files, and load batches from them.
+
+    python -m reflex_jax.data prepare --source <hub id | files | dir> --tokenizer <hub id | dir | bytes> --out DIR
+    python -m reflex_jax.data task --task mix --out DIR          # a built-in task (data/tasks.py)
+    python -m reflex_jax.data info DIR
+
+The modules, in the order data flows through them:
+    templates   Template (a row's text, the answer last), DEFAULT_TEMPLATE, render_prompt
+    sources     resolving a source; rows of .jsonl/.json/.parquet/.csv/.txt files and hub datasets
+    tokenizer   `bytes` or an HF tokenizer behind one small interface
+    encode      tokenising rendered rows and marking their answer tokens
+    writer      the split stream writer, copying rows, publishing a finished directory
+    prepare     prepare() and prepare_task()
+    tasks       the built-in synthetic tasks
+    store       the format on disk (see its docstring) and TokenData, which opens it
+    loader      BatchLoader (training windows) and val_batches
+The command line lives in reflex_jax/cli/data.py. Importing this package loads numpy only:
+tokenizers, transformers, datasets, pyarrow and tqdm are imported where they are used.
+"""
+from .checks import LONG_ROWS
+from .encode import token_dtype
+from .loader import BatchLoader, val_batches
+from .prepare import prepare, prepare_task
+from .sources import DEFAULT_SOURCE, ROW_SUFFIXES
+from .store import FORMAT_VERSION, TokenData, read_meta, task_val_rows
+from .tasks import TASK_VERSION, TASKS, Task, get_task
+from .templates import DEFAULT_TEMPLATE, Template, render_prompt
+from .tokenizer import DEFAULT_TOKENIZER, ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
+
+__all__ = [
+    "BatchLoader", "ByteTokenizer", "DEFAULT_SOURCE", "DEFAULT_TEMPLATE", "DEFAULT_TOKENIZER",
+    "FORMAT_VERSION", "HFTokenizer", "LONG_ROWS", "ROW_SUFFIXES", "TASKS", "TASK_VERSION", "Task",
+    "Template", "TokenData", "TokenizerError", "get_task", "load_tokenizer", "prepare", "prepare_task",
+    "read_meta", "render_prompt", "task_val_rows", "token_dtype", "val_batches",
+]

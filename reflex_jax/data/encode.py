@@ -1,0 +1,146 @@
+"""Tokenising rows: render with the template, tokenise in batches, mark the answer, write."""
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from .templates import BadRow, Template
+
+
+def token_dtype(max_id: int) -> np.dtype:
+    """uint16 when every id fits (<= 65535), else uint32."""
+    return np.dtype(np.uint16) if max_id <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def max_token_id(tok) -> int:
+    return max(tok.vocab_size - 1, tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+class RowEncoder:
+    """Tokenises whole rendered rows (so the ids equal a direct tokenisation of the text) and marks as
+    answer every token that overlaps the answer's characters."""
+
+    def __init__(self, tok):
+        from .tokenizer import ByteTokenizer
+        self.tok = tok
+        self.is_bytes = isinstance(tok, ByteTokenizer)
+        # the Rust `tokenizers` backend batch-encodes in parallel threads and gives char offsets
+        self.backend = getattr(getattr(tok, "tok", None), "backend_tokenizer", None)
+
+    def encode(self, texts: list[str], answer_starts: list[Optional[int]]):
+        """[(ids int64, answer mask bool)] without bos/eos; answer_start None: the whole text counts."""
+        if self.is_bytes:
+            return [self._encode_bytes(text, start) for text, start in zip(texts, answer_starts)]
+        if self.backend is not None:
+            return self._encode_backend(texts, answer_starts)
+        return self._encode_generic(texts, answer_starts)
+
+    @staticmethod
+    def _encode_bytes(text: str, start: Optional[int]):
+        ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)
+        n_prompt = 0 if start is None else len(text[:start].encode("utf-8"))
+        return ids, np.arange(len(ids)) >= n_prompt
+
+    def _encode_backend(self, texts, answer_starts):
+        out = []
+        for enc, start in zip(self.backend.encode_batch(texts, add_special_tokens=False), answer_starts):
+            ids = np.asarray(enc.ids, np.int64)
+            if start is None:
+                out.append((ids, np.ones(len(ids), bool)))
+            else:
+                ends = np.fromiter((e for _, e in enc.offsets), np.int64, len(ids))
+                out.append((ids, ends > start))
+        return out
+
+    def _encode_generic(self, texts, answer_starts):
+        """Any other tokenizer: answer tokens are those after the longest common prefix with the
+        prompt's tokens."""
+        full = self.tok.encode_batch(texts)
+        prompts = self.tok.encode_batch([t[:s] if s is not None else "" for t, s in zip(texts,
+                                                                                         answer_starts)])
+        out = []
+        for ids, p in zip(full, prompts):
+            ids = np.asarray(ids, np.int64)
+            k = 0
+            while k < min(len(p), len(ids)) and p[k] == ids[k]:
+                k += 1
+            out.append((ids, np.arange(len(ids)) >= k))
+        return out
+
+
+def _rendered(items: Iterable[Any], template: Optional[Template], skipped: collections.Counter):
+    """(source row, text, answer start) of each item; text None for a bad row, which is counted in
+    `skipped`. A .txt document (template None) is its own text and has no answer start."""
+    for source_row, item in enumerate(items):
+        if isinstance(item, BadRow):
+            skipped[item.reason] += 1
+            yield source_row, None, None
+        elif template is None:
+            yield source_row, item, None
+        else:
+            try:
+                values = template.values(item)
+            except BadRow as bad:
+                skipped[bad.reason] += 1
+                yield source_row, None, None
+                continue
+            prompt = template.prompt(values)
+            yield source_row, prompt + values[template.answer_field], len(prompt)
+
+
+def tokenise_into(writer, items: Iterable[Any], *, tok, template: Optional[Template],
+                  skipped: collections.Counter, long_rows: str = "keep",
+                  max_tokens: Optional[int] = None, batch_rows: int = 1024) -> dict:
+    """Render, tokenise (in batches) and write rows to `writer`; bad rows are counted in `skipped`.
+
+    Returns the long-row policy and count, and the number of source rows seen. Long-row handling
+    applies to template rows only: .txt documents (template None) are long and are streamed whole.
+    """
+    encoder = RowEncoder(tok)
+    bos, eos = np.array([tok.bos_id]), np.array([tok.eos_id])
+    limit = max_tokens if template is not None else None
+    n_long = 0
+    pending: list[tuple[int, str, Optional[int]]] = []
+    pending_chars = 0
+    seen = 0  # source rows, bad ones included
+
+    def flush():
+        nonlocal n_long
+        encoded = encoder.encode([p[1] for p in pending], [p[2] for p in pending])
+        for (source_row, _, start), (ids, answer) in zip(pending, encoded):
+            ids = np.concatenate([bos, ids, eos])
+            # bos is prompt (or text) and eos belongs to the answer: the model must learn to stop
+            mask = np.concatenate([[start is None], answer, [True]])
+            n_long += _write_row(writer, ids, mask, source_row, limit, long_rows, skipped)
+        pending.clear()
+
+    for source_row, text, start in _rendered(items, template, skipped):
+        seen = source_row + 1
+        if text is None:
+            continue
+        pending.append((source_row, text, start))
+        pending_chars += len(text)
+        if len(pending) >= batch_rows or pending_chars >= 1 << 24:
+            flush()
+            pending_chars = 0
+    if pending:
+        flush()
+    return {"policy": long_rows, "max_tokens": max_tokens, "rows": n_long, "seen": seen}
+
+
+def _write_row(writer, ids: np.ndarray, mask: np.ndarray, source_row: int, limit: Optional[int],
+               long_rows: str, skipped: collections.Counter) -> int:
+    """Write one row under the long-row policy; 1 when it was longer than `limit`, else 0."""
+    if limit is None or len(ids) <= limit:
+        writer.add(ids, mask, source_row)
+        return 0
+    if long_rows == "drop":
+        skipped["too_long"] += 1
+    elif long_rows == "split":  # pieces of max_tokens; each piece is a row (a window start)
+        for a in range(0, len(ids), limit):
+            writer.add(ids[a:a + limit], mask[a:a + limit], source_row)
+    else:
+        writer.add(ids, mask, source_row)
+    return 1

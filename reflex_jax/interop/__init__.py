@@ -1,0 +1,1 @@
+"""Models in and out of other formats: HF GPT-2 checkpoints (hf_gpt2.py)."""

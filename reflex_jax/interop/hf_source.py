@@ -1,0 +1,185 @@
+"""Reading an HF GPT-2 checkpoint (a local directory or a hub id) into numpy, without running code.
+
+`model.safetensors` is read through the safetensors library (numpy); `pytorch_model.bin` only
+through `torch.load(weights_only=True)`: a pickle that would execute code is refused. Everything is
+upcast to float32 before it is cast to the target's param dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Mapping, Optional
+
+import numpy as np
+
+from ..errors import ConvertError
+from ..model import ModelConfig
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+
+
+@dataclasses.dataclass
+class Source:
+    """An HF GPT-2 checkpoint: config.json and float32 tensors named without the `transformer.` prefix."""
+    where: str                       # what the user passed (local dir or hub id)
+    directory: str                   # local directory holding the files
+    hub_id: Optional[str]
+    config: dict
+    tensors: dict[str, np.ndarray]
+    files: list[str]
+
+    @property
+    def n_layer(self) -> int:
+        return len({k.split(".")[1] for k in self.tensors if k.startswith("h.")})
+
+    @property
+    def n_head(self) -> int:
+        return int(self.config.get("n_head", 0))
+
+    @property
+    def tokenizer(self) -> Optional[str]:
+        """What `load_tokenizer` needs to find this checkpoint's tokenizer, if it ships one."""
+        if not any(os.path.exists(os.path.join(self.directory, f)) for f in TOKENIZER_FILES):
+            return None
+        return self.hub_id or self.directory
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise ConvertError(f"the checkpoint in {self.where!r} has no tensor {name!r}; it is not a "
+                               "complete GPT-2 checkpoint (re-save it with save_pretrained).")
+        return self.tensors[name]
+
+    def describe(self) -> str:
+        wpe = self.tensors.get("wpe.weight")
+        wte = self.tensors.get("wte.weight")
+        return (f"{self.where} ({', '.join(self.files)}): {self.n_layer} layers x {self.n_head} heads, "
+                f"n_embd {wte.shape[1] if wte is not None else '?'}, "
+                f"{wpe.shape[0] if wpe is not None else '?'} positions, "
+                f"vocab {wte.shape[0] if wte is not None else '?'}")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "~"))
+
+
+def _download(hub_id: str) -> str:
+    """Snapshot of config, tokenizer and weights (safetensors if the repo has them, else .bin)."""
+    from huggingface_hub import snapshot_download
+    base = ["config.json", *TOKENIZER_FILES]
+    try:
+        directory = snapshot_download(hub_id, allow_patterns=base + ["model*.safetensors*"])
+        if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
+            directory = snapshot_download(hub_id, allow_patterns=base + ["pytorch_model*.bin*"])
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"--hf {hub_id!r} is not a local directory and could not be fetched from the "
+                           f"HF hub ({first}); download it where there is network and pass the local "
+                           "directory instead.") from None
+    return directory
+
+
+def _load_torch_file(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{path!r} is a PyTorch pickle and reading it needs torch; install torch "
+                           f"or provide {SAFETENSORS} instead.") from None
+    import pickle
+    try:
+        # weights_only=True: the restricted unpickler builds tensors and containers only and
+        # refuses any other global, so a malicious pickle fails before any of its code runs.
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        what = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        raise ConvertError(f"refused to load {path!r}: its pickle would do more than build tensors "
+                           f"({what}); only load checkpoints you trust, ideally as {SAFETENSORS}."
+                           ) from None
+    except Exception as e:
+        raise ConvertError(f"{path!r} could not be read as a PyTorch state dict "
+                           f"({type(e).__name__}: {str(e)[:200]}); re-save the checkpoint.") from None
+    if not isinstance(state, Mapping):
+        raise ConvertError(f"{path!r} holds a {type(state).__name__}, not a state dict of tensors; "
+                           "re-save the model with save_pretrained.")
+    out = {}
+    for k, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out[k] = t.detach().to(torch.float32).numpy()
+    return out
+
+
+def _load_safetensors_file(path: str) -> dict:
+    from safetensors import safe_open
+    out = {}
+    with safe_open(path, framework="np") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if np.issubdtype(t.dtype, np.floating) or t.dtype.name == "bfloat16":
+                out[k] = t.astype(np.float32)
+    return out
+
+
+def _weight_files(directory: str) -> list[str]:
+    """The weight files to read, safetensors first (sharded or not), then PyTorch .bin."""
+    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
+        if os.path.exists(os.path.join(directory, single)):
+            return [single]
+        if os.path.exists(os.path.join(directory, index)):
+            with open(os.path.join(directory, index), encoding="utf-8") as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+    raise ConvertError(f"{directory!r} holds neither {SAFETENSORS} nor {TORCH_BIN}; point --hf at an HF "
+                       "GPT-2 checkpoint directory (saved with save_pretrained).")
+
+
+def load_gpt2(hf: str) -> Source:
+    """Read an HF GPT-2 checkpoint from a local directory or a hub id (never trust_remote_code)."""
+    path = os.path.abspath(os.path.expanduser(hf))
+    if os.path.isdir(path):
+        directory, hub_id = path, None
+    elif _looks_like_hub_id(hf):
+        directory, hub_id = _download(hf), hf
+    else:
+        raise ConvertError(f"--hf {hf!r} is neither an existing directory nor an HF hub id "
+                           "(owner/name); fix the path.")
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ConvertError(f"{directory!r} has no config.json; point --hf at an HF GPT-2 checkpoint "
+                           "directory (saved with save_pretrained).")
+    with open(cfg_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type", "gpt2") != "gpt2":
+        raise ConvertError(f"{hf!r} is a {config['model_type']!r} model; convert_weights reads GPT-2 "
+                           "checkpoints (model_type 'gpt2') only.")
+    files = _weight_files(directory)
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        full = os.path.join(directory, name)
+        if not os.path.exists(full):
+            raise ConvertError(f"{full!r} is listed in the index but missing; download the checkpoint "
+                               "again.")
+        part = _load_safetensors_file(full) if name.endswith(".safetensors") else _load_torch_file(full)
+        for k, v in part.items():
+            k = k[len("transformer."):] if k.startswith("transformer.") else k
+            # h.N.attn.bias / masked_bias are causal-mask buffers of old checkpoints, not weights.
+            if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k):
+                continue
+            tensors[k] = v
+    return Source(hf, directory, hub_id, config, tensors, files)
+
+
+def matching_config(source: Source, **overrides) -> ModelConfig:
+    """The vanilla GPT-2 ModelConfig that reproduces `source` exactly (fields overridable)."""
+    wte, wpe = source.tensor("wte.weight"), source.tensor("wpe.weight")
+    fields = dict(vocab_size=wte.shape[0], block_size=wpe.shape[0], n_layer=source.n_layer,
+                  n_head=source.n_head, n_embd=wte.shape[1],
+                  mlp_hidden=source.tensor("h.0.mlp.c_fc.weight").shape[1],
+                  norm="layernorm", norm_eps=float(source.config.get("layer_norm_epsilon", 1e-5)),
+                  mlp="gelu", bias=True, pos_emb="learned",
+                  tie_embeddings=bool(source.config.get("tie_word_embeddings", True)),
+                  dropout=0.0, reflex="none")
+    fields.update(overrides)
+    return ModelConfig(**fields)

@@ -1,0 +1,120 @@
+"""CPU attention kernels: causal attention in query blocks, with a written-out backward, and the
+single-query (decode) path over a cache read in place.
+
+XLA:CPU computes dense attention over the full T x S score matrix, masked half included; these
+skip the fully masked key blocks. On other backends the dispatch (kernels/attention.py) never
+calls them.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_blocks(t_len: int) -> int:
+    """Query blocks for causal attention on CPU: blocks of >= 128 queries (at most 4), so that the
+    all-masked upper-right key blocks are skipped (a quarter of the work at 2 blocks); 1 (one
+    dense call) elsewhere. XLA:CPU computes dense attention over the full T x S."""
+    if jax.default_backend() != "cpu" or t_len % 128:
+        return 1
+    return min(t_len // 128, 4)
+
+
+def flash_query_block(t_len: int) -> int:
+    """Query block size of `blockwise_causal_attention` on CPU (0: not used): 64 queries, or T/8
+    for long sequences (the blocks are unrolled; 8 bounds the program size)."""
+    if jax.default_backend() != "cpu" or t_len < 128 or t_len % 64:
+        return 0
+    block = max(64, t_len // 8)
+    return block if t_len % block == 0 else 0
+
+
+def _block_scores(q_BCHD, k_BSHD, lo: int, scale: float):
+    """Scaled scores [B, H, C, S] of the queries at slots lo..lo+C-1 over key slots 0..S-1, with
+    the causal mask (only the last C keys, the diagonal block, can be masked)."""
+    s_BHCS = jnp.einsum("bqhd,bkhd->bhqk", q_BCHD, k_BSHD, preferred_element_type=jnp.float32)
+    c, s_len = q_BCHD.shape[1], k_BSHD.shape[1]
+    visible = jnp.arange(s_len)[None, :] <= jnp.arange(lo, lo + c)[:, None]
+    return jnp.where(visible, s_BHCS * scale, -1e30)
+
+
+def _blockwise_forward(q, k, v, block):
+    """Per query block: softmax over the visible keys only; returns the output and, per block,
+    the log-sum-exp of the scores (all the backward needs besides q, k, v and the output)."""
+    scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for lo in range(0, q.shape[1], block):
+        hi = lo + block
+        s = _block_scores(q[:, lo:hi], k[:, :hi], lo, scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        l_sum = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(q.dtype), v[:, :hi],
+                       preferred_element_type=jnp.float32)
+        outs.append((o / jnp.swapaxes(l_sum, 1, 2)).astype(q.dtype))
+        lses.append(m + jnp.log(l_sum))
+    return jnp.concatenate(outs, axis=1), lses
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blockwise_causal_attention(q_BTHD, k_BTHD, v_BTHD, block: int):
+    """Causal self-attention (T queries over the same T slots) computed in query blocks that
+    skip the fully masked keys, with the backward written out FlashAttention-style (scores
+    recomputed from the saved log-sum-exp; rowsum(dP * P) taken as rowsum(dO * O)). XLA:CPU
+    autodiff of the blocked dense call fuses the softmax-backward reduction into a slow matmul;
+    measured at batch 8, T 256, 8 heads of 64, bf16, forward + backward: 24-26 ms against 42-56
+    (3-13% of the train step, bench.py --ablation). Operands in q's dtype, accumulation f32."""
+    return _blockwise_forward(q_BTHD, k_BTHD, v_BTHD, block)[0]
+
+
+def _blockwise_fwd(q, k, v, block):
+    o, lses = _blockwise_forward(q, k, v, block)
+    return o, (q, k, v, o, lses)
+
+
+def _blockwise_bwd(block, res, do):
+    q, k, v, o, lses = res
+    f32, dt = jnp.float32, q.dtype
+    scale = q.shape[-1] ** -0.5
+    delta_BHT = jnp.einsum("bqhd,bqhd->bhq", do.astype(f32), o.astype(f32))[..., None]
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for i, lo in enumerate(range(0, q.shape[1], block)):
+        hi = lo + block
+        p = jnp.exp(_block_scores(q[:, lo:hi], k[:, :hi], lo, scale) - lses[i])
+        do_i = do[:, lo:hi]
+        dv = dv.at[:, :hi].add(jnp.einsum("bhqk,bqhd->bkhd", p.astype(dt), do_i,
+                                          preferred_element_type=f32))
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do_i, v[:, :hi], preferred_element_type=f32)
+        ds = (p * (dp - delta_BHT[:, :, lo:hi]) * scale).astype(dt)
+        dq.append(jnp.einsum("bhqk,bkhd->bqhd", ds, k[:, :hi], preferred_element_type=f32))
+        dk = dk.at[:, :hi].add(jnp.einsum("bhqk,bqhd->bkhd", ds, q[:, lo:hi],
+                                          preferred_element_type=f32))
+    return jnp.concatenate(dq, axis=1).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+blockwise_causal_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def single_query_attention(q_B1HD, k_BSHD, v_BSHD, mask):
+    """One query (cached decoding, batch 1) as two plain matmuls over the cache viewed as
+    [S, H*D]: the query becomes a block-diagonal [H, H*D] matrix (H times the FLOPs, which are
+    tiny here), so K and V are read in place. A batched per-head dot would first copy the whole
+    cache into [B, H, S, D] on every step, and a multiply + reduce over S is slow on XLA:CPU."""
+    f32 = jnp.float32
+    B, S, H, D = k_BSHD.shape
+    dt = q_B1HD.dtype
+    eye_HH = jnp.eye(H, dtype=dt)
+    q_BHX = (q_B1HD[:, 0, None, :, :] * eye_HH[None, :, :, None]).reshape(B, H, H * D)
+    scale = 1.0 / float(D) ** 0.5
+    s_BHS = jax.lax.dot_general(q_BHX, k_BSHD.reshape(B, S, H * D).astype(dt),
+                                (((2,), (2,)), ((0,), (0,))), preferred_element_type=f32) * scale
+    s_BHS = jnp.where(mask[:, 0], s_BHS, jnp.finfo(f32).min)  # mask [B|1, 1, 1, S]
+    p_BHS = jax.nn.softmax(s_BHS, axis=-1).astype(dt)
+    o_BHX = jax.lax.dot_general(p_BHS, v_BSHD.reshape(B, S, H * D).astype(dt),
+                                (((2,), (1,)), ((0,), (0,))), preferred_element_type=f32)
+    o_BHD = o_BHX.reshape(B, H * H, D)[:, ::H + 1]  # the diagonal blocks: head h of query h
+    return o_BHD[:, None].astype(dt)
+
+

@@ -1,0 +1,152 @@
+"""The model's configuration: sizes, the building blocks, dtypes and the head schedule.
+
+`ModelConfig` is frozen and validated when built; its `layers` are the resolved schedule
+(model/schedule.py), one LayerPlan per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax.numpy as jnp
+
+from ..errors import ConfigError
+from .schedule import LayerPlan, as_schedule_tuple, resolve_schedule
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype_name(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        name = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                "f16": "float16"}.get(value, value)
+    else:
+        try:
+            name = jnp.dtype(value).name
+        except TypeError:
+            name = repr(value)
+    if name not in _DTYPES:
+        raise ConfigError(f"model.{field}={value!r} is not a supported dtype; use one of "
+                          f"{', '.join(_DTYPES)}.")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    mlp_hidden: Optional[int] = None          # None -> 4 * n_embd
+    norm: str = "rmsnorm"                     # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"                       # swiglu | gelu (GPT-2's tanh approximation)
+    bias: bool = True
+    pos_emb: str = "learned"                  # learned | rope
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: Any = "float32"                    # compute dtype
+    param_dtype: Any = "float32"
+    reflex: Union[str, Sequence] = "all"      # none | all | recent:c1,c2,... | explicit tuples
+    reflex_window: Optional[int] = None       # `all`: at most this many (newest) source layers
+    reflex_min_self: int = 1                  # `all`: every layer keeps at least this many self heads
+    attention: str = "xla"                    # xla | cudnn (NVIDIA GPU flash attention for training)
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        set_("dtype", _dtype_name(self.dtype, "dtype"))
+        set_("param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
+        if not isinstance(self.reflex, str):
+            set_("reflex", as_schedule_tuple(self.reflex))
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name}={value!r} must be a positive integer.")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head="
+                              f"{self.n_head}; pick sizes with n_embd = n_head * head_dim.")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"pos_emb='rope' needs an even head size, got {self.head_dim}; "
+                              "change n_embd or n_head.")
+        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
+                              ("pos_emb", ("learned", "rope")), ("attention", ("xla", "cudnn"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; use one of "
+                                  f"{' | '.join(allowed)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ConfigError(f"model.mlp_hidden={self.mlp_hidden} must be positive or None.")
+        _ = self.layers  # resolve (and validate) the schedule now, not at first use
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @functools.cached_property
+    def layers(self) -> tuple[LayerPlan, ...]:
+        return resolve_schedule(self)
+
+    @property
+    def kv_heads_total(self) -> int:
+        """K/V heads stored across all layers (the KV-cache size in heads)."""
+        return sum(p.n_self for p in self.layers)
+
+    def schedule_table(self) -> str:
+        """One line for humans, e.g. `all 6x8: 8 | 7+1 | 6+2 | 5+3 | 4+4 | 3+5`."""
+        name = self.reflex if isinstance(self.reflex, str) else "explicit"
+        return (f"{name} {self.n_layer}x{self.n_head}: "
+                + " | ".join(p.short() for p in self.layers))
+
+    def describe_schedule(self) -> str:
+        """Multi-line table: every layer's self heads and where each cross group reads."""
+        rows = []
+        for p in self.layers:
+            groups = ", ".join(f"{g.n_heads}<-L{g.source}[heads {','.join(map(str, g.source_heads))}]"
+                               for g in p.cross)
+            rows.append(f"layer {p.layer}: {p.n_self} self" + (f"; cross {groups}" if groups else ""))
+        return "\n".join(rows)
+
+    # ---- comparison ------------------------------------------------------------------------
+    RUNTIME_FIELDS = ("attention",)  # how the model computes, not what it is: free on resume
+
+    def model_differences(self, other: "ModelConfig") -> list[str]:
+        """Fields (other than RUNTIME_FIELDS) in which `other` describes a different model."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in self.RUNTIME_FIELDS and a[k] != b[k]]
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not isinstance(d["reflex"], str):
+            d["reflex"] = [list(map(list, layer)) for layer in d["reflex"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(names)}."
+                raise ConfigError(f"unknown model config field '{key}'{hint}")
+        return cls(**dict(d))
+
+

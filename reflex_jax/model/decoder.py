@@ -1,0 +1,119 @@
+"""The Reflex decoder: embeddings, the unrolled blocks, the final norm and the LM head.
+
+Layers are an unrolled Python loop: every layer has its own head split, so `nn.scan` does not fit.
+Each block returns its self-head K/V; later blocks receive the tuple of all earlier K/V
+(model/kv.py says which head reads which).
+
+The same code runs training/prefill (no cache) and cached decoding: with `cache` given, every layer
+writes its new K/V into its own cache at `cache_index` and attends over the whole cache; cross heads
+then read the *updated* caches of earlier layers, which the unrolled order has already written.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..errors import ConfigError
+from ..kernels import DEFAULT, KernelChoices
+from .config import ModelConfig
+from .kv import KV, Cache
+from .layers import Block, Norm, _init
+
+
+def head_matrix(cfg: ModelConfig, params) -> jax.Array:
+    """The [vocab, embed] matrix that turns final hidden states into logits."""
+    return params["wte"] if cfg.tie_embeddings else params["lm_head"].T
+
+
+class Decoder(nn.Module):
+    """GPT-2 style decoder with reflex attention.
+
+    `__call__(tokens_BT)` -> float32 logits [B, T, vocab]. With `cache` (see `init_cache`) it
+    returns `(logits, new_cache)`; with `return_hidden=True` the final normed hidden states replace
+    the logits (for losses that never materialise [B*T, vocab]).
+    """
+    cfg: ModelConfig
+    remat: bool = False  # recompute block activations in the backward pass
+    kernels: KernelChoices = DEFAULT
+
+    @nn.compact
+    def __call__(self, tokens_BT, *, positions_BT=None, deterministic: bool = True,
+                 cache: Optional[Cache] = None, cache_index=None, key_mask_BS=None,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if cache is None and T > cfg.block_size:
+            raise ConfigError(f"sequence length {T} exceeds model.block_size={cfg.block_size}; "
+                             "feed at most block_size tokens (or train with a larger block_size).")
+        if cache is not None and cache_index is None:
+            cache_index = 0
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T)[None] + (cache_index or 0), (B, T))
+        wte = self.param("wte", _init(0.02, ("vocab", "embed")),
+                         (cfg.vocab_size, cfg.n_embd), cfg.params_dtype)
+        x = jnp.take(wte, tokens_BT, axis=0).astype(cfg.compute_dtype)
+        if cfg.pos_emb == "learned":
+            wpe = self.param("wpe", _init(0.02, (None, "embed")),
+                             (cfg.block_size, cfg.n_embd), cfg.params_dtype)
+            x = x + jnp.take(wpe, positions_BT, axis=0).astype(cfg.compute_dtype)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+        block_cls = Block
+        if self.remat:
+            block_cls = nn.remat(Block, static_argnums=(7,), prevent_cse=True)
+        earlier: list[KV] = []
+        for layer in range(cfg.n_layer):
+            x, own = block_cls(cfg, layer, self.kernels, name=f"h_{layer}")(
+                x, tuple(earlier), positions_BT, None if cache is None else cache[layer],
+                cache_index, key_mask_BS, deterministic)
+            earlier.append(own)
+        h = Norm(cfg, name="ln_f")(x)
+        head = wte
+        if not cfg.tie_embeddings:
+            head = self.param("lm_head", _init(0.02, ("embed", "vocab")),
+                              (cfg.n_embd, cfg.vocab_size), cfg.params_dtype).T
+        out = h if return_hidden else logits_from_hidden(h, head)
+        return out if cache is None else (out, tuple(earlier))
+
+
+def logits_from_hidden(h_BTE, head_VE):
+    """Logits in float32 (accumulated in float32 even when h is bf16)."""
+    return jnp.einsum("bte,ve->btv", h_BTE, head_VE.astype(h_BTE.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _init_tokens(cfg: ModelConfig):
+    """The dummy batch that `init` traces with: any length up to block_size gives the same params."""
+    return jnp.zeros((1, min(8, cfg.block_size)), jnp.int32)
+
+
+def boxed_params(model: Decoder, rng):
+    """`model`'s freshly initialised params, boxed with their logical axes."""
+    return model.init(rng, _init_tokens(model.cfg))["params"]
+
+
+def init_params(cfg: ModelConfig, rng, *, with_axes: bool = False, model: Optional[Decoder] = None):
+    """Plain (unboxed) params; with `with_axes`, also the tree of logical-axis PartitionSpecs."""
+    boxed = boxed_params(model or Decoder(cfg), rng)
+    params = nn.meta.unbox(boxed)
+    if with_axes:
+        return params, nn.get_partition_spec(boxed)
+    return params
+
+
+def abstract_params(cfg: ModelConfig):
+    """ShapeDtypeStructs of `cfg`'s params, without allocating any weights."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def param_logical_axes(cfg: ModelConfig):
+    """Logical-axis PartitionSpec tree for `cfg`'s params, without allocating any weights."""
+    boxed = jax.eval_shape(lambda: boxed_params(Decoder(cfg), jax.random.PRNGKey(0)))
+    return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,207 @@
+"""The one config mechanism of every script: ml_collections config files plus overrides.
+
+A config file (`configs/*.py`) defines `get_config()`, starting from `base_config()` here. Every
+field can be overridden from the command line, `--config.model.n_layer=12`: `split_overrides`
+reads those words and `load_config` applies them, type-checked against the file's fields, with a
+did-you-mean for typos. Optional fields use placeholders so that the command line can set them
+despite a None default.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Sequence
+
+from ml_collections import ConfigDict, config_dict
+
+from .errors import ConfigError, UsageError
+from .model.config import ModelConfig
+
+
+def model_config_dict(**overrides) -> ConfigDict:
+    d = ModelConfig().to_dict()
+    d.update(overrides)
+    m = ConfigDict(d)
+    for name, kind in (("mlp_hidden", int), ("reflex_window", int)):
+        if m[name] is None:
+            m[name] = config_dict.placeholder(kind)
+    return m
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.model = model_config_dict()
+
+    c.data = ConfigDict()
+    c.data.dir = ""                # prepared token directory (python -m reflex_jax.data prepare)
+    c.data.task = ""               # or a built-in task name (reflex_jax.data.tasks), generated, no files
+    c.data.tokenizer = "bytes"     # for built-in tasks; prepared dirs name their own tokenizer
+    c.data.loss_on = "all"         # all | answer (answer-only loss when the data has a mask)
+    c.data.task_rows = 20000       # built-in tasks: rows generated for training
+    c.data.task_val_rows = 256
+    # every built-in task option with its default, so the command line can set any of them
+    # (--config.data.task_options.n_pairs=4); a task receives only the options it has
+    from .data.tasks import TASKS
+    c.data.task_options = ConfigDict(TASKS["mix"].defaults)
+
+    c.optim = ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.min_lr = 1e-5
+    c.optim.warmup_steps = 400
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.decay_embeddings = False
+    c.optim.clip = 1.0
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1               # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.run_dir = "runs/default"
+    c.init_from = ""               # converted params dir or run dir to start from
+    c.seed = 0
+    c.max_steps = 1000
+    c.batch_size = 8               # global sequences per optimizer step
+    c.grad_accum = 1               # micro-batches per step (batch_size must divide by it)
+    c.remat = False
+    c.eval_interval = 200
+    c.eval_batches = 8
+    c.eval_exact_match = 64        # built-in tasks: rows scored by greedy generation at eval
+    c.log_interval = 10
+    c.checkpoint_interval = 500
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.tensorboard = False
+    c.wandb = False
+    return c
+
+
+def model_config_from(config: ConfigDict) -> ModelConfig:
+    """The validated ModelConfig of an ml_collections config (errors name the field)."""
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def reference_config(reflex: str = "all"):
+    """The reference run (docs/training.md) with the given schedule (configs/reflex.py, vanilla.py)."""
+    c = base_config()
+    m = c.model
+    m.vocab_size, m.block_size = 50257, 2048
+    m.n_layer, m.n_head, m.n_embd = 6, 8, 1536
+    m.norm, m.mlp, m.bias, m.pos_emb = "rmsnorm", "swiglu", True, "learned"
+    m.dropout = 0.1
+    m.dtype = "bfloat16"
+    m.reflex = reflex
+    c.data.dir = "data/ru_instructions"
+    name = "reflex" if reflex == "all" else "vanilla" if reflex == "none" else "custom"
+    c.init_from = f"weights/rugpt3large_{name}"
+    c.run_dir = f"runs/{name}"
+    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 400
+    c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.clip = 0.9, 0.98, 0.1, 1.0
+    c.batch_size, c.grad_accum = 16, 2   # 8 sequences x 2 accumulation steps
+    c.max_steps = 10000
+    return c
+
+
+# ---- config file + `--config.a.b=v` overrides ------------------------------------------------------
+
+def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
+    """`get_config()` of an ml_collections config file, with `(dotted.key, raw value)` overrides
+    applied and type-checked against the file's fields."""
+    file, _, arg = path.partition(":")
+    if not file:
+        raise ConfigError("no config file given; pass --config configs/tiny.py (or another file "
+                           "with get_config()).")
+    if not os.path.isfile(file):
+        raise ConfigError(f"config file {file!r} does not exist; pass --config with an existing file "
+                           "such as configs/tiny.py.")
+    spec = importlib.util.spec_from_file_location(f"_reflex_config_{abs(hash(file))}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file; name it and the error
+        raise ConfigError(f"config file {file!r} failed to load ({type(e).__name__}: {e}); fix "
+                           "the file.") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {file!r} has no get_config() function; config files "
+                           "define get_config() returning an ml_collections ConfigDict.")
+    config = module.get_config(arg) if arg else module.get_config()
+    for key, raw in overrides:
+        apply_override(config, key, raw)
+    return config
+
+
+def split_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """`--config.a.b=v` / `--config.a.b v` command-line words -> [("a.b", "v")]; anything else is
+    a mistake named in one sentence."""
+    out, i = [], 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--config."):
+            raise UsageError(f"unknown argument {word!r}; config fields are set with "
+                             "--config.<field>=<value> (e.g. --config.max_steps=300).")
+        key, eq, value = word[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise UsageError(f"{word} has no value; write {word}=<value>.")
+            value, i = args[i + 1], i + 1
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def _field(config: ConfigDict, key: str):
+    """(parent ConfigDict, leaf name) of a dotted key, with a did-you-mean for typos."""
+    *path, leaf = key.split(".")
+    node, walked = config, []
+    for part in path + [leaf]:
+        if not isinstance(node, ConfigDict) or part not in node:
+            known = list(node.keys()) if isinstance(node, ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            where = ".".join(walked) or "the config"
+            hint = f"; did you mean '{'.'.join(walked + [close[0]])}'?" if close else (
+                f"; {where} has {', '.join(known)}." if known else ".")
+            raise ConfigError(f"unknown config field '{key}'{hint}")
+        parent, node = node, node[part]
+        walked.append(part)
+    return parent, leaf
+
+
+def apply_override(config: ConfigDict, key: str, raw: str) -> None:
+    parent, leaf = _field(config, key)
+    if isinstance(parent[leaf], ConfigDict):
+        raise ConfigError(f"config field '{key}' is a group, not a value; set one of its fields, "
+                           f"e.g. --config.{key}.{next(iter(parent[leaf].keys()), 'x')}=...")
+    kind = parent.get_type(leaf)
+    parent[leaf] = _parse_value(key, raw, kind)
+
+
+def _parse_value(key: str, raw: str, kind) -> Any:
+    raw = str(raw)
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return raw
+        if kind in (tuple, list):
+            value = ast.literal_eval(raw)
+            if not isinstance(value, (tuple, list)):
+                raise ValueError
+            return kind(value)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"config field '{key}' takes a {kind.__name__}, got {raw!r}.") from None
+    try:  # a field whose default is None: a Python literal if it is one, else the string
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw

@@ -1,0 +1,37 @@
+"""`init_from`: a run's starting params from a params directory or another run's best step,
+checked against the model before any weight is read where possible."""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from .. import checkpoint as ckpt
+
+
+def load_init_params(path: str, cfg, abstract_params):
+    """Params for `cfg` from `path`; `abstract_params` carry the shardings to restore onto."""
+    if jax.process_count() == 1:
+        _, params = ckpt.load_params(path)
+        ckpt.check_params_fit(cfg, params, path)
+        return params
+    # multi-host: orbax cannot restore a tree saved on another topology without a target, and
+    # no host needs the whole model: every process restores only its shards of this mesh
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.path.expanduser(path))
+    ckpt.read_model_config(path)  # one sentence if this is not a params or run directory
+
+    def check(item: str, where: str):  # shapes from the metadata, before reading any weights
+        meta = ocp.StandardCheckpointer().metadata(item).item_metadata
+        ckpt.check_params_fit(cfg, getattr(meta, "tree", meta), where)
+
+    if os.path.isdir(os.path.join(path, ckpt.PARAMS)):
+        check(os.path.join(path, ckpt.PARAMS), path)
+        return ckpt.restore_tree(os.path.join(path, ckpt.PARAMS), abstract_params)
+    run = ckpt.RunCheckpoints(path, create=False)
+    try:
+        step = run.pick_step()
+        check(os.path.join(run.directory, str(step), "params"), f"{path} step {step}")
+        return run.restore_params(step, abstract_params)
+    finally:
+        run.close()

@@ -1,0 +1,351 @@
+"""The training run: data, mesh and shardings, the compiled steps, evaluation, checkpoints and
+the loop. The step functions themselves are pure and live in train/step.py.
+
+The global batch at step s is a pure function of (seed, s), so a resumed run repeats exactly what
+an uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import checkpoint as ckpt
+from .. import data as data_lib
+from .. import sharding
+from ..errors import TrainingError
+from ..kernels import DEFAULT, KernelChoices
+from ..model import Decoder, abstract_params, param_logical_axes
+from ..run_config import model_config_from
+from . import checks, flops, step
+from .metrics import MetricsLog, progress_bar
+from .step import StepSettings, TrainState
+
+
+class Trainer:
+    def __init__(self, config, *, log: Callable[[str], None] = print, devices=None,
+                 kernels: KernelChoices = DEFAULT):
+        """`devices`: the devices to build the mesh over (default: all, on every process);
+        `kernels`: which optimised kernels the model and loss use (bench.py's ablation)."""
+        self.config, c = config, config
+        self.is_main = jax.process_index() == 0
+        self.log = log if self.is_main else (lambda s: None)  # process 0 speaks for the job
+        self.cfg = model_config_from(config)
+        checks.check_run_config(c)
+        self.data, self.data_dir = self._open_data()
+        checks.check_fits_data(self.data.meta, self.cfg, self.data_dir)
+        self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+        checks.check_fits_mesh(c, sharding.batch_shards(self.mesh))
+        self.seq_len = self.cfg.block_size
+        self.model = Decoder(self.cfg, remat=bool(c.remat), kernels=kernels)
+        from .optim import make_optimizer
+        self.tx, self.schedule = make_optimizer(c.optim, c.max_steps)
+        self.step_settings = StepSettings(self.model, c.data.loss_on, c.grad_accum, c.seed, kernels)
+        self._build_shardings()
+        # each process loads the rows its own devices hold (all of them if the batch axes stay
+        # inside one host); the global batch is still a pure function of (seed, step)
+        block, blocks = sharding.process_rows(self.batch_sharding, c.batch_size)
+        self.train_loader = data_lib.BatchLoader(self.data, "train", c.batch_size, self.seq_len,
+                                                 c.seed, process_index=block, process_count=blocks)
+        if c.data.loss_on == "answer":
+            first = data_lib.BatchLoader(self.data, "train", c.batch_size, self.seq_len, c.seed)
+            checks.check_answer_tokens(first.batch(0), self.data_dir, self.cfg.block_size)
+        self._exact_match = None
+        if c.data.task and c.eval_exact_match > 0 and c.eval_interval:
+            self._exact_match = self._make_exact_match()
+        self._val = None
+        self.train_step = self._compile_train_step()
+        self.eval_step = self._compile_eval_step()
+        self._stop_signal: Optional[str] = None
+
+    def _open_data(self):
+        c = self.config
+        if c.data.dir:
+            if not os.path.isdir(c.data.dir):
+                raise TrainingError(
+                    f"data directory {c.data.dir!r} does not exist; prepare it with "
+                    f"`python -m reflex_jax.data prepare --out {c.data.dir} ...` or set --config.data.dir.")
+            return data_lib.TokenData.open(c.data.dir), c.data.dir
+        if c.data.task:
+            out = os.path.join(c.run_dir, "data")
+            if self.is_main:
+                data_lib.prepare_task(c.data.task, out, tokenizer=c.data.tokenizer,
+                                      n_train=c.data.task_rows, n_val=c.data.task_val_rows,
+                                      seed=c.seed, **_task_options(c.data))
+            _sync("prepared task data")
+            return data_lib.TokenData.open(out), out
+        raise TrainingError("no training data: set --config.data.dir to a prepared directory or "
+                            "--config.data.task to a built-in task.")
+
+    # ---- shardings and compiled functions ---------------------------------------------------
+    def _build_shardings(self):
+        mesh = self.mesh
+        self.abstract_params = abstract_params(self.cfg)
+        self.param_shardings = sharding.shardings_for(param_logical_axes(self.cfg),
+                                                      self.abstract_params, mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        self.opt_shardings = sharding.like_params(abstract_opt, self.abstract_params,
+                                                  self.param_shardings, mesh)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                          opt_state=self.opt_shardings)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+                       opt_state=abstract_opt), self.state_shardings)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+
+    def _with_rules(self, fn):
+        """`fn` traced under this mesh's logical-axis rules."""
+        rules = sharding.logical_rules_for_flax(self.mesh)
+
+        @functools.wraps(fn)
+        def wrapped(*args):
+            with nn.logical_axis_rules(rules):
+                return fn(*args)
+        return wrapped
+
+    def _compile_train_step(self):
+        fn = functools.partial(step.train_step, self.step_settings, self.tx, self.schedule)
+        return jax.jit(self._with_rules(fn),
+                       in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+                       out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+    def _compile_eval_step(self):
+        fn = functools.partial(step.eval_step, self.step_settings)
+        return jax.jit(self._with_rules(fn),
+                       in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
+                       out_shardings=(self.replicated, self.replicated))
+
+    def init_state(self, params=None) -> TrainState:
+        """Fresh state created directly with its shardings (no full copy on one device)."""
+        rng = jax.random.PRNGKey(self.config.seed)
+        make = functools.partial(step.init_state, self.model, self.tx)
+        if params is None:
+            return jax.jit(make, out_shardings=self.state_shardings)(rng)
+        params = jax.device_put(params, self.param_shardings)
+        return jax.jit(make, out_shardings=self.state_shardings)(rng, params)
+
+    def put_batch(self, local: dict, keys=("tokens", "mask"), global_rows: Optional[int] = None):
+        """Global arrays from this process's rows of the batch (see `sharding.process_rows`)."""
+        arrays = []
+        rows = global_rows or self.config.batch_size
+        _, blocks = sharding.process_rows(self.batch_sharding, rows)
+        for k in keys:
+            x = np.asarray(local[k], np.int32 if k == "tokens" else np.float32)
+            if x.shape[0] * blocks != rows:
+                raise TrainingError(f"this process fed {x.shape[0]} rows but its block of a "
+                                    f"{rows}-row batch has {rows // blocks}.")
+            shape = (rows,) + x.shape[1:]
+            arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, x, shape))
+        return arrays
+
+    def dry_run(self) -> str:
+        """Compile one train step and report per-device memory and every parameter's sharding."""
+        from .dry_run import dry_run_report
+        return dry_run_report(self)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def val_batches(self):
+        if self._val is None:
+            c = self.config
+            rows = c.batch_size // c.grad_accum if c.grad_accum > 1 else c.batch_size
+            self._val = data_lib.val_batches(self.data, rows, self.seq_len, c.eval_batches)
+        return self._val
+
+    def evaluate(self, params) -> dict:
+        loss_sum, count = 0.0, 0.0
+        for b in self.val_batches():
+            tokens, mask, valid = self.put_batch(self._local_rows(b), ("tokens", "mask", "valid"),
+                                                 global_rows=b["tokens"].shape[0])
+            ls, n = self.eval_step(params, tokens, mask, valid)
+            loss_sum, count = loss_sum + float(ls), count + float(n)
+        val_loss = loss_sum / max(count, 1.0)
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.config.data.task and self.config.eval_exact_match > 0:
+            out.update(self.exact_match(params))
+        return out
+
+    def _local_rows(self, batch: dict) -> dict:
+        n = batch["tokens"].shape[0]
+        if n % sharding.batch_shards(self.mesh):
+            raise TrainingError(f"validation batch of {n} rows does not split over mesh data*fsdp = "
+                                f"{sharding.batch_shards(self.mesh)}; use a batch_size divisible by it.")
+        block, blocks = sharding.process_rows(self.batch_sharding, n)
+        k = n // blocks
+        return {key: v[block * k:(block + 1) * k] for key, v in batch.items()}
+
+    def _make_exact_match(self):
+        from .exact_match import ExactMatch
+        return ExactMatch(self.data, self.cfg, self.config.data.task, self.config.eval_exact_match)
+
+    def exact_match(self, params) -> dict:
+        """Greedy answers to held-out task questions, scored by the task's exact-match rule."""
+        if self._exact_match is None:
+            self._exact_match = self._make_exact_match()
+        return self._exact_match(params, self.mesh)
+
+    # ---- run directory -------------------------------------------------------------------------
+    def _write_run_files(self):
+        c = self.config
+        os.makedirs(c.run_dir, exist_ok=True)
+        model_path = os.path.join(c.run_dir, ckpt.MODEL_CONFIG)
+        if os.path.exists(model_path):
+            diff = self.cfg.model_differences(ckpt.read_model_config(c.run_dir))
+            if diff and os.path.isdir(os.path.join(c.run_dir, ckpt.CHECKPOINTS)):
+                raise TrainingError(
+                    f"run_dir {c.run_dir!r} holds checkpoints of a different model (model.{diff[0]} "
+                    f"differs); use a new --config.run_dir or the same model config to resume.")
+        # every process checks (same files, same verdict); only process 0 writes, since two
+        # writers racing on the same temp file would break the atomic replace
+        if self.is_main:
+            ckpt.write_json(model_path, self.cfg.to_dict())
+            ckpt.write_json(os.path.join(c.run_dir, "config.json"), c.to_dict())
+            ckpt.write_json(os.path.join(c.run_dir, ckpt.META),
+                            {"tokenizer": self.data.meta["tokenizer"],
+                             "data_dir": os.path.abspath(self.data_dir),
+                             "template": self.data.meta.get("template"), "task": c.data.task or None})
+        _sync("run files written")
+
+    def _restore_or_init(self, checkpoints: ckpt.RunCheckpoints) -> TrainState:
+        c = self.config
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            params, opt = checkpoints.restore(latest, self.abstract_state.params,
+                                              self.abstract_state.opt_state)
+            self.log(f"resuming {c.run_dir} from step {latest}")
+            return TrainState(step=jax.device_put(jnp.int32(latest), self.replicated),
+                              params=params, opt_state=opt)
+        if c.init_from:
+            from .restore import load_init_params
+            params = load_init_params(c.init_from, self.cfg, self.abstract_state.params)
+            self.log(f"initialised params from {c.init_from}")
+            return self.init_state(params)
+        return self.init_state()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signal.Signals(signum).name
+
+    def train(self) -> dict:
+        """Train from the latest checkpoint (or `init_from`, or scratch) to max_steps, or until
+        SIGTERM/SIGINT; returns a summary of the last logged metrics."""
+        c = self.config
+        self._write_run_files()
+        checkpoints = ckpt.RunCheckpoints(c.run_dir, keep=c.keep_checkpoints,
+                                          async_save=bool(c.async_checkpoints))
+        state = self._restore_or_init(checkpoints)
+        start = int(state.step)
+        loop = _Loop(self, checkpoints, start)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        step_ = start
+        try:
+            while step_ < c.max_steps and self._stop_signal is None:
+                tokens, mask = self.put_batch(self.train_loader.batch(step_))
+                state, m = self.train_step(state, tokens, mask)
+                step_ += 1
+                loop.after_step(step_, m, state)
+            if step_ != loop.last_saved:  # final (or signal-stop) save, unless saved already
+                summary = loop.summary
+                loop.save(step_, state, summary.get("val_loss") if summary.get("step") == step_ else None)
+        finally:
+            loop.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        loop.summary.update({"final_step": step_, "checkpoint_dir": checkpoints.directory,
+                             "stopped_by": self._stop_signal})
+        self.state = state
+        return loop.summary
+
+
+class _Loop:
+    """The loop's bookkeeping: pending metrics, the NaN check, logging, evaluation, saving."""
+
+    def __init__(self, trainer: Trainer, checkpoints: ckpt.RunCheckpoints, start: int):
+        c = self.config = trainer.config
+        self.trainer, self.checkpoints = trainer, checkpoints
+        self.metrics_log = MetricsLog(os.path.join(c.run_dir, "metrics.jsonl"), start,
+                                      trainer.is_main, tensorboard=c.tensorboard, wandb=c.wandb,
+                                      config=c.to_dict())
+        self.tokens_per_step = c.batch_size * trainer.seq_len
+        self.flops_per_token = flops.train_flops_per_token(trainer.cfg, trainer.seq_len)
+        self.peak = flops.device_peak(trainer.cfg.compute_dtype)[0] * jax.device_count()
+        self.bar = progress_bar(c.max_steps, start, trainer.is_main)
+        self.pending: list = []  # (step, metrics on device) not yet checked/logged
+        self.last_saved = checkpoints.latest_step()
+        self.summary: dict = {"run_dir": os.path.abspath(c.run_dir), "start_step": start}
+        self.t_last, self.steps_since = time.perf_counter(), 0
+
+    def flush(self) -> dict:
+        """Fetch pending metrics; stop the run on a non-finite loss."""
+        fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+        self.pending = []
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                where = (f"the last good checkpoint is step {self.last_saved} in "
+                         f"{self.checkpoints.directory}" if self.last_saved is not None
+                         else "no checkpoint was written")
+                raise TrainingError(
+                    f"loss became {m['loss']} at step {s}; stopping without saving ({where}); "
+                    "lower --config.optim.lr or check the data.")
+        return fetched[-1][1] if fetched else {}
+
+    def save(self, step: int, state: TrainState, val_loss=None):
+        self.flush()
+        self.checkpoints.save(step, state.params, state.opt_state, val_loss)
+        self.last_saved = step
+
+    def after_step(self, step: int, metrics, state: TrainState):
+        c, stopping = self.config, self.trainer._stop_signal is not None
+        self.steps_since += 1
+        self.pending.append((step, metrics))
+        self.bar.update(1)
+        val = None
+        if c.eval_interval and (step % c.eval_interval == 0 or step == c.max_steps):
+            val = self.trainer.evaluate(state.params)
+        if ((c.log_interval and step % c.log_interval == 0) or val is not None
+                or step == c.max_steps or stopping):
+            self.log_row(step, val)
+        if val or (c.checkpoint_interval and step % c.checkpoint_interval == 0):
+            self.save(step, state, val["val_loss"] if val else None)
+
+    def log_row(self, step: int, val: Optional[dict]):
+        last = self.flush()
+        now = time.perf_counter()
+        tok_s = self.steps_since * self.tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last, self.steps_since = now, 0
+        row = {"step": step, "loss": float(last["loss"]), "lr": float(last["lr"]),
+               "grad_norm": float(last["grad_norm"]), "tokens": step * self.tokens_per_step,
+               "tokens_per_s": tok_s, "mfu": tok_s * self.flops_per_token / self.peak}
+        if val:
+            row.update(val)
+        self.metrics_log.write(row)
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
+                              if k in ("loss", "lr", "tokens_per_s", "mfu", "val_loss", "exact_match")})
+        self.summary.update(row)
+
+    def close(self):
+        self.bar.close()
+        self.checkpoints.close()
+        self.metrics_log.close()
+
+
+def _task_options(data_cfg) -> dict:
+    """The config's task options that the chosen task has (the config lists every task's options)."""
+    from ..data import get_task
+    known = get_task(data_cfg.task).defaults
+    return {k: v for k, v in dict(data_cfg.task_options).items() if k in known}
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

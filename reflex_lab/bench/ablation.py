@@ -1,0 +1,71 @@
+"""What each optimised kernel of the train step buys: the `all` schedule's step with the kernels
+of `reflex_jax.kernels.KernelChoices` switched on one by one, every variant compiled in one process
+and timed interleaved (same machine noise), for every dtype."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+from reflex_jax.kernels import KernelChoices
+
+from ..machine import environment
+from .report import mib
+from .settings import BenchSettings
+from .timing import interleaved, median
+from .train import JaxTrain
+
+# each step switches one more optimised kernel on, in this order; the last is this project
+_SWITCHED_ON = (("+ fused chunked loss", "fused_loss"),
+                ("+ Dense fwd/bwd (f32-accumulating dots, f32 bias sums)", "f32_linear"),
+                ("+ causal attention in query blocks (autodiff)", "attention_blocks"),
+                ("+ blockwise attention, written-out backward (= this project)",
+                 "blockwise_backward"))
+
+
+def _ablation_steps() -> tuple[tuple[str, KernelChoices], ...]:
+    kernels = KernelChoices(**{f.name: False for f in dataclasses.fields(KernelChoices)})
+    steps = [("plain jit port", kernels)]
+    for label, switch in _SWITCHED_ON:
+        kernels = dataclasses.replace(kernels, **{switch: True})
+        steps.append((label, kernels))
+    return tuple(steps)
+
+
+ABLATION_STEPS = _ablation_steps()  # (label, KernelChoices)
+
+
+def _variants(s: BenchSettings, dtype: str, tokens_np, tmp: str, log) -> dict[str, JaxTrain]:
+    variants = {}
+    for i, (label, kernels) in enumerate(ABLATION_STEPS):
+        c = JaxTrain(s, "all", dtype, tokens_np, os.path.join(tmp, f"{dtype}_{i}"), kernels)
+        variants[label] = c
+        log(f"  {dtype} {label}: compiled in {c.compile_s:.1f} s; XLA temp "
+            f"{mib((c.memory or {}).get('temp_bytes'))}")
+    return variants
+
+
+def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
+    """One row per (dtype, ABLATION_STEPS label): median step time, speed-up over the previous
+    step and over the plain port, XLA temp memory, first loss."""
+    tmp = tempfile.mkdtemp(prefix="reflex_ablation_")
+    tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
+    out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "rows": []}
+    for dtype in s.dtypes:
+        variants = _variants(s, dtype, tokens, tmp, log)
+        times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log,
+                            warmup_rounds=2)
+        base = prev = None
+        for label, c in variants.items():
+            t = median(times[label])
+            base = base or t
+            out["rows"].append({"dtype": dtype, "variant": label, "step_s": t, "step_s_all": times[label],
+                                "vs_previous": (prev / t) if prev else None, "vs_plain": base / t,
+                                "xla_temp_bytes": (c.memory or {}).get("temp_bytes"),
+                                "loss_first": c.losses[0]})
+            prev = t
+    out["env"]["load_avg_end"] = os.getloadavg()[0]
+    return out

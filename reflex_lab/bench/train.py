@@ -1,0 +1,148 @@
+"""The training contenders: this project's compiled train step (`JaxTrain`) for the `all` and
+`none` schedules and the PyTorch peer (eager, torch.compile), timed interleaved with the matmul
+peak of the same dtype; one row per contender."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from reflex_jax.kernels import KernelChoices
+from reflex_jax.run_config import base_config
+from reflex_jax.train import flops
+from reflex_jax.train.trainer import Trainer
+
+from . import peak
+from .settings import BenchSettings
+from .timing import interleaved, median, rss_peak_during
+
+
+def make_trainer(model_fields: dict, batch: int, run_dir: str,
+                 kernels: KernelChoices = KernelChoices()) -> Trainer:
+    """A real `Trainer` (train.py's code path) over a tiny generated task: its `train_step` is the
+    compiled step users train with. Data loading is not timed; the bench feeds its own batch."""
+    c = base_config()
+    for k, v in model_fields.items():
+        c.model[k] = v
+    c.data.task, c.data.tokenizer, c.data.loss_on = "arith", "bytes", "all"
+    c.data.task_rows, c.data.task_val_rows = 64, 8
+    c.run_dir, c.batch_size, c.grad_accum = run_dir, batch, 1
+    c.eval_exact_match, c.eval_interval = 0, 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Trainer(c, log=lambda s: None, kernels=kernels)
+
+
+def _memory(compiled) -> dict | None:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return {"temp_bytes": int(mem.temp_size_in_bytes),
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0))}
+
+
+class JaxTrain:
+    """One schedule/dtype of this project's train step, compiled ahead of time (same executable),
+    with the kernels `kernels` selects (the ablation switches them off one by one)."""
+
+    def __init__(self, settings: BenchSettings, reflex: str, dtype: str, tokens_np, run_dir: str,
+                 kernels: KernelChoices = KernelChoices()):
+        self.kind, self.reflex, self.dtype = "jax", reflex, dtype
+        self.trainer = make_trainer(settings.model_fields(reflex, dtype), settings.batch, run_dir,
+                                    kernels)
+        self.cfg = self.trainer.cfg
+        state = self.trainer.init_state()
+        self.init_params = jax.device_get(state.params)
+        self.tokens, self.mask = self.trainer.put_batch(
+            {"tokens": tokens_np, "mask": np.ones(tokens_np.shape, np.float32)})
+        t0 = time.perf_counter()
+        self.compiled = self.trainer.train_step.lower(state, self.tokens, self.mask).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.state = state
+        self.memory = _memory(self.compiled)
+        self.losses: list[float] = []
+
+    def step(self) -> float:
+        self.state, m = self.compiled(self.state, self.tokens, self.mask)
+        loss = float(m["loss"])  # blocks until the step is done
+        self.losses.append(loss)
+        return loss
+
+
+def _torch_contenders(s: BenchSettings, jax_all: JaxTrain, tokens_np, dtype: str,
+                      notes: list, log) -> dict[str, Any]:
+    from .torch_peer import TorchTrain
+    params = jax_all.init_params
+    out: dict[str, Any] = {"torch eager all": TorchTrain(jax_all.cfg, params, tokens_np, dtype,
+                                                         compiled=False)}
+    if s.torch_compile:
+        try:
+            c = TorchTrain(jax_all.cfg, params, tokens_np, dtype, compiled=True)
+            out["torch.compile all"] = c
+            log(f"  torch.compile all: compiled in {c.compile_s:.1f} s")
+        except Exception as e:  # noqa: BLE001 - a missing compiler is a note, not a crash
+            notes.append(f"torch.compile failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); its rows are skipped.")
+    return out
+
+
+def contenders(s: BenchSettings, dtype: str, tokens_np, tmp: str, with_torch: bool,
+               notes: list, log: Callable[[str], None]) -> dict[str, Any]:
+    """{"jax all", "jax none"[, "torch eager all", "torch.compile all"]}: contenders with `.step()`."""
+    out: dict[str, Any] = {}
+    for reflex in ("all", "none"):
+        c = JaxTrain(s, reflex, dtype, tokens_np, os.path.join(tmp, f"{reflex}_{dtype}"))
+        out[f"jax {reflex}"] = c
+        log(f"  jax {reflex}: compiled in {c.compile_s:.1f} s")
+    if with_torch:
+        out.update(_torch_contenders(s, out["jax all"], tokens_np, dtype, notes, log))
+    return out
+
+
+def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dict) -> dict:
+    """Speed, MFU (against the measured and, where known, the datasheet peak) and memory."""
+    T = s.block_size
+    peak_flops, datasheet = peak_row["peak_flops"], peak_row.get("datasheet_flops")
+    t_step = median(times)
+    tok_s = s.batch * T / t_step
+    fpt = flops.train_flops_per_token(c.cfg, T)
+    fpt_causal = 6 * flops.matmul_params(c.cfg) + flops.attention_flops_per_token(c.cfg, T) // 2
+    _, rss = rss_peak_during(c.step)
+    row = {"kind": c.kind, "reflex": c.reflex, "dtype": dtype, "step_s": t_step,
+           "step_s_all": times, "tokens_per_s": tok_s,
+           "flops_per_token": fpt, "mfu": tok_s * fpt / peak_flops,
+           "mfu_causal_attention": tok_s * fpt_causal / peak_flops,
+           "mfu_datasheet": tok_s * fpt / datasheet if datasheet else None,
+           "rss_peak_step_bytes": rss, "compile_s": c.compile_s,
+           "loss_first": c.losses[0], "loss_last": c.losses[-1]}
+    if c.kind == "jax":
+        row["xla_memory"] = c.memory
+    else:
+        row["optimizer"] = c.opt_impl
+    return row
+
+
+def bench_dtype(s: BenchSettings, dtype: str, tokens_np, tmp: str, with_torch: bool,
+                notes: list, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
+    """(rows by "<contender> <dtype>", the peak row, the loss parity) of one dtype: every
+    contender and the matmul peak timed interleaved in one loop."""
+    log(f"## train, {dtype}: building contenders")
+    cs = contenders(s, dtype, tokens_np, tmp, with_torch, notes, log)
+    fns = {name: c.step for name, c in cs.items()}
+    mm = peak.matmul_contenders(s.peak_n, dtype, with_torch)
+    fns.update({f"matmul {k}": f for k, f in mm.items()})
+    log(f"## train, {dtype}: {s.train_reps} interleaved reps")
+    times = interleaved(fns, s.train_reps, log, warmup_rounds=2)
+    peak_row = peak.peak_row(s.peak_n, dtype, {k: times[f"matmul {k}"] for k in mm})
+    rows = {f"{name} {dtype}": train_row(s, c, dtype, times[name], peak_row)
+            for name, c in cs.items()}
+    # same weights and batch: the first losses must agree (architecture parity)
+    first = {n: c.losses[0] for n, c in cs.items() if c.reflex == "all"}
+    parity = {"first_losses": first, "max_abs_diff": max(first.values()) - min(first.values())}
+    return rows, peak_row, parity

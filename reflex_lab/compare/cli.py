@@ -1,0 +1,99 @@
+"""The command line of a comparison (`python compare.py`, `reflex-compare`): plan the grid, train
+what is not finished, write the report, print one line per group."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from typing import Optional, Sequence
+
+from reflex_jax.cli import user_errors_as_status
+from reflex_jax.run_config import load_config, split_overrides
+
+from .grid import Run, check_grid_overrides, parse_schedules, parse_seeds, parse_variant, plan_grid
+from .report import fmt_stat, write_report
+from .runs import run_grid, run_state
+from .stats import aggregate, collect
+
+PROG = "compare.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Train a grid of reflex schedules x seeds at equal data, steps, tokens and optimizer, "
+                    "and write results.md/results.json/plots. Config fields: --config.<field>=<value>.")
+    p.add_argument("--config", default="configs/tiny.py", help="config file (default configs/tiny.py)")
+    p.add_argument("--schedules", default="none,all",
+                   help="schedules to compare, e.g. none,all,recent:2,1 (default none,all)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, e.g. 0,1,2 (default)")
+    p.add_argument("--out", required=True, help="where results.md, results.json and the plots go")
+    p.add_argument("--runs_dir", default="",
+                   help="where the run directories go (default runs/compare/<basename of --out>)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:key=value[;key=value] overrides for one arm; repeat for more arms "
+                        "(e.g. --variant pretrained:init_from=weights/x --variant random:)")
+    p.add_argument("--title", default="", help="heading of results.md (default: the --out name)")
+    p.add_argument("--report_only", action="store_true", help="do not train; report the runs on disk")
+    p.add_argument("--plan", action="store_true", help="print each run and what would happen, then exit")
+    p.add_argument("--retry_failed", action="store_true",
+                   help="train again runs that failed before (e.g. a non-finite loss)")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace, rest: Sequence[str]) -> list[Run]:
+    """The grid the command line asks for: config file + overrides, schedules, seeds, variants."""
+    overrides = split_overrides(rest)
+    check_grid_overrides(overrides)
+    config = load_config(args.config, overrides)
+    schedules, seeds = parse_schedules(args.schedules), parse_seeds(args.seeds)
+    variants = [parse_variant(v) for v in args.variant]
+    runs_dir = args.runs_dir or os.path.join("runs", "compare", os.path.basename(os.path.normpath(args.out)))
+    return plan_grid(config, schedules, seeds, runs_dir, variants)
+
+
+def _print_plan(runs: Sequence[Run]) -> None:
+    for run in runs:
+        st = run_state(run.run_dir, run.config)
+        print(f"{run.name:28s} {st.kind:9s} {st.detail}  ({run.run_dir})")
+
+
+def _compare(argv: list[str]) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    runs = plan_from_args(args, rest)
+    if args.plan:
+        _print_plan(runs)
+        return 0
+    t0 = time.perf_counter()
+    outcome = {} if args.report_only else run_grid(runs, retry_failed=args.retry_failed)
+    summaries = collect(runs)
+    command = " ".join(["python compare.py"] + [_quote(a) for a in argv])
+    results = write_report(args.out, runs, summaries, aggregate(summaries), command=command,
+                           title=args.title, outcome=outcome)
+    print(f"\n{len(runs)} runs ({sum(s['status'] == 'finished' for s in summaries)} finished) in "
+          f"{time.perf_counter() - t0:.0f} s; results: {os.path.join(args.out, 'results.md')}")
+    for g in results["groups"]:
+        em = g["final_exact_match"]
+        print(f"  {g['group']:24s} final val loss {fmt_stat(g['final_val_loss'])}"
+              + (f"  exact match {fmt_stat(em, 3)}" if em["n"] else ""))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the comparison; 0, or 2 after printing a user's mistake as `compare.py: error: ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return user_errors_as_status(PROG, lambda: _compare(argv))
+
+
+def _quote(word: str) -> str:
+    return word if re.fullmatch(r"[\w.,:=/+-]+", word) else "'" + word.replace("'", "'\\''") + "'"
+
+
+def run() -> None:
+    """The `reflex-compare` console script: like `python compare.py`."""
+    from reflex_jax.malloc_tuning import tune_malloc
+    tune_malloc()  # restarts the process once with glibc malloc tunables (see reflex_jax/malloc_tuning.py)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""results.json and results.md of a grid: the shared setup, the variants, one table row per group
+(mean ± sample std over seeds) and one per run, and the plots."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+from ml_collections import ConfigDict
+
+from .grid import Run
+from .plots import plot_curves
+from .runs import flatten, now_utc
+from .stats import model_facts
+
+
+def fmt_stat(stat: Optional[dict], digits: int = 3, scale: float = 1.0, sign: bool = False) -> str:
+    """'2.100 ± 0.200' from a mean_std dict; '—' when there is no value."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    text = fmt.format(stat["mean"] * scale)
+    if stat.get("std") is not None:
+        text += f" ± {stat['std'] * scale:.{digits}f}"
+    return text
+
+
+def fmt_int(n: Optional[float]) -> str:
+    return "—" if n is None else f"{int(round(n)):,}"
+
+
+def _task_option_text(c: ConfigDict) -> str:
+    from reflex_jax.data import get_task
+    known = get_task(c.data.task).defaults
+    return ", ".join(f"{k}={c.data.task_options[k]}" for k in known if k in c.data.task_options)
+
+
+def setup_facts(config: ConfigDict) -> dict:
+    """What every run of the grid shares, in words: model, data, steps and tokens, optimizer, eval."""
+    c = config
+    tokens_per_step = int(c.batch_size) * int(c.model.block_size)
+    data = (f"built-in task `{c.data.task}` ({_task_option_text(c)}, {c.data.tokenizer} tokenizer, "
+            f"{c.data.task_rows} train rows, {c.data.task_val_rows} val rows)") if c.data.task else \
+        f"prepared directory `{c.data.dir}`"
+    m = c.model
+    return {"data": data, "loss_on": c.data.loss_on,
+            "model": f"{m.n_layer} layers x {m.n_head} heads, n_embd {m.n_embd}, block {m.block_size}, "
+                     f"vocab {m.vocab_size}, {m.norm}, {m.mlp}, {m.pos_emb} positions, dropout {m.dropout}, "
+                     f"{m.dtype}",
+            "steps": int(c.max_steps), "batch_size": int(c.batch_size), "grad_accum": int(c.grad_accum),
+            "tokens_per_step": tokens_per_step, "tokens_per_run": tokens_per_step * int(c.max_steps),
+            "optimizer": f"AdamW lr {c.optim.lr:g} -> {c.optim.min_lr:g} (warmup {c.optim.warmup_steps}, "
+                         f"cosine), betas {c.optim.b1:g}/{c.optim.b2:g}, wd {c.optim.weight_decay:g}, "
+                         f"clip {c.optim.clip:g}",
+            "eval": f"every {c.eval_interval} steps on {c.eval_batches} val batches"
+                    + (f", exact match on {c.eval_exact_match} held-out questions"
+                       if c.data.task and c.eval_exact_match else ""),
+            "init_from": c.init_from or None}
+
+
+def variant_differences(runs: Sequence[Run]) -> dict:
+    """{variant: {field: value}} for the config fields in which the variants differ from each other
+    (schedule, seed and run_dir aside)."""
+    first: dict[str, dict] = {}
+    for run in runs:
+        if run.variant and run.variant not in first:
+            first[run.variant] = flatten(run.config.to_dict())
+    skip = {"run_dir", "seed", "model.reflex"}
+    keys = sorted({k for flat in first.values() for k in flat if k not in skip
+                   and len({json.dumps(f.get(k), default=str) for f in first.values()}) > 1})
+    return {name: {k: flat.get(k) for k in keys} for name, flat in first.items()}
+
+
+def write_report(out_dir: str, runs: Sequence[Run], summaries: Sequence[dict], groups: Sequence[dict],
+                 *, command: str = "", title: str = "", outcome: Optional[dict] = None) -> dict:
+    """results.json, results.md and the plots in `out_dir`; returns the results dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    facts = {}
+    for run in runs:  # per group: params and KV bytes of its model (same for every seed)
+        if run.group not in facts:
+            facts[run.group] = model_facts(run.config)
+    for g in groups:
+        g.update(facts[g["group"]])
+    setup = setup_facts(runs[0].config)
+    variants = variant_differences(runs)
+    if any("init_from" in diff for diff in variants.values()):
+        setup["init_from"] = None  # per variant, listed with the variants
+    plots = plot_curves(out_dir, runs, summaries)
+    results = {"title": title or os.path.basename(os.path.normpath(out_dir)), "created": now_utc(),
+               "command": command, "setup": setup, "variants": variants, "groups": groups,
+               "runs": list(summaries), "plots": plots, "outcome": outcome or {}}
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(render_markdown(results))
+    return results
+
+
+def _setup_lines(results: dict, baseline: Optional[str]) -> list[str]:
+    s = results["setup"]
+    lines = [f"# {results['title']}", "",
+             f"Generated {results['created']} by `{results['command'] or 'reflex_lab.compare'}`.", "",
+             f"* Model: {s['model']}", f"* Data: {s['data']}; loss on {s['loss_on']} tokens",
+             f"* Training: {s['steps']} steps x {s['batch_size']} sequences x {s['tokens_per_step'] // s['batch_size']}"
+             f" tokens = {s['tokens_per_run']:,} tokens per run; {s['optimizer']}",
+             f"* Evaluation: {s['eval']}"]
+    if s.get("init_from"):
+        lines.append(f"* Init from: `{s['init_from']}`")
+    for name, diff in results.get("variants", {}).items():
+        lines.append(f"* Variant `{name}`: " + (", ".join(f"`{k}={v!r}`" for k, v in diff.items()) or
+                                                 "the shared config"))
+    lines += ["", "Mean ± sample std over the finished seeds (one value: one seed). "
+              + (f"Δ is the final val loss minus `{baseline}`'s, paired by seed (same data and batches). "
+                 if baseline else "")
+              + "tokens/s is the median training-only log interval of a run (shared 2-core machine: noisy).",
+              ""]
+    return lines
+
+
+def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) -> list[str]:
+    head = ["group", "layout (self+cross heads per layer)", "seeds", "final val loss", "best val loss"]
+    if baseline:
+        head.append(f"Δ final vs {baseline}")
+    if has_em:
+        head += ["final exact match", "best exact match"]
+    head += ["tokens/s", "params", "KV heads", "KV bytes/token", "wall/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for g in groups:
+        layout = g["layout"].split(": ", 1)[-1].replace(" | ", " / ")  # '|' would split the cell
+        seeds = f"{g['finished']}/{g['runs']}" + (f" ({', '.join(map(str, g['seeds']))})" if g["seeds"] else "")
+        row = [f"`{g['group']}`", layout, seeds, fmt_stat(g["final_val_loss"]),
+               fmt_stat(g["best_val_loss"])]
+        if baseline:
+            row.append("(baseline)" if "delta_vs" not in g
+                       else fmt_stat(g["delta_final_val_loss"], sign=True))
+        if has_em:
+            row += [fmt_stat(g["final_exact_match"], 1, 100.0) + ("%" if g["final_exact_match"]["n"] else ""),
+                    fmt_stat(g["best_exact_match"], 1, 100.0) + ("%" if g["best_exact_match"]["n"] else "")]
+        wall = g["wall_s"]["mean"]
+        row += [fmt_int(g["tokens_per_s"]["mean"]), fmt_int(g["params"]),
+                f"{g['kv_heads']}/{g['kv_heads_vanilla']}",
+                f"{g['kv_bytes_per_token']:,} ({g['kv_dtype']})", "—" if wall is None else f"{wall:.0f} s"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _run_table(runs: Sequence[dict], has_em: bool) -> list[str]:
+    lines = ["## Runs", "", "| run | seed | status | final val loss (step) | best val loss (step) |"
+             + (" final exact match |" if has_em else "") + " train loss | tokens/s | wall |",
+             "|---|---:|---|---:|---:|" + ("---:|" if has_em else "") + "---:|---:|---:|"]
+    for r in runs:
+        fv = "—" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ({r['final_val_step']})"
+        bv = "—" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} ({r['best_val_step']})"
+        row = [f"`{r['name']}`", str(r["seed"]), r["status"], fv, bv]
+        if has_em:
+            row.append("—" if r["final_exact_match"] is None else f"{100 * r['final_exact_match']:.1f}%")
+        row += ["—" if r["final_loss"] is None else f"{r['final_loss']:.4f}", fmt_int(r["tokens_per_s"]),
+                "—" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    groups = results["groups"]
+    has_em = any(g["final_exact_match"]["n"] for g in groups)
+    baseline = next((g["delta_vs"] for g in groups if "delta_vs" in g), None)
+    lines = _setup_lines(results, baseline) + _group_table(groups, baseline, has_em) + [""]
+    lines += _run_table(results["runs"], has_em)
+    missing = [r for r in results["runs"] if r["status"] != "finished"]
+    if missing:
+        lines += ["", f"{len(missing)} run(s) did not finish and are left out of the means: "
+                  + ", ".join(f"`{r['name']}` ({r['status']})" for r in missing) + "."]
+    if results["plots"]:
+        lines += ["", "## Plots", "", "Lines: mean over the finished seeds; bands: min–max over seeds.", ""]
+        lines += [f"![{p}]({p})" for p in results["plots"]]
+    return "\n".join(lines) + "\n"

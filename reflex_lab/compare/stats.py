@@ -1,0 +1,134 @@
+"""The numbers of a grid: one summary per run from its metrics.jsonl, mean ± sample std over the
+finished seeds of each group, the paired difference to a baseline group, and the model facts
+(parameters, K/V heads, KV-cache bytes per token) of each group's config."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from typing import Any, Iterable, Optional, Sequence
+
+from ml_collections import ConfigDict
+
+from .grid import Run
+from .runs import read_marker, read_metrics
+
+METRICS = ("final_val_loss", "best_val_loss", "final_exact_match", "best_exact_match", "final_loss",
+           "tokens_per_s", "wall_s")
+
+
+def _val_numbers(rows: Sequence[dict]) -> dict:
+    evals = [r for r in rows if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+    if not evals:
+        return {"eval_rows": 0, "final_val_loss": None, "final_val_step": None, "best_val_loss": None,
+                "best_val_step": None}
+    best = min(evals, key=lambda r: r["val_loss"])
+    return {"eval_rows": len(evals), "final_val_loss": float(evals[-1]["val_loss"]),
+            "final_val_step": int(evals[-1]["step"]), "best_val_loss": float(best["val_loss"]),
+            "best_val_step": int(best["step"])}
+
+
+def _steady_tokens_per_s(rows: Sequence[dict]) -> Optional[float]:
+    # training-only log intervals (not the first, which compiles; not eval rows, whose interval
+    # includes the evaluation); the median resists the odd slow interval on a shared box
+    steady = [r["tokens_per_s"] for r in rows[1:] if "tokens_per_s" in r and r.get("val_loss") is None]
+    if not steady:
+        steady = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return float(statistics.median(steady)) if steady else None
+
+
+def summarize_run(rows: Sequence[dict], max_steps: int) -> dict:
+    """Final/best validation numbers, exact match and throughput of one run's metric rows."""
+    step = int(rows[-1]["step"]) if rows else 0
+    val = _val_numbers(rows)
+    out: dict[str, Any] = {"step": step, "max_steps": int(max_steps), "finished": step >= max_steps,
+                           "eval_rows": val.pop("eval_rows")}
+    out["final_loss"] = float(rows[-1]["loss"]) if rows and "loss" in rows[-1] else None
+    out["tokens"] = int(rows[-1]["tokens"]) if rows and "tokens" in rows[-1] else None
+    out.update(val)
+    em = [r for r in rows if r.get("exact_match") is not None]
+    out["final_exact_match"] = float(em[-1]["exact_match"]) if em else None
+    out["best_exact_match"] = max(float(r["exact_match"]) for r in em) if em else None
+    out["tokens_per_s"] = _steady_tokens_per_s(rows)
+    return out
+
+
+def mean_std(values: Iterable[Optional[float]]) -> dict:
+    """{'mean', 'std' (sample std, ddof=1; None for fewer than 2 values), 'n'} over non-None values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    return {"mean": statistics.fmean(vals), "std": std, "n": len(vals)}
+
+
+def model_facts(config: ConfigDict) -> dict:
+    """Parameters, K/V heads and KV-cache bytes per token of a config's model (no weights allocated)."""
+    import jax
+    import numpy as np
+
+    from reflex_jax.model import count_params, init_params, kv_cache_bytes
+    from reflex_jax.run_config import model_config_from
+
+    cfg = model_config_from(config)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    dtype = np.dtype(cfg.compute_dtype)
+    return {"params": count_params(shapes), "kv_heads": cfg.kv_heads_total,
+            "kv_heads_vanilla": cfg.n_layer * cfg.n_head,
+            "kv_bytes_per_token": int(kv_cache_bytes(cfg, 1, 1)), "kv_dtype": dtype.name,
+            "layout": cfg.schedule_table(), "itemsize": dtype.itemsize}
+
+
+def _status(summary: dict, marker: dict, has_rows: bool) -> str:
+    if marker.get("error") and not summary["finished"]:
+        return f"failed at step {summary['step']}: {marker['error']}"
+    if not has_rows:
+        return "missing"
+    if summary["finished"]:
+        return "finished"
+    return f"unfinished (step {summary['step']} of {summary['max_steps']})"
+
+
+def collect(runs: Sequence[Run]) -> list[dict]:
+    """One summary per run of the grid (status 'missing' when it has no metrics)."""
+    out = []
+    for run in runs:
+        rows = read_metrics(os.path.join(run.run_dir, "metrics.jsonl"))
+        s = summarize_run(rows, int(run.config.max_steps))
+        marker = read_marker(run.run_dir)
+        s.update(name=run.name, group=run.group, schedule=run.schedule, variant=run.variant,
+                 seed=run.seed, run_dir=run.run_dir, wall_s=marker.get("wall_s"))
+        s["status"] = _status(s, marker, bool(rows))
+        out.append(s)
+    return out
+
+
+def _paired_delta(done: Sequence[dict], base_by_seed: dict) -> dict:
+    """mean ± std over seeds of (final val loss - the baseline's final val loss of the same seed)."""
+    diffs = [s["final_val_loss"] - base_by_seed[s["seed"]]["final_val_loss"] for s in done
+             if s["seed"] in base_by_seed and s["final_val_loss"] is not None
+             and base_by_seed[s["seed"]]["final_val_loss"] is not None]
+    return mean_std(diffs)
+
+
+def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None) -> list[dict]:
+    """Per group (in first-seen order): mean ± std over the finished runs of every metric, and the
+    final val loss difference to `baseline` (default: the first group) paired by seed."""
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(s["group"], []).append(s)
+    baseline = baseline or (next(iter(groups)) if groups else None)
+    base_by_seed = {s["seed"]: s for s in groups.get(baseline, []) if s["status"] == "finished"}
+    out = []
+    for name, members in groups.items():
+        done = [s for s in members if s["status"] == "finished"]
+        g = {"group": name, "schedule": members[0]["schedule"], "variant": members[0]["variant"],
+             "runs": len(members), "finished": len(done), "seeds": [s["seed"] for s in done],
+             "not_finished": {s["name"]: s["status"] for s in members if s["status"] != "finished"}}
+        for m in METRICS:
+            g[m] = mean_std(s.get(m) for s in done)
+        if name != baseline:
+            g["delta_final_val_loss"] = _paired_delta(done, base_by_seed)
+            g["delta_vs"] = baseline
+        out.append(g)
+    return out
