@@ -180,6 +180,10 @@ def apply_override(config: ConfigDict, key: str, raw: str) -> None:
     parent[leaf] = _parse_value(key, raw, kind)
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple", list: "a list"}
+
+
 def _parse_value(key: str, raw: str, kind) -> Any:
     raw = str(raw)
     try:
@@ -200,7 +204,8 @@ def _parse_value(key: str, raw: str, kind) -> Any:
                 raise ValueError
             return kind(value)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"config field '{key}' takes a {kind.__name__}, got {raw!r}.") from None
+        raise ConfigError(f"config field '{key}' takes {_TYPE_NAMES.get(kind, kind.__name__)}, "
+                          f"got {raw!r}.") from None
     try:  # a field whose default is None: a Python literal if it is one, else the string
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -297,7 +297,7 @@ def test_schedules_seeds_variants_and_run_names(tmp_path):
      r"sets seed, which the grid sets itself; use --seeds"),
     (lambda: load_config("configs/nope.py"), ConfigError, r"config file 'configs/nope.py' does not exist"),
     (lambda: load_config(TINY, [("model.n_layr", "2")]), ConfigError, r"did you mean 'model.n_layer'"),
-    (lambda: load_config(TINY, [("model.n_layer", "two")]), ConfigError, r"'model.n_layer' takes a int"),
+    (lambda: load_config(TINY, [("model.n_layer", "two")]), ConfigError, r"'model.n_layer' takes an integer, got 'two'"),
     (lambda: load_config(TINY, [("model", "2")]), ConfigError, r"is a group, not a value"),
     (lambda: split_overrides(["--max_steps=3"]), UsageError, r"unknown argument '--max_steps=3'"),
 ])

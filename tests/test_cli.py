@@ -1,0 +1,72 @@
+"""Every CLI ends a user's mistake the same way (one line `<prog>: error: ...`, exit status 2), and
+the console scripts of pyproject.toml point at real entry points."""
+import importlib
+import os
+import tomllib
+
+import pytest
+
+from reflex_jax import errors
+from reflex_jax.cli import convert, data, sample, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def test_console_scripts_resolve_to_callables():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert set(scripts) == {"reflex-train", "reflex-sample", "reflex-convert", "reflex-data",
+                            "reflex-bench", "reflex-compare"}
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def test_every_error_class_is_a_reflex_error():
+    classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    assert len(classes) >= 10 and all(issubclass(c, errors.ReflexError) for c in classes)
+    assert issubclass(errors.MissingFileError, FileNotFoundError)
+
+
+def _one_line_error(capsys, prog: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: error: "), err
+    return err[len(prog) + len(": error: "):]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.n_layr=4"], "unknown config field 'model.n_layr'; did you mean 'model.n_layer'?"),
+    (["--config.max_steps=abc"], "config field 'max_steps' takes an integer, got 'abc'."),
+    (["--config.optim.decay_embeddings=maybe"], "takes true or false, got 'maybe'"),
+    (["--max_steps=3"], "unknown argument '--max_steps=3'; config fields are set with --config."),
+    (["--config.max_steps"], "--config.max_steps has no value; write --config.max_steps=<value>."),
+    (["--config.model=3"], "config field 'model' is a group, not a value"),
+])
+def test_train_config_mistakes_are_one_sentence(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", TINY] + args)
+    assert exit_.value.code == 2
+    assert message in _one_line_error(capsys, "train.py")
+
+
+def test_train_missing_config_file_and_help(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", str(tmp_path / "nope.py")])
+    assert exit_.value.code == 2 and "does not exist" in _one_line_error(capsys, "train.py")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--help"])
+    assert exit_.value.code == 0 and "--dry_run" in capsys.readouterr().out
+
+
+def test_convert_sample_and_data_mistakes_are_one_sentence(capsys, tmp_path):
+    assert convert.main(["--config", TINY, "--hf", str(tmp_path / "none"), "--out",
+                         str(tmp_path / "out"), "--config.model.n_hed=2"]) == 2
+    assert "did you mean 'model.n_head'" in _one_line_error(capsys, "convert_weights.py")
+    assert convert.main(["--config", TINY, "--hf", str(tmp_path / "none"), "--out",
+                         str(tmp_path / "out")]) == 2
+    assert "--hf" in _one_line_error(capsys, "convert_weights.py")
+    assert sample.main(["--run", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "does not exist" in _one_line_error(capsys, "sample.py")
+    assert data.main(["info", str(tmp_path / "none")]) == 2
+    assert str(tmp_path / "none") in _one_line_error(capsys, "reflex_jax.data")
