@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import GenerationError
+from .kernels import DEFAULT, KernelChoices
 from .model import Decoder, ModelConfig, head_matrix, init_cache, logits_from_hidden
 
 
 # ---- the two model calls: prefill a left-padded prompt batch, then one token at a time ------------
 
-def prefill(cfg: ModelConfig, params, tokens_BP, pad_B, cache_len: int, *, last_only: bool = True):
+def prefill(cfg: ModelConfig, params, tokens_BP, pad_B, cache_len: int, *, last_only: bool = True,
+            kernels: KernelChoices = DEFAULT):
     """Run the prompts through a fresh cache of `cache_len` slots.
 
     `tokens_BP` is left-padded: row b's real tokens start at slot `pad_B[b]`. Returns
@@ -35,20 +37,22 @@ def prefill(cfg: ModelConfig, params, tokens_BP, pad_B, cache_len: int, *, last_
     B, P = tokens_BP.shape
     key_mask_BS = jnp.arange(cache_len)[None, :] >= pad_B[:, None]
     positions_BP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
-    h, cache = Decoder(cfg).apply({"params": params}, tokens_BP, positions_BT=positions_BP,
-                                  cache=init_cache(cfg, B, cache_len), cache_index=0,
-                                  key_mask_BS=key_mask_BS, return_hidden=True)
+    h, cache = Decoder(cfg, kernels=kernels).apply(
+        {"params": params}, tokens_BP, positions_BT=positions_BP,
+        cache=init_cache(cfg, B, cache_len), cache_index=0, key_mask_BS=key_mask_BS,
+        return_hidden=True)
     if last_only:
         h = h[:, -1:]  # only the last slot's logits are needed: skips a [B, P, vocab] matmul
     logits = logits_from_hidden(h, head_matrix(cfg, params))
     return (logits[:, 0] if last_only else logits), cache, key_mask_BS
 
 
-def decode_step(cfg: ModelConfig, params, cache, tokens_B, slot, positions_B, key_mask_BS):
+def decode_step(cfg: ModelConfig, params, cache, tokens_B, slot, positions_B, key_mask_BS,
+                kernels: KernelChoices = DEFAULT):
     """Feed one token per row at cache slot `slot` (row positions `positions_B`): ([B, V], cache)."""
-    h, cache = Decoder(cfg).apply({"params": params}, tokens_B[:, None],
-                                  positions_BT=positions_B[:, None], cache=cache, cache_index=slot,
-                                  key_mask_BS=key_mask_BS, return_hidden=True)
+    h, cache = Decoder(cfg, kernels=kernels).apply(
+        {"params": params}, tokens_B[:, None], positions_BT=positions_B[:, None], cache=cache,
+        cache_index=slot, key_mask_BS=key_mask_BS, return_hidden=True)
     return logits_from_hidden(h, head_matrix(cfg, params))[:, 0], cache
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .errors import MeshError, UsageError
@@ -52,13 +53,117 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, 
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    """Mesh over axes ('data', 'fsdp', 'tensor') laid out for the hardware.
+
+    One host: `create_device_mesh` order (the ICI ring/torus on TPU, ids on GPU, as given on CPU).
+    Several hosts: every process must hold one contiguous block of batch rows (`process_rows`), which
+    physical order often breaks (on v5p:2x2x2 the two hosts alternate along an 8-long batch axis).
+    So the physical order is kept only when it already keeps each host's rows together and tensor
+    inside a host; otherwise each host is one granule of `create_hybrid_device_mesh`: hosts in
+    (slice, process) order tile data then fsdp (and tensor only where tensor outgrows a host), each
+    host's devices in physical order inside its block. `jax.make_mesh` is not used: it makes the
+    axes Explicit, which changes how jit propagates shardings.
+    """
+    devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # odd shapes/topologies: fall back to the plain device order
-        arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES)
+    hosts: dict[tuple, list] = {}
+    for d in sorted(devices, key=_device_order):
+        hosts.setdefault(_host_of(d), []).append(d)
+    if len(hosts) == 1:
+        arr = _physical(shape, devices)
+        return Mesh(_host_order(devices).reshape(shape) if arr is None else arr, MESH_AXES)
+    return Mesh(_across_hosts(shape, hosts), MESH_AXES)
+
+
+def _host_of(d) -> tuple:
+    """(slice, process): slices meet over the slow data-centre network, hosts inside a slice."""
+    return (getattr(d, "slice_index", 0) or 0, d.process_index)
+
+
+def _device_order(d) -> tuple:
+    """Host, then physical position z, y, x (the order of jax.devices() on TPU), then id."""
+    return (_host_of(d), tuple(reversed(getattr(d, "coords", ()) or ())),
+            getattr(d, "core_on_chip", 0) or 0, d.id)
+
+
+def _host_order(devices) -> np.ndarray:
+    """Fallback order for shapes the topology helpers cannot map: hosts one after another, each
+    host's devices by physical position. Reshaped row-major into (data, fsdp, tensor), every host
+    then owns a contiguous run of batch rows, and tensor stays inside a host whenever it divides the
+    host's device count, whatever the topology."""
+    return np.asarray(sorted(devices, key=_device_order))
+
+
+def _physical(shape, devices) -> Optional[np.ndarray]:
+    for split in (False, True):  # splitting a physical axis costs bandwidth: only if needed
+        try:
+            return mesh_utils.create_device_mesh(
+                shape, devices=devices, allow_split_physical_axes=split)
+        except (ValueError, AssertionError, NotImplementedError):
+            pass
+    return None
+
+
+def _across_hosts(shape, hosts: dict) -> np.ndarray:
+    tensor = shape[2]
+    counts = sorted({len(h) for h in hosts.values()})
+    if len(counts) > 1:
+        raise MeshError(f"the mesh devices are spread unevenly over processes ({counts} per process); "
+                        "give every process the same number of devices.")
+    local, n_hosts = counts[0], len(hosts)
+    if tensor % local and local % tensor:
+        fits = [t for t in range(1, local + 1) if local % t == 0]
+        raise MeshError(f"config.mesh.tensor={tensor} neither divides nor is a multiple of the "
+                        f"{local} devices per process, so no host can own whole batch rows; use "
+                        f"tensor in {fits} or a multiple of {local}.")
+    per_slice = local * n_hosts // len({h[0] for h in hosts})
+    if per_slice % tensor:
+        raise MeshError(f"config.mesh.tensor={tensor} would cross slices (slow network between "
+                        f"slices of {per_slice} devices); use a tensor size that divides {per_slice}.")
+    devices = [d for h in hosts.values() for d in h]
+    if len({h[0] for h in hosts}) == 1:
+        arr = _physical(shape, devices)
+        if arr is not None and _keeps_hosts_together(arr, local):
+            return arr
+    grid = _host_grid(shape, n_hosts, local)
+    if grid is not None:
+        for split in (False, True):
+            try:
+                return mesh_utils.create_hybrid_device_mesh(
+                    grid[0], grid[1], devices, process_is_granule=True,
+                    should_sort_granules_by_key=False, allow_split_physical_axes=split)
+            except (ValueError, AssertionError, NotImplementedError):
+                pass
+    return _host_order(devices).reshape(shape)
+
+
+def _host_grid(shape, n_hosts: int, local: int):
+    """(per-host block, host grid) that tile `shape` with one host per block, hosts along data
+    first, then fsdp, and along tensor only when tensor outgrows a host; None when a host's
+    contiguous rows do not form a box of the mesh."""
+    data, fsdp, tensor = shape
+    t_local = min(tensor, local)
+    on_tensor = tensor // t_local
+    on_batch = n_hosts // on_tensor
+    if data % on_batch == 0:
+        return (data // on_batch, fsdp, t_local), (on_batch, 1, on_tensor)
+    if on_batch % data == 0 and fsdp % (on_batch // data) == 0:
+        return (1, fsdp * data // on_batch, t_local), (data, on_batch // data, on_tensor)
+    return None
+
+
+def _keeps_hosts_together(arr: np.ndarray, local: int) -> bool:
+    """The rule `process_rows` enforces (each process's batch rows are one aligned block of an
+    equal split), and a tensor group that fits in one host lies in one host."""
+    procs_BT = np.vectorize(lambda d: d.process_index, otypes=[int])(arr).reshape(-1, arr.shape[-1])
+    if local % arr.shape[-1] == 0 and (procs_BT != procs_BT[:, :1]).any():
+        return False
+    rows: dict[int, list[int]] = {}
+    for b, procs in enumerate(procs_BT):
+        for p in set(procs.tolist()):
+            rows.setdefault(p, []).append(b)
+    return all(r[-1] - r[0] + 1 == len(r) and r[0] % len(r) == 0 and len(procs_BT) % len(r) == 0
+               for r in rows.values())
 
 
 def spec_for(logical: Optional[P], shape: tuple, mesh: Mesh) -> P:
@@ -130,17 +235,25 @@ def batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
 
 
-def process_rows(batch: NamedSharding, global_rows: int) -> tuple[int, int]:
+def process_rows(batch: NamedSharding, global_rows: int,
+                 process_index: Optional[int] = None) -> tuple[int, int]:
     """(index, count): this process supplies block `index` of `count` equal row blocks.
 
     The rows a process must feed to `jax.make_array_from_process_local_data` are the rows its own
     devices hold. With the batch split over processes that is its 1/process_count slice, but when
     the batch axes live inside one host (e.g. mesh (1,1,8) over 2 hosts) every process holds, and
     must load, the whole batch. `BatchLoader(process_index=index, process_count=count)` gives
-    exactly these rows.
+    exactly these rows. `process_index` asks the same for another process (default: this one).
     """
+    shape = (global_rows, 1)
+    if process_index is None:
+        where, who = batch.addressable_devices_indices_map(shape), "this process's"
+    else:
+        where = {d: i for d, i in batch.devices_indices_map(shape).items()
+                 if d.process_index == process_index}
+        who = f"process {process_index}'s"
     held = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
-                   for s in batch.addressable_devices_indices_map((global_rows, 1)).values()})
+                   for s in where.values()})
     lo, hi = held[0][0], held[-1][1]
     covered = lo
     for a, b in held:  # the blocks must tile [lo, hi) without gaps
@@ -148,7 +261,7 @@ def process_rows(batch: NamedSharding, global_rows: int) -> tuple[int, int]:
             break
         covered = max(covered, b)
     if covered != hi or global_rows % (hi - lo) or lo % (hi - lo):
-        raise MeshError(f"this process's devices hold rows {held} of a {global_rows}-row batch, "
+        raise MeshError(f"{who} devices hold rows {held} of a {global_rows}-row batch, "
                         "which is not one contiguous block; order the devices so each host's devices "
                         "are adjacent along config.mesh.data/fsdp.")
     return lo // (hi - lo), global_rows // (hi - lo)

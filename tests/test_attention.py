@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reflex_jax.kernels import attention, cpu_attention
+from reflex_jax.kernels import KernelChoices, attention, cpu_attention
 from reflex_jax.model import ModelConfig, kv
 
 
@@ -22,8 +22,7 @@ def test_blockwise_causal_attention_equals_dense(T):
     """The CPU training path (query blocks over the visible keys, written-out backward from the
     saved log-sum-exp): values and all three gradients equal autodiff through one dense causal
     call, in float32; multihead_attention takes this path for plain causal calls on CPU."""
-    on_cpu = jax.default_backend() == "cpu"
-    assert cpu_attention.flash_query_block(T) == ((64 if T < 1024 else 128) if on_cpu else 0)
+    assert cpu_attention.flash_query_block(T) == (64 if T < 1024 else 128)
     assert cpu_attention.flash_query_block(192 + 32) == 0 and cpu_attention.flash_query_block(64) == 0
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, T, 3, 8)) for i in range(3))
     w = jax.random.normal(jax.random.PRNGKey(5), (2, T, 3, 8))
@@ -100,11 +99,39 @@ def test_group_wise_decode_equals_concatenated_kv(reflex, batch):
 
 
 def test_attention_backend_is_checked():
-    """An unknown backend fails at config time; cuDNN off an NVIDIA GPU fails in one sentence."""
-    with pytest.raises(ValueError, match=r"model.attention='flash' is unknown; use one of xla \| cudnn"):
-        ModelConfig(attention="flash")
-    if jax.default_backend() == "gpu":
-        pytest.skip("cuDNN may be available here")
+    """An unknown backend fails at config time; cuDNN or the Pallas TPU kernel asked for a step
+    compiled for another platform fails in one sentence naming that platform."""
+    with pytest.raises(ValueError, match=r"model.attention='flashy' is unknown; "
+                                         r"use one of auto \| xla \| cudnn \| flash"):
+        ModelConfig(attention="flashy")
+    assert ModelConfig().attention == "auto"
+    assert ModelConfig.from_dict(dict(ModelConfig().to_dict(), attention="xla")).attention == "xla"
     q = jnp.zeros((1, 4, 2, 8))
-    with pytest.raises(ValueError, match="needs an NVIDIA GPU.*--config.model.attention=xla"):
-        attention.multihead_attention(q, q, q, implementation="cudnn")
+    for platform in ("cpu", "tpu"):
+        with pytest.raises(ValueError, match=f"needs an NVIDIA GPU, but the step is compiled for "
+                                             f"{platform}.*--config.model.attention=xla"):
+            attention.multihead_attention(q, q, q, implementation="cudnn",
+                                          kernels=KernelChoices(platform=platform))
+    for platform in ("cpu", "gpu"):
+        with pytest.raises(ValueError, match=f"needs a TPU, but the step is compiled for {platform}"):
+            attention.multihead_attention(q, q, q, implementation="flash",
+                                          kernels=KernelChoices(platform=platform))
+
+
+@pytest.mark.parametrize("platform,backend", [("cpu", "xla"), ("gpu", "cudnn"), ("tpu", "flash")])
+def test_auto_picks_the_platforms_kernel(platform, backend):
+    """model.attention='auto' is cuDNN on a GPU, the Pallas kernel on a TPU, XLA (with the CPU
+    kernels) on a CPU; 'xla' is XLA everywhere."""
+    assert attention.resolve_backend("auto", platform) == backend
+    assert attention.resolve_backend("xla", platform) == attention.resolve_backend(None, platform) == "xla"
+
+
+def test_cpu_kernels_follow_the_compiled_platform_not_the_machine():
+    """The CPU kernels are picked for steps compiled for a CPU only: with platform 'gpu' (on this
+    CPU machine) the plain causal call with 'xla' is one dense XLA call, not the query blocks."""
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 2, 8))
+
+    def lowered(platform):
+        kernels = KernelChoices(platform=platform)
+        return jax.jit(lambda q: attention.multihead_attention(q, q, q, kernels=kernels)).lower(q).as_text()
+    assert lowered("cpu").count("dot_general") > lowered("gpu").count("dot_general") == 2

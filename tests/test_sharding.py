@@ -1,11 +1,14 @@
-"""Mesh runs: logical axis rules, 8 fake CPU devices vs one device, orbax restore onto another
-mesh, the --dry_run report, and a real 2-process (loopback, gloo) run that is killed and resumed.
+"""Mesh runs: logical axis rules, host-contiguous meshes on deviceless TPU pods, 8 fake CPU devices
+vs one device, orbax restore onto another mesh, the --dry_run report, and a real 2-process
+(loopback, gloo) run that is killed and resumed.
 
 The fake-device flag must be set before jax is imported and this process already imported jax
 with one device, so the 8-device checks run in subprocesses (tests/sharding_worker.py, train.py).
 """
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +18,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from reflex_jax import checkpoint as ckpt
 from reflex_jax import sharding
@@ -74,6 +78,108 @@ def test_multihost_flags_are_checked_before_any_connection():
     with pytest.raises(ValueError, match=r"either --multihost .* or --coordinator, not both"):
         sharding.maybe_initialize_distributed("127.0.0.1:1234", 2, 0, auto=True)
     assert sharding.maybe_initialize_distributed() is False  # nothing asked, nothing started
+
+
+# ---- TPU pods compiled deviceless: every host keeps its batch rows together ------------------
+
+@functools.lru_cache(maxsize=None)
+def _tpu(topology: str, slices: int = 1) -> tuple:
+    """Compile-only devices of a TPU topology, with the process_index and coords of the real pod."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no libtpu lock: others compile too
+    from jax.experimental import topologies
+    kw = {"num_slices": slices} if slices > 1 else {}
+    return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw).devices)
+
+
+def _host_blocks(mesh) -> dict:
+    """{process: (block, blocks)} of the batch rows each process must load (process_rows raises
+    unless they are one contiguous block), after checking that the blocks tile the batch evenly
+    and that a tensor group that fits in a host stays in it."""
+    procs_BT = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(-1, mesh.shape["tensor"])
+    n_procs = len(np.unique(procs_BT))
+    batch, rows = sharding.batch_sharding(mesh), sharding.batch_shards(mesh)
+    blocks = {int(p): sharding.process_rows(batch, rows, process_index=int(p))
+              for p in np.unique(procs_BT)}
+    count = {c for _, c in blocks.values()}
+    assert len(count) == 1, blocks
+    owners = [sum(b == i for b, _ in blocks.values()) for i in range(count.pop())]
+    assert len(set(owners)) == 1 and sum(owners) == n_procs, blocks
+    if (mesh.devices.size // n_procs) % mesh.shape["tensor"] == 0:
+        assert (procs_BT == procs_BT[:, :1]).all(), procs_BT
+    return blocks
+
+
+PODS = [("v5p:2x2x2", [(-1, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)]),
+        ("v5p:4x4x2", [(-1, 1, 1), (1, 32, 1), (2, 16, 1), (1, 8, 4), (4, 4, 2)]),
+        ("v5p:2x4x4", [(1, 32, 1), (4, 8, 1), (1, 8, 4), (8, 2, 2)])]
+
+
+@pytest.mark.parametrize("topology,meshes", PODS, ids=[t for t, _ in PODS])
+def test_pod_meshes_give_every_host_one_block_of_rows(topology, meshes):
+    devices = _tpu(topology)
+    hosts = len({d.process_index for d in devices})
+    for sizes in meshes:
+        mesh = sharding.make_mesh(*sizes, devices=devices)
+        assert mesh.devices.shape == sharding.mesh_shape(*sizes, len(devices))
+        assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+        blocks = _host_blocks(mesh)
+        if sizes[2] <= len(devices) // hosts:  # the batch is split over all hosts
+            assert sorted(blocks.values()) == [(i, hosts) for i in range(hosts)], (sizes, blocks)
+    # tensor=8 over 2 hosts of 4: each host holds part of every row, so loads the whole batch
+    whole = sharding.make_mesh(1, 1, 8, devices=_tpu("v5p:2x2x2"))
+    assert _host_blocks(whole) == {0: (0, 1), 1: (0, 1)}
+
+
+def test_physical_order_interleaves_hosts_and_make_mesh_does_not():
+    devices = _tpu("v5p:2x2x2")
+    physical = Mesh(mesh_utils.create_device_mesh((8, 1, 1), devices), sharding.MESH_AXES)
+    with pytest.raises(sharding.MeshError, match=re.escape(
+            "process 0's devices hold rows [(0, 2), (4, 6), (8, 10), (12, 14)] of a 16-row batch")):
+        sharding.process_rows(sharding.batch_sharding(physical), 16, process_index=0)
+    mesh = sharding.make_mesh(-1, 1, 1, devices=devices)
+    assert sharding.process_rows(sharding.batch_sharding(mesh), 16, process_index=0) == (0, 2)
+    # inside each host the devices keep their physical (ring) order
+    for p, block in enumerate(np.split(mesh.devices.reshape(-1), 2)):
+        local = [d for d in devices if d.process_index == p]
+        assert list(block) == list(mesh_utils.create_device_mesh((4, 1, 1), local).reshape(-1))
+    # where physical order already keeps hosts together it is used as is; one host: always
+    assert (sharding.make_mesh(2, 2, 2, devices=devices).devices
+            == mesh_utils.create_device_mesh((2, 2, 2), devices)).all()
+    one_host = _tpu("v5p:2x2x1")
+    for sizes in ((-1, 1, 1), (1, 2, 2), (1, 1, 4)):
+        assert (sharding.make_mesh(*sizes, devices=one_host).devices
+                == mesh_utils.create_device_mesh(sharding.mesh_shape(*sizes, 4), one_host)).all()
+
+
+def test_shapes_the_topology_cannot_map_and_multislice_keep_hosts_together():
+    # 3 hosts x 4 chips, batch 6 = 2x3: no per-host box, so hosts in order, devices by coords
+    three = _tpu("v5p:2x2x3")
+    for sizes in ((2, 3, 2), (2, 6, 1)):
+        mesh = sharding.make_mesh(*sizes, devices=three)
+        assert _host_blocks(mesh) == {0: (0, 3), 1: (1, 3), 2: (2, 3)}, sizes
+    # two slices of 2 hosts: slices are the outer blocks of the batch, hosts inside them
+    two = _tpu("v5p:2x2x2", slices=2)
+    for sizes in ((2, 4, 2), (-1, 1, 1), (1, 16, 1), (1, 2, 8)):
+        mesh = sharding.make_mesh(*sizes, devices=two)
+        _host_blocks(mesh)
+        slices_BT = np.vectorize(lambda d: d.slice_index)(mesh.devices).reshape(-1, sizes[2])
+        half = len(slices_BT) // 2
+        assert (slices_BT[:half] == 0).all() and (slices_BT[half:] == 1).all(), sizes
+
+
+def test_meshes_no_host_layout_can_serve_are_one_sentence():
+    with pytest.raises(sharding.MeshError, match=re.escape(
+            "config.mesh.tensor=6 neither divides nor is a multiple of the 4 devices per process, so "
+            "no host can own whole batch rows; use tensor in [1, 2, 4] or a multiple of 4.")):
+        sharding.make_mesh(1, 2, 6, devices=_tpu("v5p:2x2x3"))
+    with pytest.raises(sharding.MeshError, match=re.escape(
+            "config.mesh.tensor=16 would cross slices (slow network between slices of 8 devices); "
+            "use a tensor size that divides 8.")):
+        sharding.make_mesh(1, 1, 16, devices=_tpu("v5p:2x2x2", slices=2))
+    with pytest.raises(sharding.MeshError, match=re.escape(
+            "the mesh devices are spread unevenly over processes ([2, 4] per process); give every "
+            "process the same number of devices.")):
+        sharding.make_mesh(-1, 1, 1, devices=_tpu("v5p:2x2x2")[:6])
 
 
 # ---- 8 fake devices: four meshes vs one device, shardings, restore onto other meshes ---------

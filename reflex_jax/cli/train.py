@@ -2,7 +2,9 @@
 
     python train.py --config configs/tiny.py                      # the built-in default, CPU, no network
     python train.py --config configs/reflex.py --config.max_steps=2000 --config.run_dir=runs/x
-    python train.py --config configs/tiny.py --dry_run            # mesh, one compiled step, memory
+    python train.py --config configs/tiny.py --dry_run            # mesh, compiled steps, memory
+    python train.py --config configs/reflex.py --compile_for=v5p:2x2x2 --config.mesh.fsdp=8
+                                                  # compile for a TPU pod / GPUs from this machine
     python train.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0   # multi-host
     python train.py ... --multihost                   # TPU pod / SLURM: JAX finds the cluster itself
 
@@ -26,8 +28,13 @@ def parse_args(argv: Optional[Sequence[str]]):
     """(flags, config overrides): every `--config.<field>` word is an override."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (defines get_config())")
-    p.add_argument("--dry_run", action="store_true", help="build the mesh, compile one step, print "
-                   "memory and parameter shardings, and exit without training")
+    p.add_argument("--dry_run", action="store_true", help="build the mesh, compile the train and "
+                   "eval steps and sampling, print memory, cost and parameter shardings, and exit "
+                   "without training or reading data")
+    p.add_argument("--compile_for", default="", help="dry run compiled for a hardware target "
+                   "without the hardware: a TPU topology (v5e:2x4, v5p:2x2x1, v5p:2x2x2, v6e:2x4, "
+                   "...) or gpu:h100x8, gpu:h200x8, gpu:h100x16")
+    p.add_argument("--dry_run_json", default="", help="also write the dry run's figures as JSON")
     p.add_argument("--coordinator", default="", help="multi-host: coordinator host:port (process 0)")
     p.add_argument("--num_processes", type=int, default=0, help="multi-host: number of processes")
     p.add_argument("--process_id", type=int, default=-1, help="multi-host: this process's index")
@@ -37,26 +44,52 @@ def parse_args(argv: Optional[Sequence[str]]):
     return p.parse_known_args(argv)
 
 
+DOES_NOT_FIT = 3  # exit status of a dry run whose compiled step does not fit the chip's memory
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, rest = parse_args(argv)
+    dry_run = args.dry_run or bool(args.compile_for) or bool(args.dry_run_json)
+    if args.compile_for:  # before JAX starts its backends
+        from ..targets import quiet_environment
+        quiet_environment()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     with exit_on_user_error(PROG, traceback=args.traceback, exit=_exit_after_error):
         from ..run_config import load_config, split_overrides
         config = load_config(args.config, split_overrides(rest))
+        if dry_run:
+            sys.exit(_dry_run(config, args))
         from .. import sharding
         from ..train.trainer import Trainer  # imports only; no device is touched yet
         sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
                                               args.process_id, auto=args.multihost)
         trainer = Trainer(config)
-        if args.dry_run:
-            report = trainer.dry_run()  # every process compiles; process 0 prints
-            if trainer.is_main:
-                print(report)
-            return
         summary = trainer.train()
     if trainer.is_main:
         print(_summary_lines(summary))
+
+
+def _dry_run(config, args) -> int:
+    """Compile from shapes (for `--compile_for`'s deviceless devices, or this machine's), print
+    the report (process 0), write the JSON; DOES_NOT_FIT when the chip's memory is too small."""
+    from .. import sharding
+    from ..train.trainer import Trainer
+    target = None
+    if args.compile_for:
+        from ..targets import resolve_target
+        target = resolve_target(args.compile_for)
+    else:  # every process of a multi-host job compiles its part of the same program
+        sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
+                                              args.process_id, auto=args.multihost)
+    trainer = Trainer(config, devices=target.devices if target else None, compile_only=True)
+    text, rep = trainer.dry_run(target)
+    if trainer.is_main:
+        print(text)
+        if args.dry_run_json:
+            from ..checkpoint import write_json
+            write_json(args.dry_run_json, rep)
+    return DOES_NOT_FIT if rep["fits"] is False else 0
 
 
 def _summary_lines(summary: dict) -> str:

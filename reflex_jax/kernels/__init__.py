@@ -9,6 +9,7 @@ what bench.py's ablation measures against.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +24,31 @@ class KernelChoices:
         (off: one dense causal call).
     blockwise_backward: on CPU, the query-blocked attention with a FlashAttention-style
         written-out backward (off: autodiff through the blocked calls).
+    platform: the platform the step is compiled for ('cpu', 'gpu', 'tpu'), which picks the
+        platform's kernels; None: `mesh`'s platform, else the default backend. The trainer sets
+        it from its mesh's devices, so a step compiled for a TPU or GPU target on a CPU machine
+        gets that target's kernels.
+    mesh: the jax.sharding.Mesh the step is compiled over, for kernels that must be wrapped in
+        shard_map (the Pallas TPU attention); None: the mesh of an enclosing `jax.set_mesh`, or
+        no shard_map (one device). Its devices also give the platform when `platform` is None.
+    pallas_interpret: run Pallas kernels in interpret mode (tests: the TPU kernel on a CPU).
     """
     fused_loss: bool = True
     f32_linear: bool = True
     attention_blocks: bool = True
     blockwise_backward: bool = True
+    platform: Optional[str] = None
+    mesh: Optional[Any] = None
+    pallas_interpret: bool = False
+
+    def resolved_platform(self) -> str:
+        """`platform`, else the platform of `mesh`'s devices, else JAX's default backend."""
+        import jax
+        if self.platform:
+            return self.platform
+        if self.mesh:  # (bench's ablation sets every field, this one too, to False)
+            return self.mesh.devices.flat[0].platform
+        return jax.default_backend()
 
 
 DEFAULT = KernelChoices()

@@ -1,11 +1,15 @@
 """Causal multi-head attention: the one dispatch function every attention call goes through.
 
-`multihead_attention` picks, by backend and shape, between XLA's dot_product_attention (any
-backend; cuDNN flash attention on NVIDIA GPUs with model.attention='cudnn') and the CPU kernels
-of cpu_attention.py. Callers pass only the choice (`implementation`, `KernelChoices`).
+`multihead_attention` picks a kernel from the backend asked for (`implementation`, i.e.
+model.attention) and the platform the step is compiled for (`KernelChoices.resolved_platform()`,
+not the machine JAX runs on): cuDNN flash attention on GPUs, the Pallas splash kernel of
+tpu_attention.py on TPUs, the CPU kernels of cpu_attention.py on CPUs, XLA's
+dot_product_attention otherwise. The rules are in docs/attention.md#backends.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Optional
 
 import jax
@@ -15,6 +19,12 @@ from ..errors import ConfigError
 from . import DEFAULT, KernelChoices
 from .cpu_attention import (blockwise_causal_attention, causal_blocks, flash_query_block,
                             single_query_attention)
+from .tpu_attention import causal_flash_attention, context_mesh, splash_block
+
+BACKENDS = ("auto", "xla", "cudnn", "flash")
+_PLATFORM_OF = {"cudnn": ("gpu", "needs an NVIDIA GPU"),
+                "flash": ("tpu", "is the Pallas TPU kernel and needs a TPU")}
+_log = logging.getLogger(__name__)
 
 
 def attention_mask(t_len: int, s_len: int, offset, key_mask_BS: Optional[jax.Array]):
@@ -26,49 +36,117 @@ def attention_mask(t_len: int, s_len: int, offset, key_mask_BS: Optional[jax.Arr
     return mask
 
 
-def _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, implementation):
+def resolve_backend(implementation: Optional[str], platform: str) -> str:
+    """'xla', 'cudnn' or 'flash' for model.attention=`implementation` (None: 'xla') on
+    `platform`: 'auto' is cuDNN on 'gpu', the Pallas kernel on 'tpu', XLA elsewhere."""
+    name = implementation or "xla"
+    if name == "auto":
+        return {"gpu": "cudnn", "tpu": "flash"}.get(platform, "xla")
+    if name not in BACKENDS:
+        raise ConfigError(f"model.attention={name!r} is unknown; use one of {' | '.join(BACKENDS)}.")
+    needs, what = _PLATFORM_OF.get(name, (platform, ""))
+    if platform != needs:
+        raise ConfigError(f"model.attention={name!r} {what}, but the step is compiled for "
+                          f"{platform}; use --config.model.attention=xla (or auto).")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    _log.warning(message)
+
+
+def _fused_causal(q_BTHD, k_BTHD, v_BTHD, backend: str, kernels: KernelChoices, strict: bool):
+    """The platform's fused kernel for the plain causal call, or None where it cannot take the
+    call: then an explicitly asked backend (`strict`) raises, and 'auto' logs why, once, and the
+    caller uses XLA."""
+    if backend == "flash":
+        t_len = q_BTHD.shape[1]
+        if t_len < 128:  # shorter than one kernel block (model init traces 8 tokens): XLA
+            return None
+        reason = None if splash_block(t_len) else f"sequence length {t_len} is not a multiple of 128"
+        if reason is None:
+            return causal_flash_attention(q_BTHD, k_BTHD, v_BTHD, mesh=kernels.mesh,
+                                          interpret=kernels.pallas_interpret)
+    else:
+        q_BTHD, k_BTHD, v_BTHD = _same_sharding(kernels.mesh, q_BTHD, k_BTHD, v_BTHD)
+        try:
+            return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True,
+                                                implementation="cudnn")
+        except NotImplementedError as e:  # JAX's own check of dtype, head size and lengths
+            reason = str(e).strip().rstrip(".")
+    if strict:
+        raise ConfigError(f"model.attention={backend!r} cannot take this attention call ({reason}); "
+                          f"use --config.model.attention=auto to fall back to XLA for it.")
+    _warn_once(f"attention: the {backend} kernel cannot take this call ({reason}); using XLA.")
+    return None
+
+
+def _same_sharding(mesh, *xs_BTHD):
+    """cuDNN's partitioner takes q, k and v only with one sharding: batch over the batch mesh
+    axes, heads over the head axes (each where it divides), as the TPU kernel's shard_map."""
+    mesh = context_mesh(mesh)
+    if mesh is None:
+        return xs_BTHD
+    from .. import sharding
+    spec = sharding.spec_for(jax.sharding.PartitionSpec("batch", None, "heads", None),
+                             xs_BTHD[0].shape, mesh)
+    named = jax.sharding.NamedSharding(mesh, spec)
+    return tuple(jax.lax.with_sharding_constraint(x, named) for x in xs_BTHD)
+
+
+def _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS):
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
     if key_mask_BS is None and t_len == s_len and isinstance(offset, int) and offset == 0:
-        return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, is_causal=True,
-                                            implementation=implementation)
-    # masked calls (cached decoding, padded prompts) stay on XLA: cuDNN's flash attention takes
-    # the plain causal case of training and prefill
+        return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, is_causal=True)
     mask = attention_mask(t_len, s_len, offset, key_mask_BS)
-    return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask=mask, implementation=None)
+    return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask=mask)
+
+
+def _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset: int, key_mask_BS, kernels: KernelChoices):
+    """CPU: the blockwise kernel for plain causal calls, else query blocks that skip the fully
+    masked keys (cpu_attention.py), each switch in `kernels`."""
+    t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
+    block = flash_query_block(t_len) if kernels.blockwise_backward else 0
+    if block and offset == 0 and s_len == t_len and key_mask_BS is None:  # training, plain prefill
+        return blockwise_causal_attention(q_BTHD, k_BSHD, v_BSHD, block)
+    n = causal_blocks(t_len) if kernels.attention_blocks else 1
+    if n == 1:
+        return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)
+    c = t_len // n  # query block i sees key slots < offset + (i + 1) * c only
+    return jnp.concatenate(
+        [_dense_attention(q_BTHD[:, i * c:(i + 1) * c], k_BSHD[:, :offset + (i + 1) * c],
+                          v_BSHD[:, :offset + (i + 1) * c], offset + i * c,
+                          None if key_mask_BS is None else key_mask_BS[:, :offset + (i + 1) * c])
+         for i in range(n)], axis=1)
 
 
 def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
                         implementation: Optional[str] = None, kernels: KernelChoices = DEFAULT):
     """Causal attention of T queries (at slots offset..offset+T-1) over S key slots.
 
-    `implementation`: None (XLA, with the CPU kernels of cpu_attention.py where `kernels`
-    allows) or "cudnn" (NVIDIA GPUs only)."""
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on "
-                          f"{jax.default_backend()}; use --config.model.attention=xla.")
+    `implementation`: model.attention, one of BACKENDS (None: 'xla'). The fused kernels take the
+    plain causal call of training and prefill (offset 0, T == S, no key mask); masked calls
+    (cached decoding, padded prompts) stay on XLA, with the CPU fast paths on 'cpu'."""
+    platform = kernels.resolved_platform()
+    backend = resolve_backend(implementation, platform)
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
-    on_cpu = implementation is None and jax.default_backend() == "cpu"
+    on_cpu = platform == "cpu"
     if on_cpu and t_len == 1 and q_BTHD.shape[0] == 1:
         # measured (bench.py generation, 6x8 n_embd 512, 1024 cache slots): at batch 1 this takes
         # ~13 ms/token against ~17; at batch 8 the dense call below is faster, so it stays there
         return single_query_attention(q_BTHD, k_BSHD, v_BSHD,
-                                       attention_mask(1, s_len, offset, key_mask_BS))
+                                      attention_mask(1, s_len, offset, key_mask_BS))
     if not isinstance(offset, int):
-        return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, implementation)
+        return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)
     end = min(s_len, offset + t_len)  # slots after the last query are never visible
     k_BSHD, v_BSHD = k_BSHD[:, :end], v_BSHD[:, :end]
     key_mask_BS = None if key_mask_BS is None else key_mask_BS[:, :end]
-    block = flash_query_block(t_len) if on_cpu and kernels.blockwise_backward else 0
-    if block and offset == 0 and end == t_len and key_mask_BS is None:  # training, plain prefill
-        return blockwise_causal_attention(q_BTHD, k_BSHD, v_BSHD, block)
-    n = causal_blocks(t_len) if on_cpu and kernels.attention_blocks else 1
-    if n == 1:
-        return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, implementation)
-    c = t_len // n  # query block i sees key slots < offset + (i + 1) * c only
-    return jnp.concatenate(
-        [_dense_attention(q_BTHD[:, i * c:(i + 1) * c], k_BSHD[:, :offset + (i + 1) * c],
-                          v_BSHD[:, :offset + (i + 1) * c], offset + i * c,
-                          None if key_mask_BS is None else key_mask_BS[:, :offset + (i + 1) * c],
-                          implementation) for i in range(n)], axis=1)
-
-
+    if backend != "xla" and offset == 0 and end == t_len and key_mask_BS is None:
+        out = _fused_causal(q_BTHD, k_BSHD, v_BSHD, backend, kernels,
+                            strict=implementation != "auto")
+        if out is not None:
+            return out
+    if on_cpu:
+        return _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, kernels)
+    return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)

@@ -2,8 +2,8 @@
 single-query (decode) path over a cache read in place.
 
 XLA:CPU computes dense attention over the full T x S score matrix, masked half included; these
-skip the fully masked key blocks. On other backends the dispatch (kernels/attention.py) never
-calls them.
+skip the fully masked key blocks. The dispatch (kernels/attention.py) calls them only for steps
+compiled for a CPU.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 def causal_blocks(t_len: int) -> int:
     """Query blocks for causal attention on CPU: blocks of >= 128 queries (at most 4), so that the
     all-masked upper-right key blocks are skipped (a quarter of the work at 2 blocks); 1 (one
-    dense call) elsewhere. XLA:CPU computes dense attention over the full T x S."""
-    if jax.default_backend() != "cpu" or t_len % 128:
+    dense call) when T is not a multiple of 128. XLA:CPU computes dense attention over the full
+    T x S."""
+    if t_len % 128:
         return 1
     return min(t_len // 128, 4)
 
@@ -25,7 +26,7 @@ def causal_blocks(t_len: int) -> int:
 def flash_query_block(t_len: int) -> int:
     """Query block size of `blockwise_causal_attention` on CPU (0: not used): 64 queries, or T/8
     for long sequences (the blocks are unrolled; 8 bounds the program size)."""
-    if jax.default_backend() != "cpu" or t_len < 128 or t_len % 64:
+    if t_len < 128 or t_len % 64:
         return 0
     block = max(64, t_len // 8)
     return block if t_len % block == 0 else 0

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import jax.numpy as jnp
 
 from ..errors import ConfigError
+from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from .schedule import LayerPlan, as_schedule_tuple, resolve_schedule
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -54,7 +55,7 @@ class ModelConfig:
     reflex: Union[str, Sequence] = "all"      # none | all | recent:c1,c2,... | explicit tuples
     reflex_window: Optional[int] = None       # `all`: at most this many (newest) source layers
     reflex_min_self: int = 1                  # `all`: every layer keeps at least this many self heads
-    attention: str = "xla"                    # xla | cudnn (NVIDIA GPU flash attention for training)
+    attention: str = "auto"                   # auto | xla | cudnn | flash (docs/attention.md#backends)
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -73,7 +74,7 @@ class ModelConfig:
             raise ConfigError(f"pos_emb='rope' needs an even head size, got {self.head_dim}; "
                               "change n_embd or n_head.")
         for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
-                              ("pos_emb", ("learned", "rope")), ("attention", ("xla", "cudnn"))):
+                              ("pos_emb", ("learned", "rope")), ("attention", ATTENTION_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; use one of "
                                   f"{' | '.join(allowed)}.")

@@ -10,6 +10,7 @@ then read the *updated* caches of earlier layers, which the unrolled order has a
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -92,7 +93,9 @@ def _init_tokens(cfg: ModelConfig):
 
 def boxed_params(model: Decoder, rng):
     """`model`'s freshly initialised params, boxed with their logical axes."""
-    return model.init(rng, _init_tokens(model.cfg))["params"]
+    # the params do not depend on the attention backend, and XLA's traces on every platform
+    xla = model.clone(cfg=dataclasses.replace(model.cfg, attention="xla"))
+    return xla.init(rng, _init_tokens(model.cfg))["params"]
 
 
 def init_params(cfg: ModelConfig, rng, *, with_axes: bool = False, model: Optional[Decoder] = None):

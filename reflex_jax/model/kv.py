@@ -42,7 +42,8 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
     """Attention of one layer: query head h reads own K/V head h (h < n_self), later heads read
     their cross group's source K/V (see `gather_kv`); K/V are cast to `dtype` (default q's).
 
-    Prefill/training concatenate K/V into one [B, S, H, D] call (one big op). Cached decoding
+    Prefill/training concatenate K/V into one [B, S, H, D] call (one big op, which the fused
+    kernels of kernels/attention.py take: every layer then has H K/V heads). Cached decoding
     (one query) attends group by group over the caches in place instead: the concatenation would
     copy every layer's whole cache on every token, which made `all` decode slower than `none` at
     batch 8 (bench.py). Per head the math is the same in both forms.

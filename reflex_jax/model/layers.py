@@ -163,7 +163,7 @@ class Attention(nn.Module):
         dt = cfg.compute_dtype
         y_BTHD = reflex_attention(q_BTHD.astype(dt), own, earlier, plan, offset=offset,
                                   key_mask_BS=key_mask_BS, dtype=dt,
-                                  implementation=None if cfg.attention == "xla" else cfg.attention,
+                                  implementation=cfg.attention,
                                   kernels=self.kernels)
         out_BTE = dense(cfg.n_embd, ("heads", "head_dim", "embed"), _residual_std(cfg), "o",
                         axis=(-2, -1))(y_BTHD)

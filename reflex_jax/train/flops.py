@@ -54,9 +54,9 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> f
 
 def device_peak(dtype=jnp.float32) -> tuple[float, str]:
     """(peak FLOP/s per device, where the number comes from)."""
-    kind = jax.devices()[0].device_kind
-    if jax.default_backend() != "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
-        for name, peak in KNOWN_PEAKS_BF16.items():
-            if name.lower() in kind.lower():
-                return peak, f"{name} bf16 datasheet"
-    return measure_matmul_peak(dtype), f"measured {jnp.dtype(dtype).name} matmul on {kind}"
+    from ..targets import device_kind_chip  # the one table of chip figures
+    device = jax.devices()[0]
+    chip = device_kind_chip(device) if device.platform != "cpu" else None
+    if chip is not None and jnp.dtype(dtype) == jnp.bfloat16:
+        return chip.peak_bf16_flops, f"{chip.name} bf16 datasheet ({chip.source})"
+    return measure_matmul_peak(dtype), f"measured {jnp.dtype(dtype).name} matmul on {device.device_kind}"

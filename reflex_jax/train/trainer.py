@@ -6,6 +6,7 @@ an uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -32,24 +33,42 @@ from .step import StepSettings, TrainState
 
 class Trainer:
     def __init__(self, config, *, log: Callable[[str], None] = print, devices=None,
-                 kernels: KernelChoices = DEFAULT):
+                 kernels: KernelChoices = DEFAULT, compile_only: bool = False):
         """`devices`: the devices to build the mesh over (default: all, on every process);
-        `kernels`: which optimised kernels the model and loss use (bench.py's ablation)."""
+        `kernels`: which optimised kernels the model and loss use (bench.py's ablation); their
+        platform defaults to the mesh's. `compile_only`: build from shapes alone, for a dry run
+        (possibly for deviceless accelerator `devices`): no data is opened and `train` refuses."""
         self.config, c = config, config
+        self.compile_only = compile_only
         self.is_main = jax.process_index() == 0
         self.log = log if self.is_main else (lambda s: None)  # process 0 speaks for the job
         self.cfg = model_config_from(config)
         checks.check_run_config(c)
-        self.data, self.data_dir = self._open_data()
-        checks.check_fits_data(self.data.meta, self.cfg, self.data_dir)
+        if not compile_only:
+            self.data, self.data_dir = self._open_data()
+            checks.check_fits_data(self.data.meta, self.cfg, self.data_dir)
         self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
         checks.check_fits_mesh(c, sharding.batch_shards(self.mesh))
+        self.platform = self.mesh.devices.flat[0].platform
+        # the step's kernels are the mesh's platform's, and the TPU kernel's shard_map needs the mesh
+        self.kernels = dataclasses.replace(kernels, platform=kernels.platform or self.platform,
+                                           mesh=kernels.mesh or self.mesh)
         self.seq_len = self.cfg.block_size
-        self.model = Decoder(self.cfg, remat=bool(c.remat), kernels=kernels)
+        self.model = Decoder(self.cfg, remat=bool(c.remat), kernels=self.kernels)
         from .optim import make_optimizer
         self.tx, self.schedule = make_optimizer(c.optim, c.max_steps)
-        self.step_settings = StepSettings(self.model, c.data.loss_on, c.grad_accum, c.seed, kernels)
+        self.step_settings = StepSettings(self.model, c.data.loss_on, c.grad_accum, c.seed,
+                                          self.kernels)
         self._build_shardings()
+        self._exact_match = self._val = None
+        if not compile_only:
+            self._open_loaders()
+        self.train_step = self._compile_train_step()
+        self.eval_step = self._compile_eval_step()
+        self._stop_signal: Optional[str] = None
+
+    def _open_loaders(self):
+        c = self.config
         # each process loads the rows its own devices hold (all of them if the batch axes stay
         # inside one host); the global batch is still a pure function of (seed, step)
         block, blocks = sharding.process_rows(self.batch_sharding, c.batch_size)
@@ -58,13 +77,8 @@ class Trainer:
         if c.data.loss_on == "answer":
             first = data_lib.BatchLoader(self.data, "train", c.batch_size, self.seq_len, c.seed)
             checks.check_answer_tokens(first.batch(0), self.data_dir, self.cfg.block_size)
-        self._exact_match = None
         if c.data.task and c.eval_exact_match > 0 and c.eval_interval:
             self._exact_match = self._make_exact_match()
-        self._val = None
-        self.train_step = self._compile_train_step()
-        self.eval_step = self._compile_eval_step()
-        self._stop_signal: Optional[str] = None
 
     def _open_data(self):
         c = self.config
@@ -148,10 +162,13 @@ class Trainer:
             arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, x, shape))
         return arrays
 
-    def dry_run(self) -> str:
-        """Compile one train step and report per-device memory and every parameter's sharding."""
-        from .dry_run import dry_run_report
-        return dry_run_report(self)
+    def dry_run(self, target=None) -> tuple[str, dict]:
+        """Compile the train and eval steps and sampling's prefill and decode step for this mesh
+        (`target`: the reflex_jax.targets.Target its devices came from, for the chip's figures);
+        returns (the report for people, the same as a JSON-able dict)."""
+        from .dry_run import format_report, report
+        rep = report(self, target, self.log)
+        return format_report(self, rep), rep
 
     # ---- evaluation --------------------------------------------------------------------------
     def val_batches(self):
@@ -239,6 +256,9 @@ class Trainer:
         """Train from the latest checkpoint (or `init_from`, or scratch) to max_steps, or until
         SIGTERM/SIGINT; returns a summary of the last logged metrics."""
         c = self.config
+        if self.compile_only:
+            raise TrainingError("this Trainer was built with compile_only=True (no data); build "
+                                "it without compile_only to train.")
         self._write_run_files()
         checkpoints = ckpt.RunCheckpoints(c.run_dir, keep=c.keep_checkpoints,
                                           async_save=bool(c.async_checkpoints))

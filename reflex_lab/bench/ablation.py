@@ -27,7 +27,7 @@ _SWITCHED_ON = (("+ fused chunked loss", "fused_loss"),
 
 
 def _ablation_steps() -> tuple[tuple[str, KernelChoices], ...]:
-    kernels = KernelChoices(**{f.name: False for f in dataclasses.fields(KernelChoices)})
+    kernels = KernelChoices(**{switch: False for _, switch in _SWITCHED_ON})
     steps = [("plain jit port", kernels)]
     for label, switch in _SWITCHED_ON:
         kernels = dataclasses.replace(kernels, **{switch: True})

@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_train", action="store_true", help="skip the training benchmark")
     p.add_argument("--no_gen", action="store_true", help="skip the generation benchmark")
     p.add_argument("--no_hf", action="store_true", help="skip HF transformers generate")
-    p.add_argument("--attention", choices=("xla", "cudnn"),
-                   help="attention backend of this project's models (cudnn: NVIDIA GPUs)")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "flash"),
+                   help="attention backend of this project's models (docs/attention.md#backends)")
     p.add_argument("--xla_flags", help="extra XLA_FLAGS for this run (set before jax starts)")
     p.add_argument("--ablation", action="store_true", help="only the train step, optimisations "
                    "switched on one by one (interleaved), instead of the benchmark")

@@ -31,7 +31,7 @@ class BenchSettings:
     gen_recompute_tokens: int = 2     # prefix re-run: new tokens timed (each is a full forward)
     gen_reps: int = 2
     hf: bool = True
-    attention: str = "xla"            # model.attention of this project's models (cudnn: GPUs)
+    attention: str = "auto"           # model.attention of this project's models
     name: str = "default"
 
     @classmethod
