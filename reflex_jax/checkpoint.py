@@ -1,4 +1,5 @@
-"""Orbax checkpoints on disk.
+"""Orbax checkpoints on a local disk or in a bucket (gs://...; orbax and tensorstore write there
+directly, the JSON files go through reflex_jax.storage).
 
 Two layouts, both loadable by `load_params(path) -> (ModelConfig, params)`:
 
@@ -10,12 +11,12 @@ Two layouts, both loadable by `load_params(path) -> (ModelConfig, params)`:
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from . import storage
 from .errors import CheckpointError
 from .model.config import ModelConfig
 
@@ -26,27 +27,23 @@ CHECKPOINTS = "checkpoints"
 
 
 def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    """Local or remote; atomic: a reader never sees half a file."""
+    storage.write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def read_model_config(directory: str) -> ModelConfig:
-    path = os.path.join(directory, MODEL_CONFIG)
-    if not os.path.exists(path):
+    path = storage.join(directory, MODEL_CONFIG)
+    if not storage.exists(path):
         raise CheckpointError(f"{directory!r} has no {MODEL_CONFIG}; point at a directory written "
                               "by convert_weights.py or train.py.")
-    with open(path, encoding="utf-8") as f:
-        return ModelConfig.from_dict(json.load(f))
+    return ModelConfig.from_dict(json.loads(storage.read_text(path)))
 
 
 def read_meta(directory: str) -> dict:
-    path = os.path.join(directory, META)
-    if not os.path.exists(path):
+    path = storage.join(directory, META)
+    if not storage.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def check_params_fit(cfg: ModelConfig, params, where: str) -> None:
@@ -72,14 +69,14 @@ def check_params_fit(cfg: ModelConfig, params, where: str) -> None:
 
 def save_params(directory: str, cfg: ModelConfig, params, meta: Optional[dict] = None) -> str:
     """Write a params directory (orbax tree + model config + meta). Returns the directory."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, PARAMS)
+    directory = storage.resolve(directory)
+    storage.makedirs(directory)
+    target = storage.join(directory, PARAMS)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(target, params, force=True)
     ckptr.wait_until_finished()
-    write_json(os.path.join(directory, MODEL_CONFIG), cfg.to_dict())
-    write_json(os.path.join(directory, META), meta or {})
+    write_json(storage.join(directory, MODEL_CONFIG), cfg.to_dict())
+    write_json(storage.join(directory, META), meta or {})
     return directory
 
 
@@ -97,16 +94,16 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best"):
     For a run directory: `step` picks a specific saved step; otherwise `which` is `best` (lowest
     validation loss, falling back to latest when no eval ran) or `latest`.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
+    path = storage.resolve(path)
+    if not storage.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist; pass a directory "
                               "written by convert_weights.py or train.py.")
     cfg = read_model_config(path)
-    if os.path.isdir(os.path.join(path, PARAMS)):
-        params = restore_tree(os.path.join(path, PARAMS))
+    if storage.isdir(storage.join(path, PARAMS)):
+        params = restore_tree(storage.join(path, PARAMS))
         check_params_fit(cfg, params, path)
         return cfg, params
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    if storage.isdir(storage.join(path, CHECKPOINTS)):
         ckpts = RunCheckpoints(path, create=False)
         try:
             chosen = ckpts.pick_step(step, which)
@@ -124,14 +121,15 @@ class RunCheckpoints:
     the best step by validation loss.
 
     Params and optimizer state are separate items, so sampling restores params alone. Orbax writes
-    each step into a temporary directory and renames it only once complete, so a process killed
+    each step into a temporary directory and renames it only once complete (in a bucket, where a
+    rename is a copy: writes in place and adds commit_success.txt last), so a process killed
     mid-save leaves no step that `latest_step` would return.
     """
 
     def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True, create: bool = True):
         from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
-        self.directory = os.path.join(os.path.abspath(run_dir), CHECKPOINTS)
-        if not create and not os.path.isdir(self.directory):
+        self.directory = storage.join(storage.resolve(run_dir), CHECKPOINTS)
+        if not create and not storage.isdir(self.directory):
             raise CheckpointError(f"{run_dir!r} has no {CHECKPOINTS}/ directory; train first or "
                                   "point at a run directory that has checkpoints.")
         metric = lambda m: m["val_loss"]  # noqa: E731

@@ -49,10 +49,8 @@ def test_kv_cache_bytes_follow_the_schedule_exactly():
 
 def test_ablation_switches_one_kernel_on_per_step():
     """From all kernels off to the default choices, one more switch on at every step."""
-    import dataclasses
-    from reflex_jax.kernels import KernelChoices
+    from reflex_jax.kernels import SWITCHES as switches, KernelChoices
     from reflex_lab.bench.ablation import ABLATION_STEPS
-    switches = [f.name for f in dataclasses.fields(KernelChoices)]
     on = [sum(getattr(k, n) for n in switches) for _, k in ABLATION_STEPS]
     assert on == list(range(len(switches) + 1))
     assert ABLATION_STEPS[-1][1] == KernelChoices()

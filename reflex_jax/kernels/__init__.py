@@ -46,9 +46,11 @@ class KernelChoices:
         import jax
         if self.platform:
             return self.platform
-        if self.mesh:  # (bench's ablation sets every field, this one too, to False)
+        if self.mesh:
             return self.mesh.devices.flat[0].platform
         return jax.default_backend()
 
 
+# the optimised-kernel switches (the other fields say where the step runs, not what it computes)
+SWITCHES = ("fused_loss", "f32_linear", "attention_blocks", "blockwise_backward")
 DEFAULT = KernelChoices()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from .. import storage
+
 
 def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
@@ -11,8 +13,56 @@ def progress_bar(total: int, initial: int, enabled: bool):
                 desc="train", unit="step")
 
 
+def _rows_up_to(text: str, start_step: int) -> list[str]:
+    """The lines of `text` for steps <= start_step; a torn last line (a kill mid-write) is dropped."""
+    keep = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= start_step:
+            keep.append(line + "\n")
+    return keep
+
+
+class _LocalLines:
+    """Appends to a local file, flushed after every line."""
+
+    def __init__(self, path: str, keep: list[str]):
+        if keep is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def append(self, line: str):
+        self.file.write(line)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class _RemoteLines:
+    """A bucket object cannot be appended to: every line uploads the whole log again, so a row is
+    stored before the checkpoint that follows it (one small upload per log line)."""
+
+    def __init__(self, path: str, keep: list[str]):
+        self.path, self.lines = path, list(keep or [])
+        if keep is not None:
+            storage.write_text_atomic(path, "".join(self.lines))
+
+    def append(self, line: str):
+        self.lines.append(line)
+        storage.write_text_atomic(self.path, "".join(self.lines))
+
+    def close(self):
+        pass
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per log line) plus optional TensorBoard / W&B mirrors.
+    """metrics.jsonl (one JSON object per log line) plus optional TensorBoard / W&B mirrors; the
+    run directory may be local or in a bucket (gs://...).
 
     On resume, lines from steps after the restored step are dropped: they belong to the run that
     was interrupted, and the resumed run writes them again.
@@ -24,24 +74,24 @@ class MetricsLog:
         self.tb = self.wb = None
         if not enabled:
             return
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-        self.file = open(path, "a", encoding="utf-8")
+        keep = _rows_up_to(storage.read_text(path), start_step) if storage.exists(path) else None
+        lines = _RemoteLines if storage.is_remote(path) else _LocalLines
+        self.lines = lines(path, keep)
         run_dir = os.path.dirname(path)
         if tensorboard:
             try:
                 from flax.metrics import tensorboard as tb
-                self.tb = tb.SummaryWriter(os.path.join(run_dir, "tb"))
+                self.tb = tb.SummaryWriter(storage.join(run_dir, "tb"))
             except ImportError:
                 print("tensorboard was asked for but is not installed (pip install tensorboard); "
                       "logging to metrics.jsonl only.")
         if wandb:
             try:
                 import wandb as wb
-                self.wb = wb.init(project="reflex_jax", dir=run_dir, config=config, resume="allow")
+                # W&B keeps its files on a local disk
+                local = storage.local_cache_dir(run_dir) if storage.is_remote(run_dir) else run_dir
+                storage.makedirs(local)
+                self.wb = wb.init(project="reflex_jax", dir=local, config=config, resume="allow")
             except ImportError:
                 print("wandb was asked for but is not installed (pip install wandb); "
                       "logging to metrics.jsonl only.")
@@ -49,8 +99,7 @@ class MetricsLog:
     def write(self, row: dict):
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.lines.append(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and self.tb is not None:
                 self.tb.scalar(k, v, row["step"])
@@ -59,6 +108,6 @@ class MetricsLog:
 
     def close(self):
         if self.enabled:
-            self.file.close()
+            self.lines.close()
             if self.tb is not None:
                 self.tb.flush()

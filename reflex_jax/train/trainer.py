@@ -81,19 +81,28 @@ class Trainer:
             self._exact_match = self._make_exact_match()
 
     def _open_data(self):
+        from .. import storage
         c = self.config
         if c.data.dir:
+            if storage.is_remote(c.data.dir):
+                raise TrainingError(
+                    f"data directory {c.data.dir!r} is remote, but token data is memory-mapped from "
+                    "a local disk; copy it to each host and point --config.data.dir there.")
             if not os.path.isdir(c.data.dir):
                 raise TrainingError(
                     f"data directory {c.data.dir!r} does not exist; prepare it with "
                     f"`python -m reflex_jax.data prepare --out {c.data.dir} ...` or set --config.data.dir.")
             return data_lib.TokenData.open(c.data.dir), c.data.dir
         if c.data.task:
-            out = os.path.join(c.run_dir, "data")
-            if self.is_main:
+            # token data is memory-mapped, so a run in a bucket keeps its task data on each host's
+            # disk, where every process generates it (deterministic in the seed)
+            remote = storage.is_remote(c.run_dir)
+            root = storage.local_cache_dir(c.run_dir) if remote else c.run_dir
+            out = os.path.join(root, "data")
+            if self.is_main or remote:
                 data_lib.prepare_task(c.data.task, out, tokenizer=c.data.tokenizer,
                                       n_train=c.data.task_rows, n_val=c.data.task_val_rows,
-                                      seed=c.seed, **_task_options(c.data))
+                                      seed=c.seed, verbose=self.is_main, **_task_options(c.data))
             _sync("prepared task data")
             return data_lib.TokenData.open(out), out
         raise TrainingError("no training data: set --config.data.dir to a prepared directory or "
@@ -212,12 +221,13 @@ class Trainer:
 
     # ---- run directory -------------------------------------------------------------------------
     def _write_run_files(self):
+        from .. import storage
         c = self.config
-        os.makedirs(c.run_dir, exist_ok=True)
-        model_path = os.path.join(c.run_dir, ckpt.MODEL_CONFIG)
-        if os.path.exists(model_path):
+        storage.makedirs(c.run_dir)
+        model_path = storage.join(c.run_dir, ckpt.MODEL_CONFIG)
+        if storage.exists(model_path):
             diff = self.cfg.model_differences(ckpt.read_model_config(c.run_dir))
-            if diff and os.path.isdir(os.path.join(c.run_dir, ckpt.CHECKPOINTS)):
+            if diff and storage.isdir(storage.join(c.run_dir, ckpt.CHECKPOINTS)):
                 raise TrainingError(
                     f"run_dir {c.run_dir!r} holds checkpoints of a different model (model.{diff[0]} "
                     f"differs); use a new --config.run_dir or the same model config to resume.")
@@ -225,8 +235,8 @@ class Trainer:
         # writers racing on the same temp file would break the atomic replace
         if self.is_main:
             ckpt.write_json(model_path, self.cfg.to_dict())
-            ckpt.write_json(os.path.join(c.run_dir, "config.json"), c.to_dict())
-            ckpt.write_json(os.path.join(c.run_dir, ckpt.META),
+            ckpt.write_json(storage.join(c.run_dir, "config.json"), c.to_dict())
+            ckpt.write_json(storage.join(c.run_dir, ckpt.META),
                             {"tokenizer": self.data.meta["tokenizer"],
                              "data_dir": os.path.abspath(self.data_dir),
                              "template": self.data.meta.get("template"), "task": c.data.task or None})
@@ -292,7 +302,8 @@ class _Loop:
     def __init__(self, trainer: Trainer, checkpoints: ckpt.RunCheckpoints, start: int):
         c = self.config = trainer.config
         self.trainer, self.checkpoints = trainer, checkpoints
-        self.metrics_log = MetricsLog(os.path.join(c.run_dir, "metrics.jsonl"), start,
+        from .. import storage
+        self.metrics_log = MetricsLog(storage.join(c.run_dir, "metrics.jsonl"), start,
                                       trainer.is_main, tensorboard=c.tensorboard, wandb=c.wandb,
                                       config=c.to_dict())
         self.tokens_per_step = c.batch_size * trainer.seq_len

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from reflex_jax.kernels import KernelChoices
+from reflex_jax.kernels import SWITCHES, KernelChoices
 
 from ..machine import environment
 from .report import mib
@@ -27,7 +27,8 @@ _SWITCHED_ON = (("+ fused chunked loss", "fused_loss"),
 
 
 def _ablation_steps() -> tuple[tuple[str, KernelChoices], ...]:
-    kernels = KernelChoices(**{switch: False for _, switch in _SWITCHED_ON})
+    assert {switch for _, switch in _SWITCHED_ON} == set(SWITCHES)
+    kernels = KernelChoices(**{switch: False for switch in SWITCHES})
     steps = [("plain jit port", kernels)]
     for label, switch in _SWITCHED_ON:
         kernels = dataclasses.replace(kernels, **{switch: True})
