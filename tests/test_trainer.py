@@ -2,6 +2,7 @@
 stops, and config errors that name the fix."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,20 +168,26 @@ def test_checkpoint_killed_mid_save_never_becomes_latest(tmp_path):
     np.testing.assert_array_equal(ck.restore_params(1)["w"], np.ones(4))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    c = small_config(tmp_path / "nan", max_steps=20, checkpoint_interval=1, log_interval=1)
-    c.optim.lr, c.optim.min_lr, c.optim.clip, c.optim.warmup_steps = 1e12, 1e12, 0.0, 0
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+); stopping without "
-                                            r"saving \(the last good checkpoint is step \d+"):
+@pytest.mark.parametrize("lr, clip", [(1e12, 0.0), (1e6, 1.0)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, lr, clip):
+    """A diverging run stops at the first non-finite loss or gradient norm, and the checkpoint it
+    names as the last good one really is: every parameter of it is finite (the gradient norm of
+    the update that made a step's params is checked, not only the loss before it)."""
+    c = small_config(tmp_path / "nan", max_steps=30, checkpoint_interval=1, log_interval=1)
+    c.optim.lr, c.optim.min_lr, c.optim.clip, c.optim.warmup_steps = lr, lr, clip, 0
+    with pytest.raises(TrainingError, match=r"(the loss|the gradient norm) became (nan|inf) at "
+                                            r"step (\d+); stopping without saving \(the last good "
+                                            r"checkpoint is step \d+") as e:
         Trainer(c, log=lambda s: None).train()
     ck = ckpt.RunCheckpoints(c.run_dir, create=False)
     rows = read_metrics(c.run_dir)
-    bad = next(r["step"] for r in rows if not np.isfinite(r["loss"])) if any(
-        not np.isfinite(r["loss"]) for r in rows) else None
+    bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
     assert ck.all_steps(), "the good steps before the NaN were saved"
-    assert bad is None or ck.latest_step() < bad
+    assert ck.latest_step() < bad and str(ck.latest_step()) in str(e.value)
     latest_loss = {r["step"]: r["loss"] for r in rows}.get(ck.latest_step())
     assert latest_loss is None or np.isfinite(latest_loss)
+    _, params = ckpt.load_params(c.run_dir, which="latest")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
 def test_config_errors_are_one_sentence_before_compiling(tmp_path):
@@ -239,3 +246,43 @@ def test_train_cli_default_config_prints_checkpoint(tmp_path):
     assert bad.returncode == 2
     assert out.strip().splitlines()[-1] == ("train.py: error: model.norm='batchnorm' is unknown; "
                                             "use one of rmsnorm | layernorm.")
+
+
+def test_second_trainer_on_a_run_dir_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    run = tmp_path / "locked"
+    first = _run_train(overrides_cli(run, max_steps=400, checkpoint_interval=0,
+                                     async_checkpoints=False))
+    try:
+        lock = run / "train.lock"
+        deadline = time.time() + 300
+        while not lock.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert lock.exists(), "the first trainer holds the lock while it runs"
+        with pytest.raises(TrainingError, match=rf"run_dir .* is in use by process {first.pid} on "
+                                                r".*; wait for that run, use another"):
+            Trainer(small_config(run, max_steps=2), log=lambda s: None).train()
+    finally:
+        first.kill()
+        first.wait()
+    # the killed trainer left its lock behind: the next trainer takes it over and finishes
+    said = []
+    summary = Trainer(small_config(run, max_steps=2), log=said.append).train()
+    assert summary["final_step"] == 2 and not (run / "train.lock").exists()
+    assert any(f"stale lock of process {first.pid}" in s for s in said), said
+
+
+def test_sigterm_saves_and_exits_75(tmp_path):
+    run = tmp_path / "term"
+    proc = _run_train(overrides_cli(run, max_steps=400, checkpoint_interval=0,
+                                    async_checkpoints=False))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out
+    assert "stopped by SIGTERM at step" in out
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
+    assert ckpt.RunCheckpoints(str(run), create=False).latest_step() == step

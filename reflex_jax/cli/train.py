@@ -10,6 +10,8 @@
 
 Any config field can be overridden: --config.model.n_layer=12, --config.mesh.fsdp=4, ...
 A run directory that already holds checkpoints resumes from its latest step.
+Exit status: 0 finished, 2 a user's mistake (one line on stderr), 75 stopped by SIGTERM/SIGINT
+after saving (requeue it), 3 a dry run whose step does not fit the target's memory.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 
 DOES_NOT_FIT = 3  # exit status of a dry run whose compiled step does not fit the chip's memory
+STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: requeue (EX_TEMPFAIL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -68,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         summary = trainer.train()
     if trainer.is_main:
         print(_summary_lines(summary))
+    if summary["stopped_by"]:  # a scheduler must tell preemption from completion
+        sys.exit(STOPPED)
 
 
 def _dry_run(config, args) -> int:

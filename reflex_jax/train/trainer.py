@@ -6,6 +6,7 @@ an uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -28,6 +29,7 @@ from ..model import Decoder, abstract_params, param_logical_axes
 from ..run_config import model_config_from
 from . import checks, flops, step
 from .metrics import MetricsLog, progress_bar
+from .run_lock import RunLock
 from .step import StepSettings, TrainState
 
 
@@ -269,6 +271,15 @@ class Trainer:
         if self.compile_only:
             raise TrainingError("this Trainer was built with compile_only=True (no data); build "
                                 "it without compile_only to train.")
+        lock = None
+        if self.is_main and "://" not in c.run_dir:  # one trainer per (local) run directory
+            os.makedirs(c.run_dir, exist_ok=True)
+            lock = RunLock(c.run_dir, self.log)
+        with lock or contextlib.nullcontext():
+            return self._train()
+
+    def _train(self) -> dict:
+        c = self.config
         self._write_run_files()
         checkpoints = ckpt.RunCheckpoints(c.run_dir, keep=c.keep_checkpoints,
                                           async_save=bool(c.async_checkpoints))
@@ -320,17 +331,25 @@ class _Loop:
         fetched = [(s, jax.device_get(m)) for s, m in self.pending]
         self.pending = []
         for s, m in fetched:
-            if not np.isfinite(m["loss"]):
-                where = (f"the last good checkpoint is step {self.last_saved} in "
-                         f"{self.checkpoints.directory}" if self.last_saved is not None
-                         else "no checkpoint was written")
-                raise TrainingError(
-                    f"loss became {m['loss']} at step {s}; stopping without saving ({where}); "
-                    "lower --config.optim.lr or check the data.")
+            # the loss is computed before step s's update, the gradient norm from the gradients
+            # the update applied: a non-finite one means step s's params are damaged
+            for name in ("loss", "grad_norm"):
+                if not np.isfinite(m[name]):
+                    self._stop_non_finite(f"{'the loss' if name == 'loss' else 'the gradient norm'}"
+                                          f" became {m[name]} at step {s}")
         return fetched[-1][1] if fetched else {}
+
+    def _stop_non_finite(self, what: str):
+        where = (f"the last good checkpoint is step {self.last_saved} in "
+                 f"{self.checkpoints.directory}" if self.last_saved is not None
+                 else "no checkpoint was written")
+        raise TrainingError(f"{what}; stopping without saving ({where}); lower "
+                            "--config.optim.lr or check the data.")
 
     def save(self, step: int, state: TrainState, val_loss=None):
         self.flush()
+        if not bool(_all_finite(state.params)):  # never save what cannot be resumed from
+            self._stop_non_finite(f"the params of step {step} are not all finite")
         self.checkpoints.save(step, state.params, state.opt_state, val_loss)
         self.last_saved = step
 
@@ -367,6 +386,11 @@ class _Loop:
         self.bar.close()
         self.checkpoints.close()
         self.metrics_log.close()
+
+
+@jax.jit
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _task_options(data_cfg) -> dict:
