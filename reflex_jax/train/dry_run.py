@@ -157,9 +157,11 @@ def report(trainer, target=None, log=lambda s: None) -> dict:
     out["fits"] = False if refused else None if chip is None else peak_total <= chip.hbm_bytes
     out["peak_total_bytes"] = peak_total
     if chip is not None and not refused:
-        # the compiler counts a Pallas (Mosaic) kernel only by the cost it declares (splash
-        # attention declares none), so the model's own FLOP count is the floor of the work
+        # cost_analysis counts a loop body once (the grad-accumulation scan, the chunked loss)
+        # and a Pallas (Mosaic) kernel only by the cost it declares (splash attention declares
+        # none), so the model's own FLOP count is the floor of the work; the bytes are a floor too
         work = max(step["flops"], model_flops)
+        out["roofline_flops"] = work
         bound = max(work / chip.peak_bf16_flops, step["bytes_accessed"] / chip.hbm_bandwidth)
         out["roofline_step_s"] = bound
         out["roofline_mfu"] = model_flops / (bound * chip.peak_bf16_flops) if bound else None
