@@ -16,13 +16,19 @@ from typing import Any, Sequence
 
 from ml_collections import ConfigDict, config_dict
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, ReflexError, UsageError
 from .model.config import ModelConfig
+
+
+REFLEX_TYPES = (str, tuple, list)  # model.reflex: a preset name or explicit per-layer tuples
 
 
 def model_config_dict(**overrides) -> ConfigDict:
     d = ModelConfig().to_dict()
     d.update(overrides)
+    # the field takes either form; a command line gives the tuples as text, ModelConfig parses it
+    if not isinstance(d["reflex"], config_dict.FieldReference):
+        d["reflex"] = config_dict.FieldReference(d["reflex"], field_type=REFLEX_TYPES)
     m = ConfigDict(d)
     for name, kind in (("mlp_hidden", int), ("reflex_window", int)):
         if m[name] is None:
@@ -129,7 +135,13 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigD
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {file!r} has no get_config() function; config files "
                            "define get_config() returning an ml_collections ConfigDict.")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except ReflexError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a value of the wrong type for a field
+        raise ConfigError(f"get_config() of {file!r} failed ({type(e).__name__}: {e}); fix the "
+                           "file.") from None
     for key, raw in overrides:
         apply_override(config, key, raw)
     return config
@@ -186,6 +198,8 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 def _parse_value(key: str, raw: str, kind) -> Any:
     raw = str(raw)
+    if isinstance(kind, tuple) and str in kind:  # a field of several types (model.reflex): the
+        return raw                               # text as typed, its consumer parses it
     try:
         if kind is bool:
             low = raw.strip().lower()

@@ -104,16 +104,20 @@ class Generator:
     def __init__(self, cfg: ModelConfig, compiler_options: Optional[dict] = None):
         self.cfg = cfg
         self.compiles = 0
+        self.compiled_shapes: list[tuple[int, int, int]] = []  # (batch, prompt, cache) per trace
         self.last_steps = 0
         self._loop = jax.jit(self._loop_impl, static_argnames=("greedy", "filtered"),
                              compiler_options=compiler_options)
 
-    def _loop_impl(self, params, tokens_BP, pad_B, active_B, out_BN, max_new, temperature, top_k,
-                   top_p, seed, eos_id, pad_id, *, greedy, filtered):
+    def _loop_impl(self, params, tokens_BP, pad_B, active_B, out_BN, row0, max_new, temperature,
+                   top_k, top_p, seed, eos_id, pad_id, *, greedy, filtered):
         self.compiles += 1  # runs only while tracing
         cfg = self.cfg
         B, P = tokens_BP.shape
-        row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(B))
+        self.compiled_shapes.append((B, P, P + out_BN.shape[1]))
+        # Row b of this chunk is row row0 + b of the request: its key does not depend on chunking.
+        row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
+            row0 + jnp.arange(B))
         sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, greedy=greedy, filtered=filtered)
 
@@ -145,8 +149,14 @@ class Generator:
 
     def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 eos_id: Optional[int] = None, pad_id: int = 0) -> list[list[int]]:
-        """New tokens per row, cut before the first eos. See the module docstring."""
+                 eos_id: Optional[int] = None, pad_id: int = 0,
+                 batch_size: Optional[int] = None) -> list[list[int]]:
+        """New tokens per row, cut before the first eos. See the module docstring.
+
+        `batch_size` bounds the rows run at once (memory grows with it; None: all at once). The
+        rows go in chunks of that many, all compiled at one shape, with the same results as one
+        batch: the prompt and cache buckets come from the whole request, and row r keeps its key.
+        """
         cfg = self.cfg
         try:
             prompts = [[int(t) for t in p] for p in prompts]
@@ -154,30 +164,45 @@ class Generator:
             raise GenerationError("prompts must be lists of token ids; encode text with the "
                                   "model's tokenizer first.") from None
         _check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id)
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise GenerationError(f"batch_size={batch_size!r} must be a positive integer (the most "
+                                  "prompts generated at once).")
+        self.last_steps = 0
         if max_new_tokens == 0:
-            self.last_steps = 0
             return [[] for _ in prompts]
-        n_rows, longest = len(prompts), max(map(len, prompts))
-        B = 1 << (n_rows - 1).bit_length()
-        P = bucket(longest, cfg.block_size)
+        n_rows = len(prompts)
+        chunk = n_rows if batch_size is None else min(n_rows, int(batch_size))
+        B = 1 << (chunk - 1).bit_length()  # the batch bucket: a power of two...
+        if batch_size is not None:
+            B = min(B, int(batch_size))      # ...but never above batch_size
+        P = bucket(max(map(len, prompts)), cfg.block_size)
         S = bucket(P + max_new_tokens, cfg.block_size)
-        tokens = np.full((B, P), pad_id, np.int32)
-        pad = np.full((B,), P - 1, np.int32)  # filler rows: one pad token, done from the start
+        settings = dict(max_new=np.int32(max_new_tokens),
+                        temperature=np.float32(max(temperature, 1e-6)), top_k=np.int32(top_k),
+                        top_p=np.float32(top_p), seed=np.uint32(seed % 2**32),
+                        eos_id=np.int32(-1 if eos_id is None else eos_id), pad_id=np.int32(pad_id),
+                        greedy=temperature == 0,
+                        filtered=temperature > 0 and (top_k > 0 or top_p < 1.0))
+        out = []
+        for row0 in range(0, n_rows, chunk):
+            out += self._run_chunk(params, prompts[row0:row0 + chunk], row0, B, P, S, settings)
+        return [_cut_at(row, eos_id) for row in out]
+
+    def _run_chunk(self, params, prompts, row0: int, B: int, P: int, S: int, settings: dict):
+        """Rows row0.. of the request in one [B, P] batch (filler rows are done from the start)."""
+        tokens = np.full((B, P), settings["pad_id"], np.int32)
+        pad = np.full((B,), P - 1, np.int32)  # filler rows: one pad token
         for r, p in enumerate(prompts):
             tokens[r, P - len(p):] = p
             pad[r] = P - len(p)
-        active = np.arange(B) < n_rows
+        active = np.arange(B) < len(prompts)
         # Shapes carry the buckets (tokens [B, P], out [B, S-P]), so jit recompiles only for a new
         # bucket or sampling mode; every other argument is a traced scalar.
         out, n = self._loop(params, tokens, pad, active, np.zeros((B, S - P), np.int32),
-                            np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)),
-                            np.int32(top_k), np.float32(top_p), np.uint32(seed % 2**32),
-                            np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id),
-                            greedy=temperature == 0,
-                            filtered=temperature > 0 and (top_k > 0 or top_p < 1.0))
-        self.last_steps = int(n)
-        out = np.asarray(out)[:n_rows, :self.last_steps]
-        return [_cut_at(row.tolist(), eos_id) for row in out]
+                            np.int32(row0), **settings)
+        self.last_steps = max(self.last_steps, int(n))
+        return [row.tolist() for row in np.asarray(out)[:len(prompts), :int(n)]]
 
 
 def _cut_at(row: list[int], eos_id: Optional[int]) -> list[int]:
@@ -229,13 +254,16 @@ def get_generator(cfg: ModelConfig) -> Generator:
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: Optional[int] = None, pad_id: int = 0) -> list[list[int]]:
+             eos_id: Optional[int] = None, pad_id: int = 0,
+             batch_size: Optional[int] = None) -> list[list[int]]:
     """New tokens for every prompt (token-id lists), each cut before its first `eos_id`.
 
     temperature 0 is greedy; otherwise softmax(logits / temperature) filtered by top_k / top_p,
     with row r's draws keyed by (seed, r, step). Prompt plus max_new_tokens must fit in
-    block_size (a GenerationError says so otherwise; nothing is truncated silently).
+    block_size (a GenerationError says so otherwise; nothing is truncated silently). At most
+    `batch_size` rows run at once (None: all), with the same results.
     """
     return get_generator(cfg).generate(params, prompts, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, eos_id=eos_id, pad_id=pad_id)
+                                       seed=seed, eos_id=eos_id, pad_id=pad_id,
+                                       batch_size=batch_size)

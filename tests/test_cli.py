@@ -70,3 +70,19 @@ def test_convert_sample_and_data_mistakes_are_one_sentence(capsys, tmp_path):
     assert "does not exist" in _one_line_error(capsys, "sample.py")
     assert data.main(["info", str(tmp_path / "none")]) == 2
     assert str(tmp_path / "none") in _one_line_error(capsys, "reflex_jax.data")
+
+
+def test_train_runs_an_explicit_schedule_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "explicit"
+    train.main(["--config", TINY, "--config.model.reflex=((),((0,1),),((1,1),(0,1)),((2,2),))",
+                "--config.model.n_head=4", "--config.model.n_embd=32", "--config.model.block_size=32",
+                f"--config.run_dir={run}", "--config.max_steps=2", "--config.batch_size=4",
+                "--config.data.task_rows=64", "--config.data.task_val_rows=8",
+                "--config.data.loss_on=all", "--config.eval_interval=0", "--config.eval_exact_match=0",
+                "--config.checkpoint_interval=0", "--config.async_checkpoints=false"])
+    assert "finished at step 2" in capsys.readouterr().out
+    from reflex_jax.checkpoint import load_params
+    cfg, params = load_params(str(run))
+    assert cfg.reflex == ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 2),))
+    assert [p.n_self for p in cfg.layers] == [4, 3, 2, 2]
+    assert params["h_3"]["attn"]["k"]["kernel"].shape == (32, 2, 8)  # only the 2 self heads' K

@@ -1,9 +1,12 @@
 """The reflex schedule resolves exactly as docs/attention.md says, and bad configs fail in one sentence."""
 import dataclasses
+import os
 
 import pytest
 
 from reflex_jax import ConfigError, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cfg(**kw):
@@ -94,3 +97,63 @@ def test_model_differences_ignore_the_attention_backend():
     assert base.model_differences(dataclasses.replace(base, n_embd=16)) == ["n_embd"]
     assert base.model_differences(dataclasses.replace(base, reflex="none", dtype="bfloat16")) == \
         ["dtype", "reflex"]
+
+
+# ---- explicit schedules from config files and the command line ---------------------------------
+
+SCHEDULE_TEXT = "((),((0,1),),((1,1),(0,1)),((2,2),))"
+SCHEDULE = ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 2),))
+
+
+def test_explicit_schedule_text_parses_into_tuples():
+    c = cfg(n_layer=4, reflex=SCHEDULE_TEXT)
+    assert c.reflex == SCHEDULE and c == cfg(n_layer=4, reflex=SCHEDULE)
+    assert c.schedule_table() == "explicit 4x8: 8 | 7+1 | 6+2 | 6+2"
+    assert cfg(n_layer=2, reflex=" [[], [[0, 3]]] ").reflex == ((), ((0, 3),))
+    assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("text, match", [
+    ("((),((0,1),)", r"^model.reflex='\(\(\),\(\(0,1\),\)' is not a valid per-layer schedule; "
+                     r"write one tuple of \(source_layer, n_heads\) pairs per layer, e.g. "
+                     r"'\(\(\), \(\(0, 1\),\), \(\(1, 1\), \(0, 1\)\)\)' for 3 layers\.$"),
+    ("((), (x, 1))", r"is not a valid per-layer schedule"),
+    ("((0, 1),)", r"neither a preset .* such as '\(\(\), \(\(0, 1\),\)"),
+    # text goes through the same validation as tuples, with the same sentences
+    ("((), ((1, 1),), ())", r"layer 1 reads from layer 1, which is not an earlier layer"),
+    ("((), ())", r"2 layer entries but n_layer=3"),
+])
+def test_bad_schedule_text_is_one_sentence(text, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(n_layer=3, reflex=text)
+
+
+def test_config_files_and_overrides_take_explicit_schedules(tmp_path):
+    from reflex_jax.run_config import load_config, model_config_from
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    over = load_config(tiny, [("model.reflex", SCHEDULE_TEXT)])
+    assert model_config_from(over).reflex == SCHEDULE
+    assert model_config_from(load_config(tiny, [("model.reflex", "recent:2,1")])).reflex == "recent:2,1"
+    for value in (repr(SCHEDULE), "[[], [[0, 1]], [[1, 1], [0, 1]], [[2, 2]]]"):
+        path = tmp_path / "explicit.py"
+        path.write_text(CONFIG_FILE.format(value=value))
+        config = load_config(str(path))
+        assert model_config_from(config).reflex == SCHEDULE
+        over = load_config(str(path), [("model.reflex", "none")])  # a tuple field takes a preset
+        assert model_config_from(over).reflex == "none"
+    path.write_text(CONFIG_FILE.format(value="5"))
+    with pytest.raises(ConfigError, match=r"get_config\(\) of .*explicit.py' failed \(TypeError: "):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"layer 3 reads from layer 3"):
+        model_config_from(load_config(tiny, [("model.reflex", "((),(),(),((3,1),))")]))
+
+
+CONFIG_FILE = """
+from reflex_jax.run_config import base_config
+
+def get_config():
+    c = base_config()
+    c.model.n_layer, c.model.n_head, c.model.n_embd = 4, 8, 64
+    c.model.reflex = {value}
+    return c
+"""

@@ -284,6 +284,84 @@ def test_missing_or_unreachable_checkpoints_are_clear_errors(tmp_path, monkeypat
         load_gpt2("nobody/tiny-gpt2")
 
 
+# ---- damaged checkpoints: every tensor against the source's own config.json -----------------------
+
+@pytest.fixture(scope="module")
+def wide_gpt2(tmp_path_factory):
+    """2 layers x 4 heads, n_embd 256, as safetensors: the tensors the damage tests start from."""
+    from safetensors.numpy import load_file
+    directory = save_safetensors(make_gpt2(n_layer=2, n_head=4, n_embd=256, n_positions=16,
+                                           vocab_size=50), tmp_path_factory.mktemp("wide"))
+    return directory, load_file(os.path.join(directory, "model.safetensors"))
+
+
+def damaged_copy(wide_gpt2, directory, name, damage):
+    """The checkpoint re-written with `damage` applied to tensor `name` (a real safetensors file)."""
+    import shutil
+    from safetensors.numpy import save_file
+    source_dir, tensors = wide_gpt2
+    tensors = dict(tensors)
+    key = "transformer." + name
+    tensors[key] = np.ascontiguousarray(damage(tensors[key]) if key in tensors else damage(None))
+    os.makedirs(directory)
+    shutil.copy(os.path.join(source_dir, "config.json"), directory)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    return str(directory)
+
+
+FIX = r"; the checkpoint in '.*' is damaged or does not match its config\.json; download it again " \
+      r"or re-save it with save_pretrained\.$"
+
+
+@pytest.mark.parametrize("name, damage, match", [
+    # without the check: numpy's "cannot reshape array of size 48128 into shape (256,4,64)"
+    ("h.1.attn.c_attn.weight", lambda a: a[:, :700],
+     r"^source tensor h\.1\.attn\.c_attn\.weight has shape \(256, 700\) but config\.json "
+     r"\(n_embd=256\) implies \(256, 768\)" + FIX),
+    ("wte.weight", lambda a: a[:40],
+     r"wte\.weight has shape \(40, 256\) but config\.json \(vocab_size=50, n_embd=256\) "
+     r"implies \(50, 256\)" + FIX),
+    ("wpe.weight", lambda a: a.T, r"wpe\.weight has shape \(256, 16\) but config\.json "
+                                  r"\(n_positions=16, n_embd=256\) implies \(16, 256\)"),
+    ("h.0.mlp.c_fc.bias", lambda a: a[:1000], r"h\.0\.mlp\.c_fc\.bias has shape \(1000,\) but "
+     r"config\.json \(n_embd=256, n_inner=None \(4 \* n_embd\)\) implies \(1024,\)"),
+    ("h.1.mlp.c_proj.weight", lambda a: a.T, r"h\.1\.mlp\.c_proj\.weight has shape \(256, 1024\) "
+                                             r"but .* implies \(1024, 256\)"),
+    ("h.0.ln_2.weight", lambda a: a[None], r"h\.0\.ln_2\.weight has shape \(1, 256\) .* \(256,\)"),
+    ("h.2.ln_1.weight", lambda a: np.ones(256, np.float32),
+     r"^source tensor h\.2\.ln_1\.weight belongs to layer 2 but config\.json has n_layer=2 "
+     r"\(layers 0\.\.1\)" + FIX),
+])
+def test_damaged_tensor_is_named_before_any_reshape(wide_gpt2, tmp_path, name, damage, match):
+    directory = damaged_copy(wide_gpt2, tmp_path / "m", name, damage)
+    with pytest.raises(ConvertError, match=match):
+        load_gpt2(directory)
+
+
+def test_damaged_in_memory_source_and_the_cli(wide_gpt2, tmp_path, capsys):
+    from reflex_jax.cli import convert
+    from reflex_jax.interop.hf_gpt2 import Source
+    source = load_gpt2(wide_gpt2[0])
+    cfg = matching_config(source)
+    # a Source built in memory (as bench.py does) is checked by convert_gpt2 itself
+    bad = Source("in memory", "", None, source.config,
+                 {**source.tensors, "h.1.attn.c_proj.weight": np.zeros((256, 250), np.float32)}, [])
+    with pytest.raises(ConvertError, match=r"h\.1\.attn\.c_proj\.weight has shape \(256, 250\) "
+                                           r"but config\.json \(n_embd=256\) implies \(256, 256\)"):
+        convert_gpt2(cfg, bad)
+    with pytest.raises(ConvertError, match=r"h\.1\.attn\.c_proj\.weight has shape \(256, 250\)"):
+        matching_config(bad)
+    directory = damaged_copy(wide_gpt2, tmp_path / "m", "h.1.attn.c_attn.weight", lambda a: a[:, :700])
+    config = tmp_path / "wide.py"
+    config.write_text(CONFIG_FILE.replace("50, 16, 4, 4, 32", "50, 16, 2, 4, 256"))
+    assert convert.main(["--config", str(config), "--hf", directory, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(
+        "convert_weights.py: error: source tensor h.1.attn.c_attn.weight has shape (256, 700) but "
+        "config.json (n_embd=256) implies (256, 768)"), err
+    assert not (tmp_path / "o").exists()
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------
 
 CONFIG_FILE = """

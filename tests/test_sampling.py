@@ -200,6 +200,31 @@ def test_sampling_seeded_filtered_and_independent_of_batch_mates():
     assert g.generate(params, PROMPTS, seed=3, top_k=50, top_p=0.9, **kw) != greedy
 
 
+def test_chunked_generation_equals_one_batch_and_bounds_the_batch():
+    """batch_size splits the rows into chunks of one compiled shape; every row gets what it gets
+    in one batch (greedy, seeded sampling, eos stops), and no compiled batch exceeds batch_size."""
+    cfg = tiny(*GEN)
+    params, g = tiny_params(cfg), gen(cfg)
+    base = g.generate(params, [PROMPTS[0]], max_new_tokens=10)[0]
+    eos = base[4]
+    runs = [dict(max_new_tokens=10), dict(max_new_tokens=10, temperature=1.5, seed=7),
+            dict(max_new_tokens=10, eos_id=eos)]
+    whole = [g.generate(params, PROMPTS, **kw) for kw in runs]
+    assert whole[1] != whole[0] and whole[2] != whole[0]  # sampling and eos really change rows
+    before = len(g.compiled_shapes)
+    # 4 rows in chunks of 3: rows 0-2, then row 3 (with 2 filler rows), both at batch bucket 3
+    assert [g.generate(params, PROMPTS, batch_size=3, **kw) for kw in runs] == whole
+    assert set(g.compiled_shapes[before:]) <= {(3, 8, 32)}
+    assert len(g.compiled_shapes) - before <= 2  # one compile per mode, shared by the chunks
+    assert g.last_steps == max(min(10, len(row) + 1) for row in whole[2])
+    # one row at a time: row r still draws with key (seed, r, step), so sampling agrees too
+    assert [g.generate(params, PROMPTS, batch_size=1, **kw) for kw in runs] == whole
+    assert max(b for b, _, _ in g.compiled_shapes[before:]) <= 3
+    assert g.generate(params, PROMPTS, batch_size=64, **runs[1]) == whole[1]  # larger: one batch
+    with pytest.raises(GenerationError, match=r"batch_size=0 must be a positive integer"):
+        g.generate(params, PROMPTS, batch_size=0, **runs[0])
+
+
 def test_filter_logits():
     logits = jnp.log(jnp.array([[0.1, 0.4, 0.05, 0.3, 0.15]]))
     kept = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, k, p)[0])).nonzero()[0].tolist()
@@ -298,6 +323,23 @@ def test_sample_py_text_and_token_prompts(params_dir, sample_main, capsys):
     want = generate(cfg, params, PROMPTS, max_new_tokens=10, temperature=1.5, seed=7, eos_id=258)
     assert capsys.readouterr().out.splitlines() == [f"{_ids(p)} | {_ids(o)}"
                                                     for p, o in zip(PROMPTS, want)]
+
+
+def test_sample_py_batch_size_runs_chunks_with_the_same_output(params_dir, sample_main, capsys):
+    path, cfg = params_dir
+    g = gen(cfg)
+    rows = ["--prompt_tokens=" + _ids(p) for p in PROMPTS]
+    argv = ["--run", path, *rows, "--max_new_tokens", "10", "--print_tokens", "--temperature",
+            "1.5", "--seed", "7"]
+    assert sample_main(argv) == 0
+    whole = capsys.readouterr().out
+    before = len(g.compiled_shapes)
+    assert sample_main(argv + ["--batch_size", "3"]) == 0
+    assert capsys.readouterr().out == whole
+    assert all(b <= 3 for b, _, _ in g.compiled_shapes[before:])
+    assert sample_main(argv + ["--batch_size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("sample.py: error: --batch_size 0 must be at least 1 "
+                                               "(the most prompts generated at once).")
 
 
 def test_sample_py_errors(params_dir, sample_main, tmp_path, capsys):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ConvertError
 from ..model import ModelConfig
-from .hf_source import Source, load_gpt2, matching_config
+from .hf_source import Source, check_shapes, load_gpt2, matching_config
 from .report import ParamWriter, Report, Row
 
 # SwiGLU <- GELU: gate = ALPHA * c_fc, up = 0 * x + 1/ALPHA, down = c_proj, so the hidden unit is
@@ -82,7 +82,8 @@ def convert_gpt2(cfg: ModelConfig, source: Source, layers: Optional[Sequence[int
     """Map `source` onto `cfg`: returns (params, Report). Unmapped params are freshly initialised."""
     from flax import traverse_util
     from ..model import abstract_params
-    _check_shapes(cfg, source)
+    check_shapes(source)   # the source against its own config.json, before any reshape
+    _check_shapes(cfg, source)  # then the target against the source
     picked = _pick_layers(cfg, source, layers)
     # Target shapes/dtypes without allocating; fresh values are only computed if something is new.
     flat = {".".join(k): v for k, v in traverse_util.flatten_dict(abstract_params(cfg)).items()}
@@ -254,5 +255,5 @@ def convert_to_dir(hf: str, cfg: ModelConfig, out: str, layers: Optional[Sequenc
     return report
 
 
-__all__ = ["ConvertError", "Source", "Report", "Row", "SWIGLU_ALPHA", "load_gpt2", "matching_config",
-           "parse_layers", "convert_gpt2", "convert_to_dir"]
+__all__ = ["ConvertError", "Source", "Report", "Row", "SWIGLU_ALPHA", "check_shapes", "load_gpt2",
+           "matching_config", "parse_layers", "convert_gpt2", "convert_to_dir"]

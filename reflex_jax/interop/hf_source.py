@@ -168,11 +168,82 @@ def load_gpt2(hf: str) -> Source:
             if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k):
                 continue
             tensors[k] = v
-    return Source(hf, directory, hub_id, config, tensors, files)
+    source = Source(hf, directory, hub_id, config, tensors, files)
+    check_shapes(source)
+    return source
+
+
+# ---- every tensor's shape against the source's own config.json, before any reshape -------------
+
+_LAYER_TENSOR = re.compile(r"h\.(\d+)\.(.+)")
+
+
+def expected_shapes(source: Source) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, the config.json values that imply it) per tensor name the mapping reads, for the
+    names present; HF Conv1D weights are [in, out]. A config key the file lacks is taken from the
+    tensor that defines it (wte.weight, wpe.weight); n_inner None means 4 * n_embd, as in HF."""
+    E = _dim(source, ("n_embd",), "wte.weight", 1)
+    V = _dim(source, ("vocab_size",), "wte.weight", 0)
+    P = _dim(source, ("n_positions", "n_ctx"), "wpe.weight", 0)
+    if E is None:  # neither n_embd nor wte.weight: source.tensor() names what is missing later
+        return {}
+    inner = source.config.get("n_inner")
+    F = int(inner) if inner else 4 * E
+    e, ve, pe = f"n_embd={E}", f"vocab_size={V}, n_embd={E}", f"n_positions={P}, n_embd={E}"
+    fe = f"n_embd={E}, n_inner={inner}" if inner else f"n_embd={E}, n_inner=None (4 * n_embd)"
+    top = {"wte.weight": ((V, E), ve), "lm_head.weight": ((V, E), ve), "wpe.weight": ((P, E), pe),
+           "ln_f.weight": ((E,), e), "ln_f.bias": ((E,), e)}
+    block = {"ln_1.weight": (E,), "ln_1.bias": (E,), "ln_2.weight": (E,), "ln_2.bias": (E,),
+             "attn.c_attn.weight": (E, 3 * E), "attn.c_attn.bias": (3 * E,),
+             "attn.c_proj.weight": (E, E), "attn.c_proj.bias": (E,),
+             "mlp.c_fc.weight": (E, F), "mlp.c_fc.bias": (F,),
+             "mlp.c_proj.weight": (F, E), "mlp.c_proj.bias": (E,)}
+    out = {}
+    for name in source.tensors:
+        m = _LAYER_TENSOR.fullmatch(name)
+        if name in top:
+            out[name] = top[name]
+        elif m and m.group(2) in block:
+            out[name] = (block[m.group(2)], fe if m.group(2).startswith("mlp.") else e)
+    return out
+
+
+def _dim(source: Source, keys: tuple[str, ...], tensor: str, axis: int) -> Optional[int]:
+    """A size from config.json, else from the tensor that defines it, else None (neither there)."""
+    for key in keys:
+        if source.config.get(key) is not None:
+            return int(source.config[key])
+    if tensor not in source.tensors:
+        return None
+    shape = source.tensors[tensor].shape
+    if len(shape) != 2:
+        raise ConvertError(f"source tensor {tensor} has shape {tuple(shape)}, not a matrix, and "
+                           f"config.json has no {keys[0]}; the checkpoint in {source.where!r} is "
+                           "damaged, so download it again or re-save it with save_pretrained.")
+    return int(shape[axis])
+
+
+def check_shapes(source: Source) -> None:
+    """Every tensor the mapping reads has the shape the source's config.json implies, and no
+    layer lies beyond its n_layer: a damaged or mismatched checkpoint fails here, by name."""
+    fix = (f"the checkpoint in {source.where!r} is damaged or does not match its config.json; "
+           "download it again or re-save it with save_pretrained.")
+    for name, (shape, why) in expected_shapes(source).items():
+        got = tuple(source.tensors[name].shape)
+        if got != shape and None not in shape:  # None: a size neither config nor tensors give
+            raise ConvertError(f"source tensor {name} has shape {got} but config.json ({why}) "
+                               f"implies {shape}; {fix}")
+    n_layer = source.config.get("n_layer")
+    for name in source.tensors:
+        m = _LAYER_TENSOR.fullmatch(name)
+        if n_layer is not None and m and int(m.group(1)) >= int(n_layer):
+            raise ConvertError(f"source tensor {name} belongs to layer {m.group(1)} but config.json "
+                               f"has n_layer={n_layer} (layers 0..{int(n_layer) - 1}); {fix}")
 
 
 def matching_config(source: Source, **overrides) -> ModelConfig:
     """The vanilla GPT-2 ModelConfig that reproduces `source` exactly (fields overridable)."""
+    check_shapes(source)
     wte, wpe = source.tensor("wte.weight"), source.tensor("wpe.weight")
     fields = dict(vocab_size=wte.shape[0], block_size=wpe.shape[0], n_layer=source.n_layer,
                   n_head=source.n_head, n_embd=wte.shape[1],

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ..errors import ConfigError
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
-from .schedule import LayerPlan, as_schedule_tuple, resolve_schedule
+from .schedule import LayerPlan, parse_schedule, resolve_schedule
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -61,8 +61,7 @@ class ModelConfig:
         set_ = functools.partial(object.__setattr__, self)
         set_("dtype", _dtype_name(self.dtype, "dtype"))
         set_("param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
-        if not isinstance(self.reflex, str):
-            set_("reflex", as_schedule_tuple(self.reflex))
+        set_("reflex", parse_schedule(self.reflex))  # explicit schedule text -> tuples
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

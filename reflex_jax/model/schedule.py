@@ -6,9 +6,11 @@ the rules. The rules themselves are in docs/attention.md.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 
 from ..errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class CrossGroup:
@@ -35,13 +37,36 @@ class LayerPlan:
 
 Schedule = tuple[tuple[tuple[int, int], ...], ...]  # per layer: ((source, n_heads), ...)
 
+SCHEDULE_EXAMPLE = "((), ((0, 1),), ((1, 1), (0, 1)))"  # 3 layers; shown in the errors
+
+
 def as_schedule_tuple(value) -> Schedule:
     try:
         return tuple(tuple((int(src), int(c)) for src, c in layer) for layer in value)
     except (TypeError, ValueError):
         raise ConfigError(
             f"model.reflex={value!r} is neither a preset ('none', 'all', 'recent:c1,c2,...') nor a "
-            "per-layer tuple of (source_layer, n_heads) pairs.") from None
+            f"per-layer tuple of (source_layer, n_heads) pairs such as {SCHEDULE_EXAMPLE!r}."
+        ) from None
+
+
+def parse_schedule(value):
+    """A preset name as given, or the explicit schedule of a tuple / list / its Python text
+    (command lines and JSON can only carry the text), as a tuple of ((source, n_heads), ...)."""
+    if not isinstance(value, str):
+        return as_schedule_tuple(value)
+    if not value.strip().startswith(("(", "[")):
+        return value
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError(
+            f"model.reflex={value!r} is not a valid per-layer schedule; write one tuple of "
+            f"(source_layer, n_heads) pairs per layer, e.g. {SCHEDULE_EXAMPLE!r} for 3 layers."
+        ) from None
+    if isinstance(parsed, str):  # '("all")' is just a parenthesised preset name
+        return parsed
+    return as_schedule_tuple(parsed)
 
 
 def _preset(cfg) -> Schedule:
