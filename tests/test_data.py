@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -194,6 +195,18 @@ def test_bad_and_long_rows_are_counted(tmp_path, capsys, policy):
     assert len(out) == 1 and out[0] == meta["summary"]
     assert "malformed_json 2" in out[0] and "non_string_field(answer) 1" in out[0]
     assert f"1 rows over 110 tokens ({ {'keep': 'kept', 'split': 'split', 'drop': 'dropped'}[policy] })" in out[0]
+    # kept and split rows are reached whole by the loader's windows; only a dropped row is lost
+    dropped = len(long_row["answer"].encode()) + 1 if policy == "drop" else 0
+    assert meta["row_lengths"] == {"longest": len(full), "dropped_answer_tokens": dropped}
+    answers = sum(len(r["answer"].encode()) + 1 for r in ROWS) + len(long_row["answer"].encode()) + 1
+    assert f"longest row {len(full)} tokens; answer tokens out of reach: " + (
+        f"{dropped} of {answers} ({100 * dropped / answers:.1f}%)" if dropped else "none") in out[0]
+    reach = D.window_reach(d, "train", 109)
+    assert reach["unreachable_answer_tokens"] == 0 and reach["long_rows"] == (policy != "drop")
+    summary = BatchLoader(d, "train", 2, 109, 0).summary()
+    assert summary.endswith(f"; prepare dropped 1 rows over 110 tokens, with {dropped} answer tokens"
+                            if policy == "drop" else "answer tokens out of reach: 0 of "
+                            f"{answers:,} (0.0%)")
 
 
 def test_bad_utf8_line_is_counted(tmp_path):
@@ -366,7 +379,11 @@ def test_reprepare_replaces_stale_splits(tmp_path):
     out = str(tmp_path / "out")
     prepare(src, "bytes", out, val_fraction=0.2, progress=False, verbose=False)
     assert os.path.exists(os.path.join(out, "val.tokens.bin"))
-    prepare(src, "bytes", out, val_fraction=0, progress=False, verbose=False)
+    with pytest.raises(ValueError, match=r"already holds data prepared from other options "
+                                         r"\(val_fraction differs\); pass --overwrite"):
+        prepare(src, "bytes", out, val_fraction=0, progress=False, verbose=False)
+    assert TokenData.open(out).splits == ["train", "val"]  # refused: untouched
+    prepare(src, "bytes", out, val_fraction=0, overwrite=True, progress=False, verbose=False)
     assert not os.path.exists(os.path.join(out, "val.tokens.bin"))
     d = TokenData.open(out)
     assert d.splits == ["train"] and d.meta["splits"]["train"]["rows"] == 30
@@ -398,11 +415,17 @@ def test_loader_is_a_pure_function_of_seed_and_step(qa_dir):
     assert not np.array_equal(b0["tokens"], b1["tokens"])
     assert not np.array_equal(b0["tokens"], BatchLoader(d, "train", 8, 64, seed=4).batch(0)["tokens"])
     assert np.array_equal(loader.batch(7)["tokens"], loader.batch(7)["tokens"])  # any order, any step
-    # windows start at row starts (bos) and are the stream (and its mask) from there on
-    stream, mask = np.asarray(d.split("train")), np.asarray(d.mask("train"))
+    # windows start at row starts (bos) and every 64 tokens inside a row longer than 65 (these rows
+    # are 80-110 tokens), and are the stream (and its mask) from there on
+    stream, mask, off = np.asarray(d.split("train")), np.asarray(d.mask("train")), d.offsets("train")
+    allowed = {int(a) + k * 64 for a, b in zip(off[:-1], off[1:]) for k in range(-(-(b - a - 1) // 64))}
+    assert set(loader.starts.tolist()) == allowed and len(allowed) > len(off) - 1
+    # rows that all fit the window: row starts only, so such data keeps its batch stream
+    assert np.array_equal(BatchLoader(d, "train", 8, 128, seed=3).starts, off[:-1])
     starts = loader.global_starts(0)
-    assert set(starts.tolist()) <= set(d.offsets("train")[:-1].tolist())
-    assert (b0["tokens"][:, 0] == d.bos_id).all()
+    assert set(starts.tolist()) <= allowed
+    at_row_start = np.isin(starts, off[:-1])
+    assert (b0["tokens"][at_row_start, 0] == d.bos_id).all() and (b0["tokens"][~at_row_start, 0] != d.bos_id).all()
     for row, s in enumerate(starts):
         assert b0["tokens"][row].tolist() == stream[s:s + 65].tolist()
         assert b0["mask"][row].tolist() == mask[s:s + 65].tolist()
@@ -530,3 +553,234 @@ def test_prepare_task_with_hf_tokenizer(tmp_path, hf_bpe):
     for ids, mask in d.rows("val"):
         assert tok.decode(ids[mask.astype(bool)]).strip().isdigit()
         assert "Сколько будет" in tok.decode(ids[~mask.astype(bool)])
+
+
+# ------------------------------------------------------------------------------------------ long rows
+
+def long_row_dir(tmp_path, long_answer=3000, short=30):
+    """`short` short rows and one row whose answer is `long_answer` bytes (one jsonl row)."""
+    rows = qa_rows(short)
+    rows.insert(short // 2, {"question": "Расскажи длинно", "answer": "x" * long_answer})
+    out = str(tmp_path / "long")
+    prepare(write_jsonl(tmp_path / "long.jsonl", rows), "bytes", out, val_fraction=0, progress=False,
+            verbose=False)
+    return TokenData.open(out), short // 2
+
+
+def test_long_row_is_trained_whole(tmp_path):
+    d, r = long_row_dir(tmp_path)
+    off, mask = d.offsets("train"), np.asarray(d.mask("train"))
+    answer_pos = np.arange(off[r], off[r + 1])[mask[off[r]:off[r + 1]] == 1]
+    # windows only at row starts (the loader before) reach 128 of the row's 3,001 answer tokens at most
+    before = D.window_reach(d, "train", 128, starts=off[:-1])
+    assert before["unreachable_answer_tokens"] > 0.97 * len(answer_pos)
+    loader = BatchLoader(d, "train", 8, 128, seed=0)
+    assert loader.reach["unreachable_answer_tokens"] == 0 and loader.reach["long_rows"] == 1
+    # brute force: the union of all windows' targets holds every answer token
+    target = np.zeros(len(mask), bool)
+    for s in loader.starts:
+        target[(s + 1 + np.arange(128)) % len(mask)] = True
+    assert target[mask == 1].all()
+    assert loader.summary() == (
+        f"train: 1 of 31 rows are longer than the 129-token window (the longest {off[r + 1] - off[r]:,}), "
+        f"and windows start inside them every 128 tokens, so answer tokens out of reach: 0 of "
+        f"{int(mask.sum()):,} (0.0%)")
+    # and training batches do reach them: every answer token of the long row is a target by step 300
+    seen = np.zeros(len(mask), bool)
+    for step in range(300):
+        for s in loader.global_starts(step):
+            seen[s + 1:s + 129] = True
+    assert seen[answer_pos].all()
+    # resume: a fresh loader on the same files gives the same batches, in any order
+    again = BatchLoader(TokenData.open(d.directory), "train", 8, 128, seed=0)
+    for step in (299, 5, 17):
+        assert np.array_equal(again.batch(step)["tokens"], loader.batch(step)["tokens"])
+        assert np.array_equal(again.batch(step)["mask"], loader.batch(step)["mask"])
+
+
+def test_split_pieces_are_one_row_for_the_loader(tmp_path):
+    rows = qa_rows(10) + [{"question": "длинно", "answer": "y" * 500}]
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+    prepare(src, "bytes", str(tmp_path / "keep"), val_fraction=0, progress=False, verbose=False)
+    keep = TokenData.open(str(tmp_path / "keep"))
+    prepare(src, "bytes", str(tmp_path / "split"), val_fraction=0, long_rows="split", max_tokens=129,
+            progress=False, verbose=False)
+    split = TokenData.open(str(tmp_path / "split"))
+    assert len(split.offsets("train")) > len(keep.offsets("train"))  # pieces are rows on disk
+    for seq_len in (128, 100, 37):  # 128: the pieces' own window, where piece starts would lose a token
+        a, b = BatchLoader(keep, "train", 4, seq_len, 0), BatchLoader(split, "train", 4, seq_len, 0)
+        assert np.array_equal(a.starts, b.starts) and b.reach["unreachable_answer_tokens"] == 0
+    # windows at piece starts only: the first token of each later piece (all answer) is nobody's target
+    pieces = int((split.source_rows("train") == 10).sum())
+    assert pieces == -(-(44 + 501) // 129)  # bos + 43 prompt bytes, 500 answer bytes + eos
+    piece_starts = split.offsets("train")[:-1]
+    assert D.window_reach(split, "train", 128, starts=piece_starts)["unreachable_answer_tokens"] == pieces - 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_uncovered_counts_match_brute_force(seed):
+    from reflex_jax.data.windows import uncovered
+    rng = np.random.default_rng(seed)
+    n, seq_len = int(rng.integers(5, 60)), int(rng.integers(1, 12))
+    mask = rng.integers(0, 2, n).astype(np.uint8)
+    starts = np.unique(rng.integers(0, n, int(rng.integers(1, 8))))
+    target = np.zeros(n, bool)
+    for s in starts:
+        target[(s + 1 + np.arange(seq_len)) % n] = True
+    assert uncovered(starts, seq_len, n, mask) == (int((~target).sum()), int((~target & (mask == 1)).sum()))
+
+
+def test_info_reports_long_rows_for_a_block_size(tmp_path, capsys):
+    d, _ = long_row_dir(tmp_path, long_answer=400, short=4)
+    assert main(["info", d.directory, "--block_size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 1 of 5 rows are longer than the 129-token window" in out
+    assert "answer tokens out of reach: 0 of" in out
+    assert main(["info", d.directory, "--block_size", "1024"]) == 0
+    assert "train: every row fits the 1,025-token window" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ token range
+
+def test_token_ids_are_checked_against_the_model_vocab(tmp_path):
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
+    out = str(tmp_path / "out")
+    meta = prepare(src, "bytes", out, val_fraction=0.1, progress=False, verbose=False)
+    assert meta["splits"]["train"]["max_id"] == meta["splits"]["val"]["max_id"] == 258  # eos
+    d = TokenData.open(out)
+    assert D.check_token_range(d, 259) == {"train": 258, "val": 258}
+    with pytest.raises(ValueError, match=r"the train split of .* holds token id 258 \(the first id >= "
+                                         r"200 is in row 0, stream position 0\) but the model's "
+                                         r"vocab_size is 200; set model.vocab_size to at least 259"):
+        D.check_token_range(d, 200)
+    # a token file changed after prepare: its ids disagree with meta.json
+    tokens = np.memmap(os.path.join(out, "train.tokens.bin"), np.uint16, "r+")
+    row5 = int(d.offsets("train")[5])
+    tokens[row5 + 3] = 300
+    tokens.flush()
+    del tokens
+    with pytest.raises(ValueError, match=r"holds token ids up to 300 but its meta.json records 258, so "
+                                         r"the file was changed after it was prepared; prepare"):
+        D.check_token_range(TokenData.open(out), 1000)
+    # a meta.json without max_id (another tool): the scan alone finds the row of the bad id
+    with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    del raw["splits"]["train"]["max_id"]
+    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match=rf"holds token id 300 \(the first id >= 259 is in row 5, "
+                                         rf"stream position {row5 + 3:,}\)") as info:
+        D.check_token_range(TokenData.open(out), 259)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ re-preparing
+
+def test_reprepare_from_another_source_refuses_unless_overwrite(tmp_path, capsys):
+    a, b = write_jsonl(tmp_path / "a.jsonl", qa_rows(20)), write_jsonl(tmp_path / "b.jsonl", qa_rows(25, 1))
+    out = str(tmp_path / "out")
+    first = prepare(a, "bytes", out, val_fraction=0, progress=False, verbose=False)
+    fp = D.data_fingerprint(TokenData.open(out))
+    assert len(fp) == 16 and D.data_fingerprint(out) == fp
+    # the same source and options: reused as it is
+    stamp = os.path.getmtime(os.path.join(out, "train.tokens.bin"))
+    assert prepare(a, "bytes", out, val_fraction=0, progress=False) == first
+    assert "up to date" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "train.tokens.bin")) == stamp
+    # the same inputs into another directory: the same fingerprint
+    prepare(a, "bytes", str(tmp_path / "copy"), val_fraction=0, progress=False, verbose=False)
+    assert D.data_fingerprint(str(tmp_path / "copy")) == fp
+    # another source, an edited source, another tokenizer, a task: refused, nothing changes
+    write_jsonl(tmp_path / "a2.jsonl", qa_rows(20))
+    cases = [(b, {}, r"another source \(a.jsonl\)"), (a, {"seed": 1, "long_rows": "drop", "max_tokens": 50},
+             r"other options \(seed, long_rows differ\)")]
+    for source, kwargs, message in cases:
+        with pytest.raises(ValueError, match=rf"already holds data prepared from {message}; pass "
+                                             r"--overwrite \(overwrite=True\) to replace it") as info:
+            prepare(source, "bytes", out, **{"val_fraction": 0, **kwargs}, progress=False, verbose=False)
+        assert "\n" not in str(info.value)
+    with open(a, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"question": "ещё", "answer": "один"}, ensure_ascii=False) + "\n")
+    with pytest.raises(ValueError, match=r"another version of a.jsonl \(its content changed\)"):
+        prepare(a, "bytes", out, val_fraction=0, progress=False, verbose=False)
+    with pytest.raises(ValueError, match=r"prepared from a.jsonl, not a built-in task; pass --overwrite"):
+        prepare_task("arith", out, n_train=20, n_val=2, verbose=False)
+    assert D.data_fingerprint(out) == fp and os.path.getmtime(os.path.join(out, "train.tokens.bin")) == stamp
+    # the CLI: one line without --overwrite, replaced with it
+    args = ["prepare", "--source", b, "--tokenizer", "bytes", "--out", out, "--val_fraction", "0",
+            "--no_progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reflex_jax.data: error: ") and "--overwrite" in err[0]
+    assert main(args + ["--overwrite"]) == 0
+    assert TokenData.open(out).meta["splits"]["train"]["rows"] == 25 and D.data_fingerprint(out) != fp
+    # a task directory is not replaced by a source, but by another task's arguments it is regenerated
+    task_dir = str(tmp_path / "task")
+    prepare_task("arith", task_dir, n_train=20, n_val=2, verbose=False)
+    with pytest.raises(ValueError, match=r"already holds data prepared from the built-in task 'arith'"):
+        prepare(a, "bytes", task_dir, progress=False, verbose=False)
+    task_fp = D.data_fingerprint(task_dir)
+    prepare_task("arith", task_dir, n_train=20, n_val=2, seed=5, verbose=False)
+    assert D.data_fingerprint(task_dir) != task_fp
+
+
+# ------------------------------------------------------------------------------------------ full disk
+
+def _mount_tmpfs(path, size):
+    import subprocess
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (the RLIMIT_FSIZE test covers failed writes)")
+    os.makedirs(path)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+
+
+def test_prepare_onto_a_full_disk_is_one_sentence_and_keeps_the_old_data(tmp_path, capsys):
+    import subprocess
+    small = tmp_path / "small"
+    _mount_tmpfs(small, "1m")
+    try:
+        out = str(small / "out")
+        old = write_jsonl(tmp_path / "old.jsonl", qa_rows(30))
+        prepare(old, "bytes", out, val_fraction=0, progress=False, verbose=False)
+        fp = D.data_fingerprint(out)
+        big = write_jsonl(tmp_path / "big.jsonl", qa_rows(8000))  # ~800k tokens: 2.4 MB of files
+        assert main(["prepare", "--source", big, "--tokenizer", "bytes", "--out", out, "--overwrite",
+                     "--no_progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert re.fullmatch(rf"reflex_jax\.data: error: could not write [\d,]+ bytes in '{small}' "
+                            rf"\(No space left on device\), so '{out}' was not published and its "
+                            rf"earlier preparation is unchanged; free space there or pass another "
+                            rf"--out\.", err[0]), err[0]
+        assert D.data_fingerprint(out) == fp  # the old data is still there, whole
+        assert sorted(os.listdir(small)) == ["out"]  # no temporary directory left behind
+        # into an empty directory: nothing is published
+        with pytest.raises(ValueError, match=r"was not published and nothing was left there"):
+            prepare(big, "bytes", str(small / "new"), progress=False, verbose=False)
+        assert not os.path.exists(small / "new" / "meta.json")
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_prepare_past_a_file_size_limit_is_one_sentence(tmp_path):
+    import subprocess
+    import sys
+    src = write_jsonl(tmp_path / "big.jsonl", qa_rows(3000))  # ~300k tokens: a 600 KB token file
+    out = str(tmp_path / "out")
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+              "from reflex_jax.cli.data import main\n"
+              f"sys.exit(main(['prepare', '--source', {src!r}, '--tokenizer', 'bytes', '--out', {out!r}, "
+              "'--no_progress']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(
+        rf"reflex_jax\.data: error: could not write [\d,]+ bytes in '{tmp_path}' \(File too large\), "
+        rf"so '{out}' was not published and nothing was left there; free space there or pass another "
+        rf"--out\.", err[0]), err
+    assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

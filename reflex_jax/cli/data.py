@@ -2,7 +2,7 @@
 
     python -m reflex_jax.data prepare --source <hub id | files | dir> --tokenizer <hub id | dir | bytes> --out DIR
     python -m reflex_jax.data task --task mix --out DIR --option n_pairs=3
-    python -m reflex_jax.data info DIR
+    python -m reflex_jax.data info DIR --block_size 512
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..data import (DEFAULT_SOURCE, DEFAULT_TEMPLATE, DEFAULT_TOKENIZER, LONG_ROWS, TokenData, prepare,
-                    prepare_task)
+                    prepare_task, reach_summary, window_reach)
 from ..errors import UsageError
 from . import user_errors_as_status
 
@@ -59,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma list: placeholder or placeholder=row_key (default: the placeholders)")
     pp.add_argument("--val_fraction", type=float, default=0.005)
     pp.add_argument("--seed", type=int, default=0)
-    pp.add_argument("--long_rows", choices=LONG_ROWS, default="keep")
+    pp.add_argument("--long_rows", choices=LONG_ROWS, default="keep",
+                    help="rows longer than --max_tokens: keep (training windows also start inside "
+                         "them, so every token is trained), split into pieces, or drop")
     pp.add_argument("--max_tokens", type=int, default=None, help="row length limit for --long_rows")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="replace --out when it holds data prepared from another source or options")
     pp.add_argument("--hf_split", default="train", help="split of a hub dataset to read")
     pp.add_argument("--batch_rows", type=int, default=1024, help="rows per tokenizer call")
     pp.add_argument("--no_progress", action="store_true")
@@ -74,8 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--template", default=DEFAULT_TEMPLATE)
     pt.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. --option n_pairs=8 (repeatable)")
+    pt.add_argument("--overwrite", action="store_true",
+                    help="replace --out when it holds data prepare made from a source")
     pi = sub.add_parser("info", help="print a prepared directory's summary and meta.json")
     pi.add_argument("dir")
+    pi.add_argument("--block_size", type=int, default=None,
+                    help="also say, per split, how many rows are longer than a window of this block "
+                         "size and how many answer tokens training windows cannot reach")
     return p
 
 
@@ -85,15 +94,24 @@ def _command(args: argparse.Namespace) -> None:
                 fields=args.fields.split(",") if args.fields else None,
                 val_fraction=args.val_fraction, seed=args.seed, long_rows=args.long_rows,
                 max_tokens=args.max_tokens, hf_split=args.hf_split, batch_rows=args.batch_rows,
-                progress=not args.no_progress)
+                overwrite=args.overwrite, progress=not args.no_progress)
     elif args.command == "task":
         prepare_task(args.task, args.out, tokenizer=args.tokenizer, n_train=args.n_train,
                      n_val=args.n_val, seed=args.seed, template=_unescape(args.template),
-                     **_task_options(args.option))
+                     overwrite=args.overwrite, **_task_options(args.option))
     else:
-        meta = TokenData.open(args.dir).meta
-        print(meta.get("summary", ""))
-        print(json.dumps(meta, ensure_ascii=False, indent=1))
+        _info(args.dir, args.block_size)
+
+
+def _info(directory: str, block_size: Optional[int]) -> None:
+    if block_size is not None and block_size < 1:
+        raise UsageError(f"--block_size={block_size} must be >= 1.")
+    data = TokenData.open(directory)
+    print(data.meta.get("summary", ""))
+    if block_size is not None:
+        for split in data.splits:
+            print(reach_summary(window_reach(data, split, block_size), data.meta))
+    print(json.dumps(data.meta, ensure_ascii=False, indent=1))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,10 +9,13 @@ The modules, in the order data flows through them:
     sources     resolving a source; rows of .jsonl/.json/.parquet/.csv/.txt files and hub datasets
     tokenizer   `bytes` or an HF tokenizer behind one small interface
     encode      tokenising rendered rows and marking their answer tokens
-    writer      the split stream writer, copying rows, publishing a finished directory
+    writer      the split stream writer, copying rows, publishing a finished directory; failed writes
+    existing    reusing the same preparation in an output directory, refusing to replace another
     prepare     prepare() and prepare_task()
     tasks       the built-in synthetic tasks
     store       the format on disk (see its docstring) and TokenData, which opens it
+    verify      check_token_range (ids against a model's vocab), data_fingerprint (for runs)
+    windows     where training windows start (inside long rows too) and what they reach
     loader      BatchLoader (training windows) and val_batches
 The command line lives in reflex_jax/cli/data.py. Importing this package loads numpy only:
 tokenizers, transformers, datasets, pyarrow and tqdm are imported where they are used.
@@ -26,10 +29,13 @@ from .store import FORMAT_VERSION, TokenData, read_meta, task_val_rows
 from .tasks import TASK_VERSION, TASKS, Task, get_task
 from .templates import DEFAULT_TEMPLATE, Template, render_prompt
 from .tokenizer import DEFAULT_TOKENIZER, ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
+from .verify import check_token_range, data_fingerprint
+from .windows import reach_summary, train_starts, window_reach
 
 __all__ = [
     "BatchLoader", "ByteTokenizer", "DEFAULT_SOURCE", "DEFAULT_TEMPLATE", "DEFAULT_TOKENIZER",
     "FORMAT_VERSION", "HFTokenizer", "LONG_ROWS", "ROW_SUFFIXES", "TASKS", "TASK_VERSION", "Task",
-    "Template", "TokenData", "TokenizerError", "get_task", "load_tokenizer", "prepare", "prepare_task",
-    "read_meta", "render_prompt", "task_val_rows", "token_dtype", "val_batches",
+    "Template", "TokenData", "TokenizerError", "check_token_range", "data_fingerprint", "get_task",
+    "load_tokenizer", "prepare", "prepare_task", "reach_summary", "read_meta", "render_prompt",
+    "task_val_rows", "token_dtype", "train_starts", "val_batches", "window_reach",
 ]

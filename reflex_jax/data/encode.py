@@ -95,25 +95,26 @@ def tokenise_into(writer, items: Iterable[Any], *, tok, template: Optional[Templ
                   max_tokens: Optional[int] = None, batch_rows: int = 1024) -> dict:
     """Render, tokenise (in batches) and write rows to `writer`; bad rows are counted in `skipped`.
 
-    Returns the long-row policy and count, and the number of source rows seen. Long-row handling
-    applies to template rows only: .txt documents (template None) are long and are streamed whole.
+    Returns the long-row policy and count ("policy", "max_tokens", "rows"), the number of source
+    rows seen ("seen"), the longest row ("longest", in tokens) and the answer tokens of dropped rows
+    ("dropped_answer_tokens"). Long-row handling applies to template rows only: .txt documents
+    (template None) are long and are streamed whole.
     """
     encoder = RowEncoder(tok)
     bos, eos = np.array([tok.bos_id]), np.array([tok.eos_id])
     limit = max_tokens if template is not None else None
-    n_long = 0
+    stats = {"rows": 0, "longest": 0, "dropped_answer_tokens": 0}
     pending: list[tuple[int, str, Optional[int]]] = []
     pending_chars = 0
     seen = 0  # source rows, bad ones included
 
     def flush():
-        nonlocal n_long
         encoded = encoder.encode([p[1] for p in pending], [p[2] for p in pending])
         for (source_row, _, start), (ids, answer) in zip(pending, encoded):
             ids = np.concatenate([bos, ids, eos])
             # bos is prompt (or text) and eos belongs to the answer: the model must learn to stop
             mask = np.concatenate([[start is None], answer, [True]])
-            n_long += _write_row(writer, ids, mask, source_row, limit, long_rows, skipped)
+            _write_row(writer, ids, mask, source_row, limit, long_rows, skipped, stats)
         pending.clear()
 
     for source_row, text, start in _rendered(items, template, skipped):
@@ -127,20 +128,22 @@ def tokenise_into(writer, items: Iterable[Any], *, tok, template: Optional[Templ
             pending_chars = 0
     if pending:
         flush()
-    return {"policy": long_rows, "max_tokens": max_tokens, "rows": n_long, "seen": seen}
+    return {"policy": long_rows, "max_tokens": max_tokens, **stats, "seen": seen}
 
 
 def _write_row(writer, ids: np.ndarray, mask: np.ndarray, source_row: int, limit: Optional[int],
-               long_rows: str, skipped: collections.Counter) -> int:
-    """Write one row under the long-row policy; 1 when it was longer than `limit`, else 0."""
+               long_rows: str, skipped: collections.Counter, stats: dict) -> None:
+    """Write one row under the long-row policy, counting it in `stats` when longer than `limit`."""
+    stats["longest"] = max(stats["longest"], len(ids))
     if limit is None or len(ids) <= limit:
         writer.add(ids, mask, source_row)
-        return 0
+        return
+    stats["rows"] += 1
     if long_rows == "drop":
         skipped["too_long"] += 1
-    elif long_rows == "split":  # pieces of max_tokens; each piece is a row (a window start)
+        stats["dropped_answer_tokens"] += int(mask.sum())
+    elif long_rows == "split":  # pieces of max_tokens; the loader joins them again (windows.py)
         for a in range(0, len(ids), limit):
             writer.add(ids[a:a + limit], mask[a:a + limit], source_row)
     else:
         writer.add(ids, mask, source_row)
-    return 1

@@ -1,9 +1,11 @@
 """Batches from a prepared directory.
 
-The training loader draws windows of seq_len + 1 tokens that start at a row start chosen by
-np.random.default_rng([seed, step]) and run on into the following rows (packing); a window that runs
-past the end of the split wraps around to its start. For .txt data a window starts at any token. So
-the global batch at a step is a pure function of (seed, step), whatever the number of processes.
+The training loader draws windows of seq_len + 1 tokens that start at one of the starts of
+windows.train_starts (every row start, and every seq_len tokens inside a row longer than a window),
+chosen by np.random.default_rng([seed, step]), and run on into the following rows (packing); a window
+that runs past the end of the split wraps around to its start. For .txt data a window starts at any
+token. So the global batch at a step is a pure function of (seed, step) and the prepared files,
+whatever the number of processes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 from ..errors import ConfigError
 from .checks import check_int
 from .store import TokenData
+from .windows import reach_summary, train_starts, window_reach
 
 
 def window(stream: np.ndarray, start: int, length: int) -> np.ndarray:
@@ -25,8 +28,10 @@ def window(stream: np.ndarray, start: int, length: int) -> np.ndarray:
 class BatchLoader:
     """Training batches: the global batch at a step is a pure function of (seed, step).
 
-    Window starts come from np.random.default_rng([seed, step]): row starts for template data,
-    any token for .txt data. Each process reads only its slice [pi*b, (pi+1)*b) of the global batch.
+    Window starts come from np.random.default_rng([seed, step]): for template data row starts and
+    starts inside long rows (windows.py), any token for .txt data. Each process reads only its slice
+    [pi*b, (pi+1)*b) of the global batch. `reach` says how many rows are longer than a window and
+    how many answer tokens no window reaches (0 by construction); `summary()` says it in one line.
     """
 
     def __init__(self, data: TokenData, split: str, batch_size: int, seq_len: int, seed: int,
@@ -44,7 +49,12 @@ class BatchLoader:
         self.local_batch = batch_size // process_count
         self.process_index = process_index
         self.tokens, self.mask = data.split(split), data.mask(split)
-        self.starts = data.offsets(split)[:-1] if data.kind == "rows" else None
+        self.starts = train_starts(data, split, seq_len)
+        self.reach = window_reach(data, split, seq_len, self.starts)
+
+    def summary(self) -> str:
+        """One line: rows longer than the window, answer tokens out of reach (for the run's log)."""
+        return reach_summary(self.reach, self.data.meta)
 
     def global_starts(self, step: int) -> np.ndarray:
         """Stream positions where the global batch's windows start (all processes agree)."""

@@ -1,8 +1,11 @@
 """Preparing a directory: prepare() for HF hub datasets and local files, prepare_task() for the
-built-in tasks. Both write to a temporary directory next to out_dir and publish it whole."""
+built-in tasks. Both write to a temporary directory next to out_dir and publish it whole; both
+reuse a directory that already holds the same preparation, and neither replaces a different one
+that cannot be regenerated from its meta.json unless told to (existing.py)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import time
@@ -13,23 +16,28 @@ import numpy as np
 from ..errors import DataError
 from .checks import check_int, check_prepare_options
 from .encode import max_token_id, token_dtype, tokenise_into
+from .existing import check_replace, preparation_inputs, up_to_date
 from .sources import Source, open_source, resolve_source
-from .store import FORMAT_VERSION, TokenData, read_meta, split_path
+from .store import FORMAT_VERSION, read_meta, split_path
 from .tasks import TASK_VERSION, Task, get_task
 from .templates import DEFAULT_TEMPLATE, Template
-from .writer import StreamWriter, copy_rows, fingerprint, make_tmp_dir, publish, remove_split
+from .windows import share
+from .writer import StreamWriter, WriteFailed, copy_rows, fingerprint, make_tmp_dir, publish, remove_split
 
 
 def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEMPLATE,
             fields: Optional[Sequence[str]] = None, val_fraction: float = 0.005, seed: int = 0,
             long_rows: str = "keep", max_tokens: Optional[int] = None, hf_split: str = "train",
-            batch_rows: int = 1024, progress: bool = True, verbose: bool = True) -> dict:
+            batch_rows: int = 1024, overwrite: bool = False, progress: bool = True,
+            verbose: bool = True) -> dict:
     """Tokenise `source` (an HF hub id, data files, or .txt files / a directory of them) into out_dir.
 
     Rows are rendered with `template` (placeholders filled from the row keys `fields` names) and wrapped
     in bos/eos; .txt files are one document each, no template. Valid rows are split into train/val
     (round(rows * val_fraction) val rows, at least one, chosen by `seed`). Rows longer than max_tokens
-    are kept, split into max_tokens pieces, or dropped (`long_rows`). Returns meta.json's content.
+    are kept (training windows start inside them, see windows.py), split into max_tokens pieces, or
+    dropped (`long_rows`). When out_dir already holds this preparation it is reused; when it holds
+    another one, overwrite=True replaces it. Returns meta.json's content.
     """
     from .tokenizer import load_tokenizer
 
@@ -40,18 +48,29 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
     src = open_source(kind, where, hf_split)
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(max_token_id(tok))
+    inputs = preparation_inputs({
+        "format_version": FORMAT_VERSION, "kind": src.kind, "tokenizer": tok.name,
+        "template": tmpl.text if tmpl else None, "fields": tmpl.keys if tmpl else None,
+        "source": src.fingerprint, "val_fraction": val_fraction, "seed": seed,
+        "long_rows": {"policy": long_rows, "max_tokens": max_tokens} if src.kind == "rows" else None})
+    old = up_to_date(out_dir, inputs, verbose)
+    if old is not None:
+        return old
+    check_replace(out_dir, inputs, overwrite)
 
-    tmp = make_tmp_dir(out_dir)
-    try:
+    with _temporary_dir(out_dir) as tmp:
         skipped: collections.Counter = collections.Counter()
         long_info = _tokenise_source(tmp, src, tok, tmpl, dtype, skipped, long_rows=long_rows,
                                      max_tokens=max_tokens, batch_rows=batch_rows, progress=progress)
         splits = _split_train_val(tmp, dtype, val_fraction, seed)
+        seen = long_info.pop("seen")
+        # meta's long_rows keeps the policy, its limit and the count (as fingerprinted)
+        lengths = {k: long_info.pop(k) for k in ("longest", "dropped_answer_tokens")}
         meta = {
             "format_version": FORMAT_VERSION, "kind": src.kind, **_tokenizer_meta(tok, dtype),
             "template": tmpl.text if tmpl else None, "fields": tmpl.keys if tmpl else None,
-            "source": src.fingerprint, "source_rows": long_info.pop("seen"),
-            "val_fraction": val_fraction, "seed": seed,
+            "source": src.fingerprint, "source_rows": seen,
+            "val_fraction": val_fraction, "seed": seed, "row_lengths": lengths,
             "long_rows": long_info if src.kind == "rows" else None,
             "splits": splits, "skipped": dict(sorted(skipped.items())),
         }
@@ -59,11 +78,33 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
             "format_version", "tokenizer", "template", "fields", "source", "val_fraction", "seed",
             "long_rows")})
         _publish_with_summary(tmp, out_dir, meta, t0)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(meta["summary"])
     return meta
+
+
+@contextlib.contextmanager
+def _temporary_dir(out_dir: str):
+    """A temporary directory beside out_dir, removed on exit; a failed write (full disk, quota,
+    read-only or size-limited file system) ends in one sentence saying out_dir was not published."""
+    had_data = read_meta(out_dir) is not None
+    tmp = None
+    try:
+        tmp = make_tmp_dir(out_dir)
+        yield tmp
+    except WriteFailed as e:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        what = (f"write {e.nbytes:,} bytes in {parent!r}" if e.nbytes is not None
+                else f"create or move files in {parent!r}")
+        if e.partly_published:
+            state = "it is left without a meta.json, so it reads as not prepared"
+        else:
+            state = "its earlier preparation is unchanged" if had_data else "nothing was left there"
+        raise DataError(f"could not {what} ({e.reason}), so {out_dir!r} was not published and "
+                        f"{state}; free space there or pass another --out.") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tokenise_source(tmp: str, src: Source, tok, tmpl: Optional[Template], dtype,
@@ -133,6 +174,13 @@ def _summary(meta: dict, seconds: float) -> str:
     if long_rows.get("rows"):
         line += (f"; {long_rows['rows']:,} rows over {long_rows['max_tokens']:,} tokens "
                  f"({ {'keep': 'kept', 'split': 'split', 'drop': 'dropped'}[long_rows['policy']] })")
+    lengths = meta.get("row_lengths")
+    if lengths and meta["kind"] == "rows":
+        # kept and split rows are reached whole by the loader's windows; only dropped rows are lost
+        lost = lengths["dropped_answer_tokens"]
+        total = lost + sum(s["answer_tokens"] for s in meta["splits"].values())
+        line += (f"; longest row {lengths['longest']:,} tokens; answer tokens out of reach: "
+                 f"{share(lost, total) if lost else 'none'}")
     return line
 
 
@@ -140,12 +188,14 @@ def _summary(meta: dict, seconds: float) -> str:
 
 def prepare_task(task: str, out_dir: str, *, tokenizer: str = "bytes", n_train: int = 20000,
                  n_val: int = 256, seed: int = 0, template: str = DEFAULT_TEMPLATE,
-                 verbose: bool = True, **task_options) -> dict:
+                 overwrite: bool = False, verbose: bool = True, **task_options) -> dict:
     """Generate a built-in task (reflex_jax.data.tasks) into out_dir, in the same format as prepare().
 
     Validation questions never appear in train (train rows that repeat one are redrawn), so exact
     match on val measures generalisation. Idempotent: when out_dir already holds this task with the
-    same arguments, the existing meta is returned without redoing work.
+    same arguments, the existing meta is returned without redoing work. A task directory made with
+    other arguments is regenerated (it is a pure function of its meta.json, so nothing is lost); data
+    that prepare() made from a source is replaced only with overwrite=True.
     """
     from .tokenizer import load_tokenizer
 
@@ -161,33 +211,33 @@ def prepare_task(task: str, out_dir: str, *, tokenizer: str = "bytes", n_train: 
     args = {"format_version": FORMAT_VERSION, "task": task, "task_version": TASK_VERSION,
             "options": task_options, "tokenizer": _tokenizer_name(tokenizer), "n_train": n_train,
             "n_val": n_val, "seed": seed, "template": template}
-    task_fingerprint = fingerprint(args)
-    old = _up_to_date(out_dir, task_fingerprint, verbose)
+    inputs = preparation_inputs({"task_fingerprint": fingerprint(args)})
+    old = up_to_date(out_dir, inputs, verbose)
     if old is not None:
         return old
+    check_replace(out_dir, inputs, overwrite)
 
     train, val = _task_rows(t, task, n_train, n_val, seed, task_options)
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(max_token_id(tok))
-    tmp = make_tmp_dir(out_dir)
-    try:
-        splits, skipped = {}, collections.Counter()
+    with _temporary_dir(out_dir) as tmp:
+        splits, skipped, longest = {}, collections.Counter(), 0
         for name, rows in (("train", train), ("val", val)):
             if rows:
                 writer = StreamWriter(tmp, name, dtype)
-                tokenise_into(writer, rows, tok=tok, template=tmpl, skipped=skipped)
-                splits[name] = writer.close()
+                info = tokenise_into(writer, rows, tok=tok, template=tmpl, skipped=skipped)
+                splits[name], longest = writer.close(), max(longest, info["longest"])
         meta = {
             "format_version": FORMAT_VERSION, "kind": "rows", **_tokenizer_meta(tok, dtype),
             "template": template, "fields": tmpl.keys,
             "source": {"task": task, "task_version": TASK_VERSION,
                        "options": {**t.defaults, **task_options}},
             "source_rows": n_train + n_val, "val_fraction": None, "seed": seed, "long_rows": None,
-            "splits": splits, "skipped": dict(skipped), "task": task, "fingerprint": task_fingerprint,
+            "row_lengths": {"longest": longest, "dropped_answer_tokens": 0},
+            "splits": splits, "skipped": dict(skipped), "task": task,
+            "fingerprint": inputs["task_fingerprint"],
         }
         _publish_with_summary(tmp, out_dir, meta, t0, prefix=f"task {task}: ")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(meta["summary"])
     return meta
@@ -195,20 +245,6 @@ def prepare_task(task: str, out_dir: str, *, tokenizer: str = "bytes", n_train: 
 
 def _tokenizer_name(tokenizer: str) -> str:
     return os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer
-
-
-def _up_to_date(out_dir: str, task_fingerprint: str, verbose: bool) -> Optional[dict]:
-    """out_dir's meta when it already holds this task with these arguments, intact; else None."""
-    old = read_meta(out_dir)
-    if old is None or old.get("fingerprint") != task_fingerprint:
-        return None
-    try:
-        TokenData.open(out_dir)  # the token files are there too
-    except (OSError, ValueError):
-        return None  # damaged: rebuild
-    if verbose:
-        print(f"{out_dir}: up to date ({old['summary']})")
-    return old
 
 
 def _task_rows(t: Task, task: str, n_train: int, n_val: int, seed: int,

@@ -5,8 +5,9 @@ A prepared directory holds, per split (`train`, `val`):
     {split}.mask.bin         uint8, 1 on the answer's tokens and the closing eos (all 1 for .txt documents)
     {split}.offsets.npy      int64 [rows + 1], where each row starts in the stream
     {split}.source_rows.npy  int64 [rows], the row's index in the source (checks, debugging)
-and meta.json (tokenizer, special ids, template, source fingerprint, split sizes, skipped rows by reason).
-A directory with a meta.json is complete: meta.json is written last.
+and meta.json (tokenizer, special ids, template, source fingerprint, split sizes and largest token
+id, skipped rows by reason, row lengths). A directory with a meta.json is complete: meta.json is
+written last.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .tasks import get_task
 
 FORMAT_VERSION = 1
 SPLIT_FILES = ("tokens.bin", "mask.bin", "offsets.npy", "source_rows.npy")
+_SCAN_CHUNK = 1 << 24  # tokens per np.max when scanning a token file
 
 
 def split_path(directory: str, split: str, what: str) -> str:
@@ -106,6 +108,27 @@ class TokenData:
 
     def source_rows(self, name: str) -> np.ndarray:
         return self._get(name, "source_rows.npy")
+
+    def max_id(self, name: str) -> int:
+        """The largest token id in a split's token file (-1 if empty), read from the file itself in
+        chunks (about 1 ms per 10M tokens from the page cache), cached."""
+        key = (name, "max_id")
+        if key not in self._cache:
+            tokens = self.split(name)
+            self._cache[key] = max([-1] + [int(tokens[c:c + _SCAN_CHUNK].max())
+                                           for c in range(0, len(tokens), _SCAN_CHUNK)])
+        return self._cache[key]
+
+    def first_at_least(self, name: str, token_id: int) -> tuple[int, int]:
+        """(row, position in the stream) of the first token >= token_id; (-1, -1) if none."""
+        tokens = self.split(name)
+        for c in range(0, len(tokens), _SCAN_CHUNK):
+            hits = np.flatnonzero(tokens[c:c + _SCAN_CHUNK] >= token_id)
+            if hits.size:
+                pos = c + int(hits[0])
+                row = int(np.searchsorted(self.offsets(name), pos, side="right")) - 1
+                return row, pos
+        return -1, -1
 
     def rows(self, name: str, start: int = 0, stop: Optional[int] = None):
         """(tokens, mask) of rows start..stop of a split, each as its own array."""

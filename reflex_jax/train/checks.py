@@ -2,8 +2,6 @@
 nothing) into one sentence naming the config field to change."""
 from __future__ import annotations
 
-import numpy as np
-
 from ..errors import TrainingError
 
 
@@ -44,13 +42,3 @@ def check_fits_mesh(c, batch_shards: int) -> None:
             f"batch_size/grad_accum = {micro} rows per micro-batch must be divisible by "
             f"config.mesh data*fsdp = {batch_shards} (every batch shard takes an equal slice); change "
             "--config.batch_size or the mesh.")
-
-
-def check_answer_tokens(first_batch: dict, data_dir: str, block_size: int) -> None:
-    """loss_on='answer': the first batch (the whole global batch, so that every process reaches
-    the same verdict) holds answer tokens within the block."""
-    if not np.asarray(first_batch["mask"])[:, 1:].any():
-        raise TrainingError(
-            f"data.loss_on='answer' but the first batch of {data_dir!r} holds no answer "
-            f"tokens within block_size={block_size}; raise --config.model.block_size "
-            "above the row length or set --config.data.loss_on=all.")
