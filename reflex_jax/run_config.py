@@ -47,6 +47,7 @@ def base_config() -> ConfigDict:
     c.data.loss_on = "all"         # all | answer (answer-only loss when the data has a mask)
     c.data.task_rows = 20000       # built-in tasks: rows generated for training
     c.data.task_val_rows = 256
+    c.data.resume_on_changed_data = False  # resume although the data's fingerprint changed
     # every built-in task option with its default, so the command line can set any of them
     # (--config.data.task_options.n_pairs=4); a task receives only the options it has
     from .data.tasks import TASKS

@@ -16,8 +16,9 @@ import re
 from .errors import MissingFileError, UsageError
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
-# what fsspec needs for each scheme that etils.epath knows
+# what fsspec needs for each scheme that etils.epath knows, and its protocol name in fsspec
 _PACKAGES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
+_PROTOCOLS = {"gs": "gcs"}
 
 
 def scheme(path) -> str:
@@ -49,7 +50,17 @@ def _remote(path: str):
     if name not in _PACKAGES:
         raise UsageError(f"{path!r} uses {name}://, which is not supported; use a local path or "
                          f"one of {', '.join(s + '://' for s in _PACKAGES)}.")
+    _fresh_listings(_PROTOCOLS.get(name, name))
     return epath.Path(path)
+
+
+def _fresh_listings(protocol: str) -> None:
+    """No listing from fsspec's cache, which never expires by default: a run directory is also
+    written by tensorstore, by the other hosts and by a resumed run, so a cached listing of
+    checkpoints/ would miss steps or name deleted ones. A user's own setting wins; it applies to
+    filesystems created from now on (etils and orbax create theirs at first use)."""
+    import fsspec.config
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 def _call(path: str, fn):

@@ -209,10 +209,14 @@ def test_config_errors_are_one_sentence_before_compiling(tmp_path):
         Trainer(c)
 
 
-def test_answer_only_loss_needs_answers_in_the_window(tmp_path):
-    with pytest.raises(TrainingError, match=r"data.loss_on='answer' but the first batch .* holds no "
-                                            r"answer tokens within block_size=32"):
-        Trainer(small_config(tmp_path / "ans", **{"data.loss_on": "answer"}))
+def test_answer_only_loss_reaches_answers_past_the_window(tmp_path):
+    """Task rows are longer than these 33-token windows: windows also start inside rows, so the
+    answers are trained on (this once raised "no answer tokens within block_size")."""
+    t = Trainer(small_config(tmp_path / "ans", **{"data.loss_on": "answer"}), log=lambda s: None)
+    reach = t.train_loader.reach
+    assert reach["long_rows"] > 0 and reach["answer_tokens"] > 0
+    assert reach["unreachable_answer_tokens"] == 0
+    assert any(np.asarray(t.train_loader.batch(s)["mask"])[:, 1:].any() for s in range(4))
     with pytest.raises(TrainingError, match=r"eval_exact_match needs prompt \+ answer = \d+ tokens but "
                                             r"model.block_size=32"):
         Trainer(small_config(tmp_path / "em", eval_exact_match=8, eval_interval=5))
@@ -286,3 +290,27 @@ def test_sigterm_saves_and_exits_75(tmp_path):
     assert "stopped by SIGTERM at step" in out
     step = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
     assert ckpt.RunCheckpoints(str(run), create=False).latest_step() == step
+
+
+def test_resume_logs_changed_settings_keeps_every_config_and_refuses_changed_data(tmp_path):
+    run = tmp_path / "hist"
+    Trainer(small_config(run, max_steps=2), log=lambda s: None).train()
+    said = []
+    c = small_config(run, max_steps=4)
+    c.optim.lr = 1e-3  # configs/tiny.py says 3e-3
+    Trainer(c, log=said.append).train()
+    assert any(s.startswith("resuming with changed settings: ") and "max_steps 2 -> 4" in s
+               and "optim.lr 0.003 -> 0.001" in s for s in said), said
+    history = json.load(open(run / "config_history.json"))
+    assert [h["start_step"] for h in history] == [0, 2]
+    assert history[0]["config"]["optim"]["lr"] == 3e-3 and history[1]["config"]["optim"]["lr"] == 1e-3
+    assert history[1]["changed"]["max_steps"] == [2, 4]
+    # other data under the same run: refused in one sentence, unless asked
+    other = small_config(run, max_steps=6, **{"data.task_rows": 300})
+    with pytest.raises(TrainingError, match=r"was trained on data with fingerprint \w+ but .* now "
+                                            r"holds data with fingerprint \w+; resume on the data"):
+        Trainer(other, log=lambda s: None).train()
+    other.data.resume_on_changed_data = True
+    said = []
+    assert Trainer(other, log=said.append).train()["final_step"] == 6
+    assert any("resuming on changed data" in s for s in said)

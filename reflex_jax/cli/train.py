@@ -122,6 +122,9 @@ def _exit_after_error(status: int):
 
 
 def _short(path: str) -> str:
+    from ..storage import is_remote
+    if is_remote(path):
+        return path
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
 

@@ -2,11 +2,10 @@
 checked against the model before any weight is read where possible."""
 from __future__ import annotations
 
-import os
-
 import jax
 
 from .. import checkpoint as ckpt
+from .. import storage
 
 
 def load_init_params(path: str, cfg, abstract_params):
@@ -18,20 +17,20 @@ def load_init_params(path: str, cfg, abstract_params):
     # multi-host: orbax cannot restore a tree saved on another topology without a target, and
     # no host needs the whole model: every process restores only its shards of this mesh
     import orbax.checkpoint as ocp
-    path = os.path.abspath(os.path.expanduser(path))
+    path = storage.resolve(path)
     ckpt.read_model_config(path)  # one sentence if this is not a params or run directory
 
     def check(item: str, where: str):  # shapes from the metadata, before reading any weights
         meta = ocp.StandardCheckpointer().metadata(item).item_metadata
         ckpt.check_params_fit(cfg, getattr(meta, "tree", meta), where)
 
-    if os.path.isdir(os.path.join(path, ckpt.PARAMS)):
-        check(os.path.join(path, ckpt.PARAMS), path)
-        return ckpt.restore_tree(os.path.join(path, ckpt.PARAMS), abstract_params)
+    if storage.isdir(storage.join(path, ckpt.PARAMS)):
+        check(storage.join(path, ckpt.PARAMS), path)
+        return ckpt.restore_tree(storage.join(path, ckpt.PARAMS), abstract_params)
     run = ckpt.RunCheckpoints(path, create=False)
     try:
         step = run.pick_step()
-        check(os.path.join(run.directory, str(step), "params"), f"{path} step {step}")
+        check(storage.join(run.directory, str(step), "params"), f"{path} step {step}")
         return run.restore_params(step, abstract_params)
     finally:
         run.close()

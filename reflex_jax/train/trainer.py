@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import data as data_lib
-from .. import sharding
+from .. import sharding, storage
 from ..errors import TrainingError
 from ..kernels import DEFAULT, KernelChoices
 from ..model import Decoder, abstract_params, param_logical_axes
@@ -49,6 +50,7 @@ class Trainer:
         if not compile_only:
             self.data, self.data_dir = self._open_data()
             checks.check_fits_data(self.data.meta, self.cfg, self.data_dir)
+            data_lib.check_token_range(self.data, self.cfg.vocab_size)
         self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
         checks.check_fits_mesh(c, sharding.batch_shards(self.mesh))
         self.platform = self.mesh.devices.flat[0].platform
@@ -76,14 +78,11 @@ class Trainer:
         block, blocks = sharding.process_rows(self.batch_sharding, c.batch_size)
         self.train_loader = data_lib.BatchLoader(self.data, "train", c.batch_size, self.seq_len,
                                                  c.seed, process_index=block, process_count=blocks)
-        if c.data.loss_on == "answer":
-            first = data_lib.BatchLoader(self.data, "train", c.batch_size, self.seq_len, c.seed)
-            checks.check_answer_tokens(first.batch(0), self.data_dir, self.cfg.block_size)
+        self.log(self.train_loader.summary())  # long rows and what the windows reach
         if c.data.task and c.eval_exact_match > 0 and c.eval_interval:
             self._exact_match = self._make_exact_match()
 
     def _open_data(self):
-        from .. import storage
         c = self.config
         if c.data.dir:
             if storage.is_remote(c.data.dir):
@@ -223,16 +222,20 @@ class Trainer:
 
     # ---- run directory -------------------------------------------------------------------------
     def _write_run_files(self):
-        from .. import storage
         c = self.config
         storage.makedirs(c.run_dir)
         model_path = storage.join(c.run_dir, ckpt.MODEL_CONFIG)
+        resuming = storage.isdir(storage.join(c.run_dir, ckpt.CHECKPOINTS))
         if storage.exists(model_path):
             diff = self.cfg.model_differences(ckpt.read_model_config(c.run_dir))
-            if diff and storage.isdir(storage.join(c.run_dir, ckpt.CHECKPOINTS)):
+            if diff and resuming:
                 raise TrainingError(
                     f"run_dir {c.run_dir!r} holds checkpoints of a different model (model.{diff[0]} "
                     f"differs); use a new --config.run_dir or the same model config to resume.")
+        fingerprint = data_lib.data_fingerprint(self.data)
+        if resuming:
+            self._check_same_data(fingerprint)
+        self._previous_config = _read_json_or_none(storage.join(c.run_dir, "config.json"))
         # every process checks (same files, same verdict); only process 0 writes, since two
         # writers racing on the same temp file would break the atomic replace
         if self.is_main:
@@ -241,8 +244,43 @@ class Trainer:
             ckpt.write_json(storage.join(c.run_dir, ckpt.META),
                             {"tokenizer": self.data.meta["tokenizer"],
                              "data_dir": os.path.abspath(self.data_dir),
+                             "data_fingerprint": fingerprint,
                              "template": self.data.meta.get("template"), "task": c.data.task or None})
         _sync("run files written")
+
+    def _check_same_data(self, fingerprint: str):
+        """Resuming on other data than the run was trained on refuses, unless asked."""
+        c = self.config
+        before = ckpt.read_meta(c.run_dir).get("data_fingerprint")
+        if before is None or before == fingerprint:
+            return
+        if not c.data.get("resume_on_changed_data", False):
+            raise TrainingError(
+                f"run_dir {c.run_dir!r} was trained on data with fingerprint {before} but "
+                f"{self.data_dir!r} now holds data with fingerprint {fingerprint}; resume on the "
+                "data it was trained on, use a new --config.run_dir, or pass "
+                "--config.data.resume_on_changed_data=True.")
+        self.log(f"resuming on changed data (fingerprint {before} -> {fingerprint}), as asked")
+
+    def _record_config(self, start_step: int):
+        """Log what a resumed run changed, and keep every config the run ran with
+        (config_history.json: one entry per start)."""
+        c, before = self.config, self._previous_config
+        changed = {}
+        if before is not None and start_step > 0:
+            old, new = _flatten(before), _flatten(json.loads(json.dumps(c.to_dict(), default=str)))
+            changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+                       if old.get(k) != new.get(k)}
+            if changed:
+                self.log("resuming with changed settings: " + "; ".join(
+                    f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if not self.is_main:
+            return
+        path = storage.join(c.run_dir, "config_history.json")
+        history = _read_json_or_none(path) or []
+        history.append({"start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "changed": changed, "config": c.to_dict()})
+        ckpt.write_json(path, history)
 
     def _restore_or_init(self, checkpoints: ckpt.RunCheckpoints) -> TrainState:
         c = self.config
@@ -272,7 +310,7 @@ class Trainer:
             raise TrainingError("this Trainer was built with compile_only=True (no data); build "
                                 "it without compile_only to train.")
         lock = None
-        if self.is_main and "://" not in c.run_dir:  # one trainer per (local) run directory
+        if self.is_main and not storage.is_remote(c.run_dir):  # one trainer per local run_dir
             os.makedirs(c.run_dir, exist_ok=True)
             lock = RunLock(c.run_dir, self.log)
         with lock or contextlib.nullcontext():
@@ -285,6 +323,7 @@ class Trainer:
                                           async_save=bool(c.async_checkpoints))
         state = self._restore_or_init(checkpoints)
         start = int(state.step)
+        self._record_config(start)
         loop = _Loop(self, checkpoints, start)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         step_ = start
@@ -313,7 +352,6 @@ class _Loop:
     def __init__(self, trainer: Trainer, checkpoints: ckpt.RunCheckpoints, start: int):
         c = self.config = trainer.config
         self.trainer, self.checkpoints = trainer, checkpoints
-        from .. import storage
         self.metrics_log = MetricsLog(storage.join(c.run_dir, "metrics.jsonl"), start,
                                       trainer.is_main, tensorboard=c.tensorboard, wandb=c.wandb,
                                       config=c.to_dict())
@@ -323,7 +361,7 @@ class _Loop:
         self.bar = progress_bar(c.max_steps, start, trainer.is_main)
         self.pending: list = []  # (step, metrics on device) not yet checked/logged
         self.last_saved = checkpoints.latest_step()
-        self.summary: dict = {"run_dir": os.path.abspath(c.run_dir), "start_step": start}
+        self.summary: dict = {"run_dir": storage.resolve(c.run_dir), "start_step": start}
         self.t_last, self.steps_since = time.perf_counter(), 0
 
     def flush(self) -> dict:
@@ -386,6 +424,23 @@ class _Loop:
         self.bar.close()
         self.checkpoints.close()
         self.metrics_log.close()
+
+
+def _read_json_or_none(path: str):
+    try:
+        return json.loads(storage.read_text(path)) if storage.exists(path) else None
+    except ValueError:  # a damaged file from an earlier start: history starts afresh
+        return None
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 @jax.jit
