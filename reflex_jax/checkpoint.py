@@ -10,13 +10,19 @@ Two layouts, both loadable by `load_params(path) -> (ModelConfig, params)`:
 """
 from __future__ import annotations
 
+import glob
 import json
-from typing import Any, Optional
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 from . import storage
+from .checksums import StepChecksums
 from .errors import CheckpointError
 from .model.config import ModelConfig
 
@@ -80,6 +86,18 @@ def save_params(directory: str, cfg: ModelConfig, params, meta: Optional[dict] =
     return directory
 
 
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of the innermost cause of `e` (orbax wraps tensorstore wraps the OS)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 def restore_tree(path: str, abstract_tree=None):
     """Restore an orbax StandardCheckpointer tree (onto `abstract_tree`'s shardings if given)."""
     ckptr = ocp.StandardCheckpointer()
@@ -88,11 +106,13 @@ def restore_tree(path: str, abstract_tree=None):
     return ckptr.restore(path, abstract_tree)
 
 
-def load_params(path: str, step: Optional[int] = None, which: str = "best"):
+def load_params(path: str, step: Optional[int] = None, which: str = "best",
+                log: Callable[[str], None] = _note):
     """(ModelConfig, params) from a params directory or a run directory.
 
     For a run directory: `step` picks a specific saved step; otherwise `which` is `best` (lowest
-    validation loss, falling back to latest when no eval ran) or `latest`.
+    validation loss, falling back to latest when no eval ran) or `latest`, and a damaged step
+    falls back to the newest intact one, saying so through `log`.
     """
     path = storage.resolve(path)
     if not storage.isdir(path):
@@ -106,8 +126,7 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best"):
     if storage.isdir(storage.join(path, CHECKPOINTS)):
         ckpts = RunCheckpoints(path, create=False)
         try:
-            chosen = ckpts.pick_step(step, which)
-            params = ckpts.restore_params(chosen)
+            chosen, params = ckpts.restore_params_intact(step, which, log)
         finally:
             ckpts.close()
         check_params_fit(cfg, params, f"{path} step {chosen}")
@@ -118,46 +137,140 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best"):
 
 class RunCheckpoints:
     """`<run_dir>/checkpoints/<step>/{params,opt}`: orbax CheckpointManager with keep-last-N plus
-    the best step by validation loss.
+    the best step by validation loss (`track_best`).
 
     Params and optimizer state are separate items, so sampling restores params alone. Orbax writes
     each step into a temporary directory and renames it only once complete (in a bucket, where a
     rename is a copy: writes in place and adds commit_success.txt last), so a process killed
-    mid-save leaves no step that `latest_step` would return.
+    mid-save leaves no step that `latest_step` would return. Once a step is complete its files'
+    checksums are written (checksums.py) and a restore verifies them; a damaged step is skipped
+    for the newest intact one. A save that fails raises one sentence naming the step and what is
+    still intact.
     """
 
-    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True, create: bool = True):
-        from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True, create: bool = True,
+                 track_best: bool = True):
         self.directory = storage.join(storage.resolve(run_dir), CHECKPOINTS)
         if not create and not storage.isdir(self.directory):
             raise CheckpointError(f"{run_dir!r} has no {CHECKPOINTS}/ directory; train first or "
                                   "point at a run directory that has checkpoints.")
-        metric = lambda m: m["val_loss"]  # noqa: E731
+        self.sums = None if storage.is_remote(self.directory) else StepChecksums(self.directory)
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
+        self._set_aside_unreadable_metrics()
+        try:
+            self.manager = self._manager(keep, async_save, create, track_best)
+        except Exception as e:  # noqa: BLE001 - whatever else orbax cannot read
+            raise CheckpointError(f"could not open the checkpoints in {self.directory} "
+                                  f"({_reason(e)}); restore the files or start a new "
+                                  "--config.run_dir.") from None
+
+    def _set_aside_unreadable_metrics(self) -> None:
+        """Orbax reads every step's metrics file when it opens the directory, and one that is not
+        JSON fails it for all steps: rename such a file (keeping its bytes), so that step counts
+        as damaged and the others stay usable."""
+        if storage.is_remote(self.directory) or not os.path.isdir(self.directory):
+            return
+        for path in glob.glob(os.path.join(self.directory, "*", "metrics", "metrics")):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError):
+                os.replace(path, path + ".unreadable")
+                _note(f"{path} is not JSON; renamed it to metrics.unreadable")
+
+    def _manager(self, keep: int, async_save: bool, create: bool, track_best: bool):
+        from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+        policies = [LatestN(max(1, keep))]
+        best = {}
+        if track_best:  # without evals there are no metrics (and orbax warns at every save)
+            metric = lambda m: m["val_loss"]  # noqa: E731
+            policies.append(BestN(get_metric_fn=metric, reverse=True, n=1,
+                                  keep_checkpoints_without_metrics=False))
+            best = dict(best_fn=metric, best_mode="min")
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=AnyPreservationPolicy([
-                LatestN(max(1, keep)),
-                BestN(get_metric_fn=metric, reverse=True, n=1, keep_checkpoints_without_metrics=False),
-            ]),
-            best_fn=metric, best_mode="min", enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=create)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+            preservation_policy=AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=create, **best)
+        return ocp.CheckpointManager(self.directory, options=options)
 
+    # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, params, opt_state, val_loss: Optional[float] = None) -> None:
+        self._finish_pending()
+        self._check_space(step, (params, opt_state))
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                        opt=ocp.args.StandardSave(opt_state)),
-                          metrics=metrics, force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                            opt=ocp.args.StandardSave(opt_state)),
+                              metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - storage errors of every kind, named below
+            raise self._save_failed(step, e) from None
+        self._unsealed.append(step)
 
+    def _check_space(self, step: int, trees) -> None:
+        """Refuse a save that cannot fit on a local disk, before writing anything."""
+        if storage.is_remote(self.directory):
+            return
+        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(trees)) // max(jax.process_count(), 1)
+        os.makedirs(self.directory, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointError(
+                f"not enough disk space to save step {step} in {self.directory}: it needs about "
+                f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; "
+                f"{self._intact_text()}; free space or use another --config.run_dir.")
+
+    def _intact_text(self) -> str:
+        try:
+            steps = self.all_steps()
+        except Exception:  # noqa: BLE001 - listing a broken directory
+            steps = []
+        return (f"steps {', '.join(map(str, steps))} are intact" if steps
+                else "no earlier step was saved")
+
+    def _save_failed(self, step, e: BaseException) -> CheckpointError:
+        return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed "
+                               f"({_reason(e)}); {self._intact_text()}; free space or fix the "
+                               "storage, then run again to resume.")
+
+    def _finish_pending(self) -> None:
+        """Wait for the async save in flight, raise if it failed, checksum the finished steps."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(self._unsealed[-1] if self._unsealed else "?", e) from None
+        if self.sums is not None:
+            present = set(self.manager.all_steps())
+            for step in self._unsealed:
+                if step in present:
+                    self.sums.write(step)
+            self.sums.keep_only(present)
+        self._unsealed = []
+
+    def check_for_errors(self) -> None:
+        """Raise now (one sentence) if a background save has failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(self._unsealed[-1] if self._unsealed else "?", e) from None
+
+    # ---- which steps -------------------------------------------------------------------------
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def best_step(self) -> Optional[int]:
-        return self.manager.best_step()
+        try:
+            return self.manager.best_step()
+        except Exception:  # noqa: BLE001 - unreadable metrics of some step: no "best"
+            return None
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def pick_step(self, step: Optional[int] = None, which: str = "best") -> int:
+        return self._candidates(step, which)[0]
+
+    def _candidates(self, step: Optional[int], which: str) -> list[int]:
+        """Steps to try, in order: the one asked for, else best/latest and then the older ones."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"{self.directory!r} holds no finished checkpoint; train longer "
@@ -166,11 +279,72 @@ class RunCheckpoints:
             if step not in steps:
                 raise CheckpointError(f"step {step} is not saved in {self.directory!r}; saved steps: "
                                       f"{', '.join(map(str, steps))}.")
-            return step
+            return [step]
         if which not in ("best", "latest"):
             raise CheckpointError(f"which={which!r} must be 'best' or 'latest'.")
         best = self.best_step() if which == "best" else None
-        return best if best is not None else steps[-1]
+        first = best if best is not None else steps[-1]
+        return [first] + [s for s in reversed(steps) if s != first]
+
+    # ---- restoring ---------------------------------------------------------------------------
+    def _restore_checked(self, step: int, restore: Callable):
+        """`restore()` of `step` after its checksums; a CheckpointError names the damage."""
+        problem = self.sums.problem(step) if self.sums is not None else None
+        if problem is None:
+            try:
+                return restore()
+            except Exception as e:  # noqa: BLE001 - truncated chunks, missing items, ...
+                problem = _reason(e)
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({problem})")
+
+    def _first_intact(self, candidates: list[int], restore: Callable, log: Callable):
+        damaged = []
+        for step in candidates:
+            try:
+                out = self._restore_checked(step, lambda: restore(step))
+            except CheckpointError as e:
+                if len(candidates) == 1:
+                    raise CheckpointError(f"{e}; restore another step or remove it.") from None
+                damaged.append(step)
+                log(f"{e}; trying the next older step")
+                continue
+            if damaged:
+                log(f"restored step {step} instead of the damaged step(s) "
+                    f"{', '.join(map(str, damaged))}")
+            return step, out
+        raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps "
+                              f"{', '.join(map(str, damaged))}); start a new --config.run_dir or "
+                              "restore the files.")
+
+    def restore_intact(self, abstract_params, abstract_opt_state, log: Callable = _note):
+        """(step, params, opt_state) of the newest intact step (see the class docstring)."""
+        def restore(step):
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt=ocp.args.StandardRestore(abstract_opt_state)))
+            return out["params"], out["opt"]
+        step, (params, opt) = self._first_intact(list(reversed(self.all_steps())), restore, log)
+        self._set_aside([s for s in self.all_steps() if s > step], log)
+        return step, params, opt
+
+    def _set_aside(self, steps: list[int], log: Callable) -> None:
+        """Move damaged steps newer than the one resumed from out of orbax's directory (training
+        would save those steps again), to <run_dir>/damaged_checkpoints/: nothing is deleted."""
+        if not steps or storage.is_remote(self.directory):
+            return
+        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, f"{step}-{int(time.time())}")
+            shutil.move(os.path.join(self.directory, str(step)), target)
+            log(f"moved the damaged step {step} to {target}")
+        self.manager.reload()
+
+    def restore_params_intact(self, step: Optional[int] = None, which: str = "best",
+                              log: Callable = _note, abstract_params=None):
+        """(step, params): the step asked for, else best/latest, else the newest intact one."""
+        return self._first_intact(self._candidates(step, which),
+                                  lambda s: self.restore_params(s, abstract_params), log)
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """(params, opt_state) at `step`, placed like the abstract trees' shardings."""
@@ -184,8 +358,15 @@ class RunCheckpoints:
         return self.manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            # orbax's close() does not wait for the temporary-directory cleanup it starts when it
+            # opens a directory; a process exiting right after would print that thread's failure
+            await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
+            self.manager.close()

@@ -31,6 +31,6 @@ def load_init_params(path: str, cfg, abstract_params):
     try:
         step = run.pick_step()
         check(storage.join(run.directory, str(step), "params"), f"{path} step {step}")
-        return run.restore_params(step, abstract_params)
+        return run.restore_params_intact(step, abstract_params=abstract_params)[1]
     finally:
         run.close()

@@ -284,12 +284,11 @@ class Trainer:
 
     def _restore_or_init(self, checkpoints: ckpt.RunCheckpoints) -> TrainState:
         c = self.config
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            params, opt = checkpoints.restore(latest, self.abstract_state.params,
-                                              self.abstract_state.opt_state)
-            self.log(f"resuming {c.run_dir} from step {latest}")
-            return TrainState(step=jax.device_put(jnp.int32(latest), self.replicated),
+        if checkpoints.latest_step() is not None:  # the newest intact step (damaged ones: skipped)
+            step, params, opt = checkpoints.restore_intact(self.abstract_state.params,
+                                                           self.abstract_state.opt_state, self.log)
+            self.log(f"resuming {c.run_dir} from step {step}")
+            return TrainState(step=jax.device_put(jnp.int32(step), self.replicated),
                               params=params, opt_state=opt)
         if c.init_from:
             from .restore import load_init_params
@@ -320,8 +319,13 @@ class Trainer:
         c = self.config
         self._write_run_files()
         checkpoints = ckpt.RunCheckpoints(c.run_dir, keep=c.keep_checkpoints,
-                                          async_save=bool(c.async_checkpoints))
-        state = self._restore_or_init(checkpoints)
+                                          async_save=bool(c.async_checkpoints),
+                                          track_best=bool(c.eval_interval))
+        try:
+            state = self._restore_or_init(checkpoints)
+        except BaseException:
+            checkpoints.close()  # no orbax thread left behind to print at exit
+            raise
         start = int(state.step)
         self._record_config(start)
         loop = _Loop(self, checkpoints, start)
@@ -393,6 +397,7 @@ class _Loop:
 
     def after_step(self, step: int, metrics, state: TrainState):
         c, stopping = self.config, self.trainer._stop_signal is not None
+        self.checkpoints.check_for_errors()  # a failed background save stops the run now
         self.steps_since += 1
         self.pending.append((step, metrics))
         self.bar.update(1)

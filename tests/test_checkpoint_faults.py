@@ -1,0 +1,134 @@
+"""Checkpoints under faults: a damaged, truncated or corrupted newest step is detected (checksums
+or the failed restore), reported by name, and the run and load_params fall back to the newest
+intact step; a full disk stops a save in one sentence before anything is written; a missing
+init_from or an empty checkpoints/ ends in one line; runs without evals save without warnings."""
+import glob
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from reflex_jax import checkpoint as ckpt
+from reflex_jax.errors import CheckpointError
+from reflex_jax.train.trainer import Trainer
+from test_trainer import ROOT, overrides_cli, small_config
+
+
+def _train(run, steps, **kw):
+    said = []
+    c = small_config(run, max_steps=steps, checkpoint_interval=2, **kw)
+    summary = Trainer(c, log=said.append).train()
+    return summary, said
+
+
+def _data_files(run, step):
+    files = glob.glob(os.path.join(run, "checkpoints", str(step), "params", "**", "d", "*"),
+                      recursive=True)
+    assert files, "orbax writes the params' chunks under params/.../d/"
+    return sorted(files, key=os.path.getsize)
+
+
+def _damage(path, how):
+    if how == "removed":
+        os.remove(path)
+    elif how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:  # a few KiB overwritten in the middle: the size stays, the bytes do not
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(os.urandom(min(4096, os.path.getsize(path) // 4)))
+
+
+@pytest.mark.parametrize("how", ["removed", "truncated", "corrupted"])
+def test_damaged_newest_step_falls_back_to_the_newest_intact_one(tmp_path, how):
+    run = str(tmp_path / how)
+    _train(run, 4)
+    assert ckpt.RunCheckpoints(run, create=False).all_steps() == [2, 4]
+    _damage(_data_files(run, 4)[-1], how)
+    notes = []
+    cfg, params = ckpt.load_params(run, which="latest", log=notes.append)
+    assert any("checkpoint step 4" in n and "is damaged" in n for n in notes), notes
+    assert any("restored step 2 instead of the damaged step(s) 4" in n for n in notes), notes
+    with pytest.raises(CheckpointError, match=r"checkpoint step 4 .* is damaged .*; restore "
+                                              r"another step or remove it"):
+        ckpt.load_params(run, step=4)
+    summary, said = _train(run, 6)
+    assert summary["final_step"] == 6 and f"resuming {run} from step 2" in said, said
+    assert any("moved the damaged step 4" in s for s in said), said
+    assert os.listdir(os.path.join(run, "damaged_checkpoints")), "nothing is deleted"
+    _, params = ckpt.load_params(run, which="latest")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_every_step_damaged_is_one_sentence(tmp_path):
+    run = str(tmp_path / "all")
+    _train(run, 4)
+    for step in (2, 4):
+        _damage(_data_files(run, step)[-1], "removed")
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged \(steps 4, 2\); "
+                                              r"start a new --config.run_dir"):
+        ckpt.load_params(run, log=lambda s: None)
+
+
+def test_garbage_metrics_of_a_step_is_damage_not_a_traceback(tmp_path):
+    run = str(tmp_path / "metrics")
+    _train(run, 4, eval_interval=2)
+    metrics = os.path.join(run, "checkpoints", "4", "metrics", "metrics")
+    assert os.path.exists(metrics)
+    with open(metrics, "w") as f:
+        f.write("not json")
+    notes = []
+    cfg, _ = ckpt.load_params(run, which="latest", log=notes.append)
+    assert any("checkpoint step 4" in n and "is damaged (metrics/metrics is missing)" in n
+               for n in notes), notes
+    assert os.path.exists(metrics + ".unreadable"), "the file's bytes are kept"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_stops_the_save_in_one_sentence(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("could not mount a tmpfs here")
+    try:
+        c = small_config(mount / "run", max_steps=8, checkpoint_interval=2)
+        with pytest.raises(CheckpointError, match=r"not enough disk space to save step \d+ in .*: "
+                                                  r"it needs about \d+ MiB and \d+ MiB are free; "
+                                                  r"(steps [\d, ]+ are intact|no earlier step)"):
+            Trainer(c, log=lambda s: None).train()
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def _cli(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                           os.path.join(ROOT, "configs/tiny.py")] + args, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_missing_init_from_and_empty_checkpoints_are_one_line(tmp_path):
+    bad = _cli(overrides_cli(tmp_path / "r", max_steps=2) + [f"--config.init_from={tmp_path}/nope"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
+    empty = tmp_path / "empty"
+    os.makedirs(empty / "checkpoints")
+    ckpt.write_json(str(empty / ckpt.MODEL_CONFIG), small_config(empty).model.to_dict())
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--run", str(empty),
+                          "--prompt_tokens", "1,2"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        f"sample.py: error: {str(empty / 'checkpoints')!r} holds no finished checkpoint; train "
+        "longer (config.checkpoint_interval) or pick another run directory."]
+
+
+def test_runs_without_evals_save_without_warnings(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _train(str(tmp_path / "quiet"), 4, eval_interval=0)
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
