@@ -5,6 +5,7 @@ init_from or an empty checkpoints/ ends in one line; runs without evals save wit
 import glob
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,9 +21,24 @@ from test_trainer import ROOT, overrides_cli, small_config
 
 def _train(run, steps, **kw):
     said = []
-    c = small_config(run, max_steps=steps, checkpoint_interval=2, **kw)
+    c = small_config(run, max_steps=steps, checkpoint_interval=2, eval_interval=2, **kw)
     summary = Trainer(c, log=said.append).train()
     return summary, said
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run with checkpoints at steps 2 and 4 (with val_loss metrics); tests damage copies."""
+    run = str(tmp_path_factory.mktemp("trained") / "run")
+    _train(run, 4)
+    assert ckpt.RunCheckpoints(run, create=False).all_steps() == [2, 4]
+    return run
+
+
+def _copy(trained, tmp_path, name):
+    run = str(tmp_path / name)
+    shutil.copytree(trained, run)
+    return run
 
 
 def _data_files(run, step):
@@ -45,10 +61,8 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize("how", ["removed", "truncated", "corrupted"])
-def test_damaged_newest_step_falls_back_to_the_newest_intact_one(tmp_path, how):
-    run = str(tmp_path / how)
-    _train(run, 4)
-    assert ckpt.RunCheckpoints(run, create=False).all_steps() == [2, 4]
+def test_damaged_newest_step_falls_back_to_the_newest_intact_one(trained, tmp_path, how):
+    run = _copy(trained, tmp_path, how)
     _damage(_data_files(run, 4)[-1], how)
     notes = []
     cfg, params = ckpt.load_params(run, which="latest", log=notes.append)
@@ -57,6 +71,9 @@ def test_damaged_newest_step_falls_back_to_the_newest_intact_one(tmp_path, how):
     with pytest.raises(CheckpointError, match=r"checkpoint step 4 .* is damaged .*; restore "
                                               r"another step or remove it"):
         ckpt.load_params(run, step=4)
+    if how != "corrupted":
+        return
+    # training resumes from the intact step and trains on past the damaged one
     summary, said = _train(run, 6)
     assert summary["final_step"] == 6 and f"resuming {run} from step 2" in said, said
     assert any("moved the damaged step 4" in s for s in said), said
@@ -65,9 +82,8 @@ def test_damaged_newest_step_falls_back_to_the_newest_intact_one(tmp_path, how):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
-def test_every_step_damaged_is_one_sentence(tmp_path):
-    run = str(tmp_path / "all")
-    _train(run, 4)
+def test_every_step_damaged_is_one_sentence(trained, tmp_path):
+    run = _copy(trained, tmp_path, "all")
     for step in (2, 4):
         _damage(_data_files(run, step)[-1], "removed")
     with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged \(steps 4, 2\); "
@@ -75,9 +91,8 @@ def test_every_step_damaged_is_one_sentence(tmp_path):
         ckpt.load_params(run, log=lambda s: None)
 
 
-def test_garbage_metrics_of_a_step_is_damage_not_a_traceback(tmp_path):
-    run = str(tmp_path / "metrics")
-    _train(run, 4, eval_interval=2)
+def test_garbage_metrics_of_a_step_is_damage_not_a_traceback(trained, tmp_path):
+    run = _copy(trained, tmp_path, "metrics")
     metrics = os.path.join(run, "checkpoints", "4", "metrics", "metrics")
     assert os.path.exists(metrics)
     with open(metrics, "w") as f:
@@ -130,5 +145,6 @@ def test_missing_init_from_and_empty_checkpoints_are_one_line(tmp_path):
 
 def test_runs_without_evals_save_without_warnings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        _train(str(tmp_path / "quiet"), 4, eval_interval=0)
+        Trainer(small_config(tmp_path / "quiet", max_steps=4, checkpoint_interval=2,
+                             eval_interval=0), log=lambda s: None).train()
     assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]

@@ -314,3 +314,12 @@ def test_resume_logs_changed_settings_keeps_every_config_and_refuses_changed_dat
     said = []
     assert Trainer(other, log=said.append).train()["final_step"] == 6
     assert any("resuming on changed data" in s for s in said)
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
+    run = tmp_path / "torn"
+    Trainer(small_config(run, max_steps=2), log=lambda s: None).train()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a kill in the middle of writing a row
+    Trainer(small_config(run, max_steps=4), log=lambda s: None).train()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
