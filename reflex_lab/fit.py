@@ -1,6 +1,6 @@
 """The largest model of each depth that fits a hardware target, from deviceless compiles.
 
-    python -m reflex_lab.fit --target v5p:2x2x1 --n_layer 6 --out experiments/compile_targets/fit_v5p-8.json
+    python -m reflex_lab.fit --target v5p:2x2x1 --n_layer 6 --out fit_v5p-2x2x1.json
 
 For each depth the search walks n_embd on a grid of `--step` (heads of `--head_dim`, so n_head =
 n_embd / head_dim), compiling the config's train step (default configs/reflex.py: block 2048,
@@ -9,13 +9,14 @@ target's deviceless devices (reflex_jax.targets). A point fits when the compiled
 per-device total (memory_analysis) is within the chip's HBM; a point XLA:TPU refuses to compile
 does not. The train step is the largest of the dry run's functions (docs/accelerators.md shows
 it for the reference config), so a probe compiles only it; the largest fitting point is then
-compiled in full by reflex_jax.train.dry_run.report (prefill and decode too) unless --no_confirm.
+compiled in full by reflex_jax.train.dry_run.report (train and eval steps, prefill, decode)
+unless --no_confirm.
 
 Compiles are minutes each (layers are unrolled), so the next probe is the largest grid point that
-a fit of the probes so far predicts to fit: total ~ a * state + b, with state (params + optimizer
-state per device) exact from shapes; a probe on the wrong side narrows the bracket, and the search
-ends when a fitting point and the next grid point, which does not fit, are both compiled. The JSON
-is rewritten after every probe, so a stop loses nothing.
+a fit of the probes so far predicts to fit (`predictor`: total ~ a * state + act * n_embd, with
+the state, params + optimizer state per device, exact from shapes); a probe on the wrong side
+narrows the bracket, and the search ends when a fitting point and the next grid point, which does
+not fit, are both compiled. The JSON is rewritten after every probe, so a stop loses nothing.
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ from reflex_jax.cli import exit_on_user_error
 from reflex_jax.errors import UsageError
 
 PROG = "reflex_lab.fit"
-FIRST_GUESS_RATIO = 1.5  # total / state before any probe: a first guess, replaced by the fit
+# activation bytes per token, layer and n_embd before any probe is compiled: the reference
+# config's train step on v5p:2x2x1 (8,111.6 MiB of temporaries for 4,096 tokens per chip, 6
+# layers, n_embd 1536); only the first probe's guess, replaced by a fit to the probes
+FIRST_GUESS_ACT = 225.0
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -45,9 +49,10 @@ def parse_args(argv: Optional[Sequence[str]]):
     p.add_argument("--min_embd", type=int, default=512)
     p.add_argument("--max_embd", type=int, default=32768)
     p.add_argument("--start_embd", type=int, default=0,
-                   help="first probe (default: the guess of total = 1.5 x params+optimizer state)")
+                   help="first probe (default: the predicted largest fit, see predictor())")
     p.add_argument("--no_confirm", action="store_true",
-                   help="do not compile the largest fitting point's eval, prefill and decode")
+                   help="skip the full dry run (all four functions and the roofline, "
+                   "reflex_jax.train.dry_run.report) of the largest fitting point")
     p.add_argument("--out", default="", help="JSON file, rewritten after every probe")
     return p.parse_known_args(argv)
 
@@ -70,7 +75,7 @@ class Prober:
 
     def __init__(self, base_config, target, head_dim: int, log: Callable[[str], None]):
         self.base, self.target, self.head_dim, self.log = base_config, target, head_dim, log
-        self._trainer_key, self._trainer = None, None
+        self._trainers: dict = {}  # (n_layer, n_embd) -> Trainer, see keep()
         self._state: dict = {}
 
     def config(self, n_layer: int, n_embd: int):
@@ -84,33 +89,42 @@ class Prober:
         return c
 
     def trainer(self, n_layer: int, n_embd: int):
-        """The point's Trainer (built from shapes; only the latest one is kept)."""
-        if self._trainer_key != (n_layer, n_embd):
-            from reflex_jax.train.trainer import Trainer
-            self._trainer = Trainer(self.config(n_layer, n_embd), log=lambda s: None,
-                                    devices=self.target.devices, compile_only=True)
-            self._trainer_key = (n_layer, n_embd)
-        return self._trainer
+        """The point's Trainer, built from shapes."""
+        key = (n_layer, n_embd)
+        if key not in self._trainers:
+            self._trainers[key] = self._build(n_layer, n_embd)
+        return self._trainers[key]
+
+    def _build(self, n_layer: int, n_embd: int):
+        from reflex_jax.train.trainer import Trainer
+        return Trainer(self.config(n_layer, n_embd), log=lambda s: None,
+                       devices=self.target.devices, compile_only=True)
+
+    def keep(self, *keys) -> None:
+        """Drop every Trainer but those of `keys`. A kept Trainer keeps its compiled train step
+        in JAX's in-memory cache, so that the full dry run of the largest fit does not compile
+        it again."""
+        self._trainers = {k: t for k, t in self._trainers.items() if k in keys}
 
     def state_bytes(self, n_layer: int, n_embd: int) -> int:
         """Params + optimizer state per device, from shapes (nothing compiles)."""
-        from reflex_jax.train.dry_run import _per_device_bytes
-        if (n_layer, n_embd) not in self._state:
-            state = self.trainer(n_layer, n_embd).abstract_state
-            self._state[n_layer, n_embd] = (_per_device_bytes(state.params)
-                                            + _per_device_bytes(state.opt_state))
-        return self._state[n_layer, n_embd]
+        from reflex_jax.train.dry_run import per_device_bytes
+        key = (n_layer, n_embd)
+        if key not in self._state:
+            state = (self._trainers.get(key) or self._build(n_layer, n_embd)).abstract_state
+            self._state[key] = (per_device_bytes(state.params)
+                                + per_device_bytes(state.opt_state))
+        return self._state[key]
 
     def probe(self, n_layer: int, n_embd: int) -> dict:
         """The train step's compiled memory at this point, and whether it fits the chip."""
         from reflex_jax.model import count_params
-        from reflex_jax.train.dry_run import _compile, _lowerings, _per_device_bytes
+        from reflex_jax.train.dry_run import compile_all, per_device_bytes
         t = self.trainer(n_layer, n_embd)
-        fn, fn_args = _lowerings(t)["train_step"]
-        step = _compile(fn, fn_args)
+        step = compile_all(t, names=("train_step",))["train_step"]
         state = t.abstract_state
-        per_device = {"params": _per_device_bytes(state.params),
-                      "opt_state": _per_device_bytes(state.opt_state),
+        per_device = {"params": per_device_bytes(state.params),
+                      "opt_state": per_device_bytes(state.opt_state),
                       **{k: step["memory"].get(k) for k in ("temp", "arguments", "outputs",
                                                             "total")}}
         oom = step.get("out_of_memory")
@@ -155,26 +169,39 @@ def _gib(n) -> str:
 
 # ---- the search ---------------------------------------------------------------------------------
 
-def predicted_largest(state_at: Callable[[int], int], probes: dict, hbm: int, lo: int,
-                      hi: int) -> int:
-    """The largest grid index in (lo, hi) whose predicted total fits `hbm`, or lo + 1 when none
-    does (that point then settles the bracket). Prediction: total = a * state + b fitted to the
-    probes nearest the bracket (one probe: b = 0; none: a = FIRST_GUESS_RATIO)."""
-    near = sorted(probes, key=lambda k: min(abs(k - lo), abs(k - hi)))[:2]
-    pts = [(state_at(k), probes[k]["peak_total_bytes"]) for k in near]
-    if len(pts) == 2 and pts[0][0] != pts[1][0]:
-        (s0, t0), (s1, t1) = pts
-        a = (t1 - t0) / (s1 - s0)
-        b = t0 - a * s0
-    else:
-        a, b = (pts[0][1] / pts[0][0], 0.0) if pts else (FIRST_GUESS_RATIO, 0.0)
-    fits = lambda k: a * state_at(k) + b <= hbm  # noqa: E731
-    left, right = lo + 1, hi - 1  # state grows with k: bisect for the last predicted fit
-    if not fits(left):
+def predictor(probes: dict, state_at: Callable[[int], int], embd_at: Callable[[int], int],
+              first_guess_act: float) -> Callable[[int], float]:
+    """total(k) ~ a * state + act * n_embd: the state (params, Adam's two moments) and the float32
+    gradients that mirror the params grow as n_embd^2, activations as n_embd. Fitted to the two
+    probes nearest k; one probe: a = 4/3 (gradients as large as the params, a third of the
+    state); none: also act = first_guess_act."""
+    def fitted(k: int) -> float:
+        near = sorted(probes, key=lambda j: abs(j - k))[:2]
+        pts = [(state_at(j), embd_at(j), probes[j]["peak_total_bytes"]) for j in near]
+        a, act = 4 / 3, first_guess_act
+        if len(pts) == 2:
+            (s0, d0, t0), (s1, d1, t1) = pts
+            det = s0 * d1 - s1 * d0
+            if det:
+                a2, act2 = (t0 * d1 - t1 * d0) / det, (s0 * t1 - s1 * t0) / det
+                if a2 > 0 and act2 >= 0:
+                    return a2 * state_at(k) + act2 * embd_at(k)
+        if pts:
+            s0, d0, t0 = pts[0]
+            act = max(0.0, (t0 - a * s0) / d0)
+        return a * state_at(k) + act * embd_at(k)
+    return fitted
+
+
+def predicted_largest(predict: Callable[[int], float], hbm: int, lo: int, hi: int) -> int:
+    """The largest grid index in (lo, hi) predicted to fit `hbm`, or lo + 1 when none is (that
+    point then settles the bracket); the prediction grows with k, so bisect."""
+    left, right = lo + 1, hi - 1
+    if predict(left) > hbm:
         return left
     while left < right:
         mid = (left + right + 1) // 2
-        left, right = (mid, right) if fits(mid) else (left, mid - 1)
+        left, right = (mid, right) if predict(mid) <= hbm else (left, mid - 1)
     return left
 
 
@@ -185,9 +212,12 @@ def search(prober: Prober, n_layer: int, args, hbm: int, save: Callable[[], None
     k_min, k_max = -(-args.min_embd // step), args.max_embd // step
     lo, hi = k_min - 1, k_max + 1  # largest known fit, smallest known non-fit (sentinels)
     probes: dict = {}
-    state_at = lambda k: prober.state_bytes(n_layer, k * step)  # noqa: E731
+    c = prober.base
+    tokens = c.batch_size // c.grad_accum // prober.target.n_devices * c.model.block_size
+    predict = predictor(probes, lambda k: prober.state_bytes(n_layer, k * step),
+                        lambda k: k * step, FIRST_GUESS_ACT * tokens * n_layer)
     k = (min(max(args.start_embd // step, k_min), k_max) if args.start_embd else
-         predicted_largest(state_at, probes, hbm, lo, hi))
+         predicted_largest(predict, hbm, lo, hi))
     while True:
         probes[k] = prober.probe(n_layer, k * step)
         record["probes"].append(probes[k])
@@ -196,6 +226,7 @@ def search(prober: Prober, n_layer: int, args, hbm: int, save: Callable[[], None
             lo = k
         else:
             hi = k
+        prober.keep((n_layer, lo * step))
         if hi == lo + 1 and lo >= k_min and not args.no_confirm and "confirmed" not in probes[lo]:
             probes[lo]["confirmed"] = prober.confirm(n_layer, lo * step)
             save()
@@ -204,7 +235,7 @@ def search(prober: Prober, n_layer: int, args, hbm: int, save: Callable[[], None
                 lo = max((j for j in probes if probes[j]["fits"]), default=k_min - 1)
         if hi == lo + 1:
             break
-        k = predicted_largest(state_at, probes, hbm, lo, hi)
+        k = predicted_largest(predict, hbm, lo, hi)
     record["largest_fit"] = probes.get(lo)
     record["smallest_no_fit"] = probes.get(hi)
     if lo < k_min:

@@ -21,7 +21,8 @@ from . import flops
 FUNCTIONS = ("train_step", "eval_step", "prefill", "decode")
 
 
-def _per_device_bytes(tree) -> int:
+def per_device_bytes(tree) -> int:
+    """Bytes of `tree`'s arrays that one device holds under their shardings."""
     return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
                for x in jax.tree_util.tree_leaves(tree))
 
@@ -114,10 +115,13 @@ def _compile(fn, args) -> dict:
     return {"compile_s": time.perf_counter() - t0, **_cost(compiled), "memory": _memory(compiled)}
 
 
-def compile_all(trainer, log=lambda s: None) -> dict:
-    """Compile every function of FUNCTIONS; per function its memory, cost and compile time."""
+def compile_all(trainer, log=lambda s: None, names=FUNCTIONS) -> dict:
+    """Compile the functions `names` (of FUNCTIONS); per function its memory, cost and compile
+    time."""
     out = {}
     for name, (fn, args) in _lowerings(trainer).items():
+        if name not in names:
+            continue
         out[name] = _compile(fn, args)
         oom = out[name].get("out_of_memory")
         log(f"compiled {name} in {out[name]['compile_s']:.1f} s" if oom is None else
@@ -134,8 +138,8 @@ def report(trainer, target=None, log=lambda s: None) -> dict:
     functions = compile_all(trainer, log)
     step = functions["train_step"]
     state = trainer.abstract_state
-    per_device = {"params": _per_device_bytes(state.params),
-                  "opt_state": _per_device_bytes(state.opt_state),
+    per_device = {"params": per_device_bytes(state.params),
+                  "opt_state": per_device_bytes(state.opt_state),
                   **{k: step["memory"].get(k) for k in ("temp", "arguments", "outputs", "total")}}
     n = len(devices)
     tokens = c.batch_size * trainer.seq_len
