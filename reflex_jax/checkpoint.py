@@ -238,7 +238,7 @@ class RunCheckpoints:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(self._unsealed[-1] if self._unsealed else "?", e) from None
-        if self.sums is not None:
+        if self.sums is not None and jax.process_index() == 0:  # one writer on a shared disk
             present = set(self.manager.all_steps())
             for step in self._unsealed:
                 if step in present:

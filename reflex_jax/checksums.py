@@ -49,7 +49,7 @@ class StepChecksums:
     def write(self, step: int) -> None:
         files = step_files(os.path.join(self.checkpoints_dir, str(step)))
         os.makedirs(self.directory, exist_ok=True)
-        tmp = self._path(step) + ".tmp"
+        tmp = f"{self._path(step)}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"step": step, "files": files}, f)
         os.replace(tmp, self._path(step))
