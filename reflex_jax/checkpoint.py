@@ -318,12 +318,9 @@ class RunCheckpoints:
 
     def restore_intact(self, abstract_params, abstract_opt_state, log: Callable = _note):
         """(step, params, opt_state) of the newest intact step (see the class docstring)."""
-        def restore(step):
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt=ocp.args.StandardRestore(abstract_opt_state)))
-            return out["params"], out["opt"]
-        step, (params, opt) = self._first_intact(list(reversed(self.all_steps())), restore, log)
+        step, (params, opt) = self._first_intact(
+            list(reversed(self.all_steps())),
+            lambda s: self.restore(s, abstract_params, abstract_opt_state), log)
         self._set_aside([s for s in self.all_steps() if s > step], log)
         return step, params, opt
 
