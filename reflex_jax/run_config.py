@@ -100,6 +100,7 @@ def reference_config(reflex: str = "all"):
     m.vocab_size, m.block_size = 50257, 2048
     m.n_layer, m.n_head, m.n_embd = 6, 8, 1536
     m.norm, m.mlp, m.bias, m.pos_emb = "rmsnorm", "swiglu", True, "learned"
+    m.norm_eps = 1e-6  # the original code's RMSNorm eps
     m.dropout = 0.1
     m.dtype = "bfloat16"
     m.reflex = reflex
@@ -164,6 +165,19 @@ def split_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
             value, i = args[i + 1], i + 1
         out.append((key, value))
         i += 1
+    return out
+
+
+def model_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """`--config.model.<field>=v` words -> {field: typed value}, checked against the model section
+    of the base config (for tools whose architecture comes from a checkpoint, not a config file)."""
+    config, out = base_config(), {}
+    for key, raw in split_overrides(args):
+        if not key.startswith("model."):
+            raise UsageError(f"--config.{key}: only --config.model.<field> overrides apply here "
+                             "(the rest of the config is for training).")
+        apply_override(config, key, raw)
+        out[key[len("model."):]] = _field(config, key)[0][key.rsplit(".", 1)[1]]
     return out
 
 

@@ -97,7 +97,7 @@ class Generator:
 
     jit caches one executable per (batch bucket, prompt bucket, cache bucket, sampling mode);
     `compiles` counts how many were traced, `last_steps` is how many decode positions the last
-    call ran (it stops early once every row has hit eos). `compiler_options` go to XLA, e.g.
+    call ran (it stops early once every row has hit eos or a stop id). `compiler_options` go to XLA, e.g.
     {"xla_backend_optimization_level": 0} compiles about twice as fast and runs slower (tests).
     """
 
@@ -110,7 +110,7 @@ class Generator:
                              compiler_options=compiler_options)
 
     def _loop_impl(self, params, tokens_BP, pad_B, active_B, out_BN, row0, max_new, temperature,
-                   top_k, top_p, seed, eos_id, pad_id, *, greedy, filtered):
+                   top_k, top_p, seed, stop_K, pad_id, *, greedy, filtered):
         self.compiles += 1  # runs only while tracing
         cfg = self.cfg
         B, P = tokens_BP.shape
@@ -128,7 +128,11 @@ class Generator:
         logits, cache, key_mask = prefill(cfg, params, tokens_BP, pad_B, P + out_BN.shape[1])
         tok = jnp.where(active_B, sample(logits, keys_at(0)), pad_id)
         out_BN = out_BN.at[:, 0].set(tok)
-        done = ~active_B | (tok == eos_id)
+
+        def stops(tok_B):  # stop_K is padded with -1, which no token equals
+            return jnp.any(tok_B[:, None] == stop_K[None, :], axis=1)
+
+        done = ~active_B | stops(tok)
         prompt_len_B = P - pad_B
 
         def cond(state):
@@ -142,7 +146,7 @@ class Generator:
                                         key_mask)
             nxt = jnp.where(done, pad_id, sample(logits, keys_at(n)))
             out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.int32(0), n))
-            return n + 1, cache, nxt, done | (nxt == eos_id), out
+            return n + 1, cache, nxt, done | stops(nxt), out
 
         n, _, _, _, out_BN = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out_BN))
         return out_BN, n
@@ -150,8 +154,8 @@ class Generator:
     def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_id: Optional[int] = None, pad_id: int = 0,
-                 batch_size: Optional[int] = None) -> list[list[int]]:
-        """New tokens per row, cut before the first eos. See the module docstring.
+                 batch_size: Optional[int] = None, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """New tokens per row, cut before the first eos or stop id. See the module docstring.
 
         `batch_size` bounds the rows run at once (memory grows with it; None: all at once). The
         rows go in chunks of that many, all compiled at one shape, with the same results as one
@@ -164,6 +168,7 @@ class Generator:
             raise GenerationError("prompts must be lists of token ids; encode text with the "
                                   "model's tokenizer first.") from None
         _check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id)
+        stops = _stop_set(cfg, eos_id, stop_ids)
         if batch_size is not None and (not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise GenerationError(f"batch_size={batch_size!r} must be a positive integer (the most "
@@ -181,13 +186,13 @@ class Generator:
         settings = dict(max_new=np.int32(max_new_tokens),
                         temperature=np.float32(max(temperature, 1e-6)), top_k=np.int32(top_k),
                         top_p=np.float32(top_p), seed=np.uint32(seed % 2**32),
-                        eos_id=np.int32(-1 if eos_id is None else eos_id), pad_id=np.int32(pad_id),
+                        stop_K=_stop_array(stops), pad_id=np.int32(pad_id),
                         greedy=temperature == 0,
                         filtered=temperature > 0 and (top_k > 0 or top_p < 1.0))
         out = []
         for row0 in range(0, n_rows, chunk):
             out += self._run_chunk(params, prompts[row0:row0 + chunk], row0, B, P, S, settings)
-        return [_cut_at(row, eos_id) for row in out]
+        return [_cut_at(row, stops) for row in out]
 
     def _run_chunk(self, params, prompts, row0: int, B: int, P: int, S: int, settings: dict):
         """Rows row0.. of the request in one [B, P] batch (filler rows are done from the start)."""
@@ -205,8 +210,33 @@ class Generator:
         return [row.tolist() for row in np.asarray(out)[:len(prompts), :int(n)]]
 
 
-def _cut_at(row: list[int], eos_id: Optional[int]) -> list[int]:
-    return row[:row.index(eos_id)] if eos_id is not None and eos_id in row else row
+def _cut_at(row: list[int], stops: frozenset) -> list[int]:
+    """The row up to (without) its first stop token."""
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i]
+    return row
+
+
+def _stop_set(cfg: ModelConfig, eos_id: Optional[int], stop_ids: Sequence[int]) -> frozenset:
+    try:
+        ids = [int(t) for t in stop_ids]
+    except (TypeError, ValueError):
+        raise GenerationError(f"stop_ids={stop_ids!r} must be token ids (integers).") from None
+    for t in ids:
+        if not 0 <= t < cfg.vocab_size:
+            raise GenerationError(f"stop id {t} is outside the model's vocab 0..{cfg.vocab_size - 1}; "
+                                  "pass ids of the tokenizer the model was trained with.")
+    return frozenset(ids + ([] if eos_id is None else [eos_id]))
+
+
+def _stop_array(stops: frozenset) -> np.ndarray:
+    """The stop ids padded with -1 (never a token) to a bucketed length, so a new count of stop
+    ids seldom means a new compile."""
+    n = bucket(max(len(stops), 1), 1 << 30, minimum=4)
+    out = np.full((n,), -1, np.int32)
+    out[:len(stops)] = sorted(stops)
+    return out
 
 
 def _check_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
@@ -255,8 +285,9 @@ def get_generator(cfg: ModelConfig) -> Generator:
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: Optional[int] = None, pad_id: int = 0,
-             batch_size: Optional[int] = None) -> list[list[int]]:
-    """New tokens for every prompt (token-id lists), each cut before its first `eos_id`.
+             batch_size: Optional[int] = None, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+    """New tokens for every prompt (token-id lists), each cut before its first `eos_id` or any
+    of `stop_ids` (a row stops generating there).
 
     temperature 0 is greedy; otherwise softmax(logits / temperature) filtered by top_k / top_p,
     with row r's draws keyed by (seed, r, step). Prompt plus max_new_tokens must fit in
@@ -266,4 +297,4 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     return get_generator(cfg).generate(params, prompts, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        seed=seed, eos_id=eos_id, pad_id=pad_id,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, stop_ids=stop_ids)

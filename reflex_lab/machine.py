@@ -53,6 +53,11 @@ def environment() -> dict:
            "jax": jax.__version__, "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "avx512_bf16": "avx512_bf16" in cpu_flags(),
+           "amx_bf16": "amx_bf16" in cpu_flags(),
+           # the instruction sets the matmul libraries choose kernels by
+           "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16",
+                                              "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8",
+                                              "amx_fp16"}),
            # malloc settings (reflex_jax/malloc_tuning.py): the same for every contender
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": malloc_tuning.thp_mode()}
     try:

@@ -90,3 +90,32 @@ def test_bench_smoke_run_writes_the_json(tmp_path):
         assert res["generation"]["rows"][0]["hf_greedy_token_agreement"] >= 0.5
     for row in res["train"].values():
         assert row["step_s"] > 0 and np.isfinite(row["loss_last"])
+
+
+def test_profile_budget_adds_up_and_counts_every_matmul_flop():
+    """The budget's categories add up to the step, and its matmul FLOPs (parsed from the compiled
+    HLO for JAX, from the profiled shapes for PyTorch) are the model's analytic count, site by site."""
+    pytest.importorskip("torch")
+    from reflex_jax.train import flops
+    from reflex_lab.bench import budget, profile
+    from reflex_lab.bench.settings import BenchSettings
+    s = BenchSettings.preset("smoke")
+    res = profile.profile(s, log=lambda m: None)
+    jax_b, torch_b = res["budgets"]["jax all float32"], res["budgets"]["torch eager all float32"]
+    cfg = ModelConfig(**s.model_fields("all", "float32"))
+    tokens = s.batch * s.block_size
+    for b in (jax_b, torch_b):
+        cats = [r["category"] for r in b["rows"]]
+        assert cats == list(budget.CATEGORIES) + [budget.UNACCOUNTED]
+        assert sum(r["seconds"] for r in b["rows"]) == pytest.approx(b["wall_s"])
+        assert all(r["seconds"] >= 0 for r in b["rows"][:-1])
+    gflop = {b_name: {r["category"]: r["gflop"] for r in b["rows"]}
+             for b_name, b in (("jax", jax_b), ("torch", torch_b))}
+    assert sum(gflop["jax"].values()) * 1e9 == pytest.approx(
+        flops.train_flops_per_token(cfg, s.block_size) * tokens, rel=1e-6)
+    E, F, V = cfg.n_embd, cfg.hidden, cfg.vocab_size
+    assert gflop["jax"]["matmul MLP"] * 1e9 == pytest.approx(cfg.n_layer * 6 * 3 * E * F * tokens)
+    assert gflop["jax"]["matmul LM head + loss"] * 1e9 == pytest.approx(6 * E * V * tokens)
+    for site in ("matmul q/k/v/o", "matmul MLP", "matmul LM head + loss"):
+        assert gflop["torch"][site] == pytest.approx(gflop["jax"][site]), site
+    assert "| matmul MLP |" in profile.markdown(res)

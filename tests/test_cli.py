@@ -17,7 +17,7 @@ def test_console_scripts_resolve_to_callables():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert set(scripts) == {"reflex-train", "reflex-sample", "reflex-convert", "reflex-data",
-                            "reflex-bench", "reflex-compare"}
+                            "reflex-bench", "reflex-compare", "reflex-eval"}
     for target in scripts.values():
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func)), target
@@ -66,6 +66,17 @@ def test_convert_sample_and_data_mistakes_are_one_sentence(capsys, tmp_path):
     assert convert.main(["--config", TINY, "--hf", str(tmp_path / "none"), "--out",
                          str(tmp_path / "out")]) == 2
     assert "--hf" in _one_line_error(capsys, "convert_weights.py")
+    out = ["--out", str(tmp_path / "out")]
+    for argv, message in [
+            (["--hf", "x"], "--hf needs --config (the target architecture)"),
+            (["--export", "hf"], "--export needs --run, the run or params directory to export."),
+            (["--original", "x", "--layers", "0,1"], "--layers applies to --hf imports only"),
+            (["--original", "x", "--run", "r"], "--run and --step apply to --export only"),
+            (["--export", "hf", "--run", "r", "--config.model.n_head=2"], "drop the --config.*"),
+            (["--original", "x", "--config.max_steps=3"], "only --config.model.<field> overrides"),
+            (["--export", "hf", "--run", str(tmp_path / "none")], "does not exist")]:
+        assert convert.main(argv + out) == 2, argv
+        assert message in _one_line_error(capsys, "convert_weights.py"), argv
     assert sample.main(["--run", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert "does not exist" in _one_line_error(capsys, "sample.py")
     assert data.main(["info", str(tmp_path / "none")]) == 2
@@ -86,3 +97,14 @@ def test_train_runs_an_explicit_schedule_from_the_command_line(tmp_path, capsys)
     assert cfg.reflex == ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 2),))
     assert [p.n_self for p in cfg.layers] == [4, 3, 2, 2]
     assert params["h_3"]["attn"]["k"]["kernel"].shape == (32, 2, 8)  # only the 2 self heads' K
+
+
+@pytest.mark.parametrize("name, reflex", [("reflex.py", "all"), ("vanilla.py", "none")])
+def test_reference_configs_build_the_original_architecture(name, reflex):
+    """configs/reflex.py is the original code's model: pre-RMSNorm with its eps 1e-6, SwiGLU, tied
+    embeddings, learned positions, biases."""
+    from reflex_jax.run_config import load_config, model_config_from
+    m = model_config_from(load_config(os.path.join(ROOT, "configs", name)))
+    assert (m.reflex, m.norm, m.norm_eps, m.mlp, m.tie_embeddings, m.pos_emb, m.bias) == (
+        reflex, "rmsnorm", 1e-6, "swiglu", True, "learned", True)
+    assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size) == (6, 8, 1536, 50257)

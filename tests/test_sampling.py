@@ -181,6 +181,14 @@ def test_per_row_eos_stop_and_early_exit():
     stopped = g.generate(params, mixed, max_new_tokens=10, eos_id=eos)
     assert stopped == [_cut(row, eos) for row in free] and stopped[1] == base[:4]
     assert g.last_steps == max(min(10, len(row) + 1) for row in stopped)
+    # Several stop ids (as the original notebooks used): each row stops at the first of any.
+    first, second = base[4], base[2]
+    assert second not in base[:2] + base[3:5]  # holds for these weights
+    several = g.generate(params, prompts, max_new_tokens=10, stop_ids=[first, second])
+    assert several == [base[:2], [], base[1:2], base[3:4]]
+    assert g.generate(params, prompts, max_new_tokens=10, eos_id=first, stop_ids=[second]) == several
+    with pytest.raises(GenerationError, match="stop id 999 is outside the model's vocab"):
+        g.generate(params, prompts, max_new_tokens=10, stop_ids=[999])
 
 
 def test_sampling_seeded_filtered_and_independent_of_batch_mates():
@@ -397,3 +405,30 @@ def test_sample_py_errors(params_dir, sample_main, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0] for line in lines] == [_ids(w.encode()) for w in
                                                         ("one", "two", "three", "four")]
+
+
+def test_sample_py_stop_ids_and_texts(params_dir, sample_main, capsys):
+    path, cfg = params_dir
+    main, params = sample_main, tiny_params(cfg)
+    free = generate(cfg, params, [list(b"hello")], max_new_tokens=10, eos_id=258)[0]
+    stop = free[3]
+    want = generate(cfg, params, [list(b"hello")], max_new_tokens=10, eos_id=258, stop_ids=[stop])[0]
+    assert want == free[:free.index(stop)]
+    assert main(["--run", path, "--prompt_tokens", _ids(b"hello"), "--max_new_tokens", "10",
+                 "--print_tokens", "--stop", str(stop)]) == 0
+    assert capsys.readouterr().out == f"{_ids(b'hello')} | {_ids(want)}\n"
+    # A text of one token is a stop id; a longer text cuts the decoded completion.
+    from reflex_jax.cli.sample import _stops, parse_args
+    from reflex_jax.errors import UsageError
+    from reflex_jax.data import load_tokenizer
+    stops = _stops(parse_args(["--run", path, "--stop", "a", "--stop", "\\n", "--stop", "ab",
+                               "--stop", "7"]), load_tokenizer("bytes"))
+    assert stops == ([97, 10, 7], ["ab"])
+    text = bytes(t for t in free if t < 256).decode("utf-8", errors="replace")
+    two = text[2:4]
+    assert main(["--run", path, "--prompt", "hello", "--max_new_tokens", "10", "--stop", two]) == 0
+    assert capsys.readouterr().out == "hello" + text[:text.index(two)] + "\n"
+    assert main(["--run", path, "--prompt", "hello", "--stop", ""]) == 2
+    assert "--stop '' is empty" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--stop 'ab' is text, which needs a tokenizer"):
+        _stops(parse_args(["--run", path, "--stop", "ab"]), None)

@@ -3,7 +3,8 @@
     python sample.py --run runs/reflex --prompt "Как дела?" --template instruct --max_new_tokens 64
     python sample.py --run weights/tiny --prompt_tokens 5,17,3 --print_tokens --max_new_tokens 8
 
-temperature 0 (the default) is greedy. Every row stops at the tokenizer's eos or max_new_tokens.
+temperature 0 (the default) is greedy. Every row stops at the tokenizer's eos, at a --stop token or
+text, or after max_new_tokens.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="most prompts generated at once (bounds memory; the output does not "
                         f"depend on it); default {DEFAULT_BATCH_SIZE}")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop a row at this token id (digits) or text (\\n is a newline); repeat for "
+                        "several; the stop itself is not printed")
     p.add_argument("--print_tokens", action="store_true",
                    help="print 'prompt ids | new ids' (comma-separated), one line per row")
     return p.parse_args(argv)
@@ -72,6 +76,33 @@ def _token_prompts(args) -> list[list[int]]:
             raise UsageError(f"--prompt_tokens {spec!r} is not a comma-separated list of token "
                              "ids; write it like 5,17,3.") from None
     return rows
+
+
+def _stops(args, tok) -> tuple[list[int], list[str]]:
+    """(stop token ids, stop texts): digits are ids; a text that is one token stops generation
+    there, a longer one cuts the decoded text (generation runs on to max_new_tokens)."""
+    ids, texts = [], []
+    for value in args.stop:
+        if value.strip().isdigit():
+            ids.append(int(value))
+            continue
+        text = value.replace("\\n", "\n").replace("\\t", "\t")
+        if not text:
+            raise UsageError("--stop '' is empty; give a token id or a non-empty text.")
+        if tok is None:
+            raise UsageError(f"--stop {value!r} is text, which needs a tokenizer; pass --tokenizer "
+                             "or give the stop as a token id.")
+        encoded = tok.encode(text)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+        else:
+            texts.append(text)
+    return ids, texts
+
+
+def _cut_text(text: str, stops: list[str]) -> str:
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[:min(cuts)] if cuts else text
 
 
 def _instruct(texts: list[str], template: str) -> list[str]:
@@ -119,6 +150,7 @@ def generate_lines(args) -> list[str]:
     if texts:
         bos = [tok.bos_id] if args.template == "instruct" else []  # training rows start with bos
         token_rows = [bos + tok.encode(t) for t in texts]
+    stop_ids, stop_texts = _stops(args, tok)
     max_new = args.max_new_tokens
     if max_new is None:  # the default fits the block; an explicit value that does not is an error
         longest = max(len(p) for p in token_rows)
@@ -130,14 +162,17 @@ def generate_lines(args) -> list[str]:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, eos_id=tok.eos_id if tok else None,
                    pad_id=tok.pad_id if tok and tok.pad_id < cfg.vocab_size else 0,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, stop_ids=stop_ids)
     if args.print_tokens or tok is None:
         return [f"{','.join(map(str, p))} | {','.join(map(str, o))}" for p, o in zip(token_rows, out)]
     lines = []
     for r, (p, o) in enumerate(zip(token_rows, out)):
         if r:
             lines.append("-" * 40)
-        lines.append(tok.decode(p + o))
+        text, prompt = tok.decode(p + o), tok.decode(p)
+        if stop_texts and text.startswith(prompt):  # look for the stop texts in the new text only
+            text = prompt + _cut_text(text[len(prompt):], stop_texts)
+        lines.append(text)
     return lines
 
 

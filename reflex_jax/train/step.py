@@ -48,8 +48,9 @@ def loss_sum(s: StepSettings, params, tokens_BS, weights_BT, rng, deterministic:
     hidden_BTE = s.model.apply({"params": params}, tokens_BS[:, :-1], deterministic=deterministic,
                                rngs=None if deterministic else {"dropout": rng},
                                return_hidden=True)
-    return weighted_cross_entropy_sum(hidden_BTE, head_matrix(s.model.cfg, params),
-                                      tokens_BS[:, 1:], weights_BT, s.kernels)
+    with jax.named_scope("lm_head_loss"):  # a name for profiles (bench.py --profile)
+        return weighted_cross_entropy_sum(hidden_BTE, head_matrix(s.model.cfg, params),
+                                          tokens_BS[:, 1:], weights_BT, s.kernels)
 
 
 def _grads(s: StepSettings, params, tokens_BS, weights_BT, rng):
@@ -82,11 +83,12 @@ def train_step(s: StepSettings, tx: optax.GradientTransformation, schedule: Call
     total = jnp.maximum(jnp.sum(weights), 1.0)
     rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
     loss, grads = _grads(s, state.params, tokens_BS, weights, rng)
-    grads = jax.tree_util.tree_map(lambda g: g / total, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss / total, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state.step)}
+    with jax.named_scope("optimizer"):  # a name for profiles (bench.py --profile)
+        grads = jax.tree_util.tree_map(lambda g: g / total, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss / total, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

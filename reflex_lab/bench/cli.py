@@ -4,6 +4,7 @@
     python bench.py --quick --json runs/bench_quick.json
     python bench.py --dtypes float32 --no_gen --reps 3
     python bench.py --ablation            # the train step's kernels switched on one by one
+    python bench.py --profile             # the step-time budget: where a train step's time goes
 
 Prints a markdown table and, with --json, writes every number (top-level `ratios`). What is
 measured and how: reflex_lab/bench/ and docs/bench.md.
@@ -48,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--xla_flags", help="extra XLA_FLAGS for this run (set before jax starts)")
     p.add_argument("--ablation", action="store_true", help="only the train step, optimisations "
                    "switched on one by one (interleaved), instead of the benchmark")
+    p.add_argument("--profile", action="store_true", help="only the train step: its time split "
+                   "into matmul sites, attention, norms, optimizer, copies... from the XLA and "
+                   "PyTorch profilers, instead of the benchmark")
     return p
 
 
@@ -100,7 +104,13 @@ def _bench(args: argparse.Namespace) -> dict:
     from . import ablation, report, suite
     s = settings_from(args)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    if args.ablation:
+    if args.ablation and args.profile:
+        raise UsageError("--ablation and --profile are separate runs; pick one.")
+    if args.profile:
+        from . import profile
+        res = profile.profile(s, log=log, with_torch=s.torch)
+        print(profile.markdown(res))
+    elif args.ablation:
         res = ablation.ablation(s, log=log)
         print(report.ablation_markdown(res))
     else:

@@ -93,10 +93,11 @@ def _torch_contenders(s: BenchSettings, jax_all: JaxTrain, tokens_np, dtype: str
 
 
 def contenders(s: BenchSettings, dtype: str, tokens_np, tmp: str, with_torch: bool,
-               notes: list, log: Callable[[str], None]) -> dict[str, Any]:
+               notes: list, log: Callable[[str], None],
+               schedules: tuple[str, ...] = ("all", "none")) -> dict[str, Any]:
     """{"jax all", "jax none"[, "torch eager all", "torch.compile all"]}: contenders with `.step()`."""
     out: dict[str, Any] = {}
-    for reflex in ("all", "none"):
+    for reflex in schedules:
         c = JaxTrain(s, reflex, dtype, tokens_np, os.path.join(tmp, f"{reflex}_{dtype}"))
         out[f"jax {reflex}"] = c
         log(f"  jax {reflex}: compiled in {c.compile_s:.1f} s")

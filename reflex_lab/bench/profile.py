@@ -1,0 +1,68 @@
+"""`bench.py --profile`: the step-time budget of this project's `all` train step and of its
+PyTorch peer (eager and torch.compile), per dtype, on the bench's model. The steps are timed
+interleaved first (their medians are the walls the budgets split), then each is profiled."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+from ..machine import environment
+from . import budget
+from .settings import BenchSettings
+from .timing import interleaved, median
+from .train import contenders
+
+
+def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bool = True) -> dict:
+    """{"settings", "env", "budgets": {"<contender> <dtype>": budget}, "matmul_floor_s"}."""
+    tmp = tempfile.mkdtemp(prefix="reflex_profile_")
+    tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
+    out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "budgets": {}, "notes": []}
+    for dtype in s.dtypes:
+        cs = contenders(s, dtype, tokens, tmp, with_torch, out["notes"], log, schedules=("all",))
+        times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2)
+        for name, c in cs.items():
+            wall = median(times[name])
+            log(f"## profiling {name} {dtype} (median step {wall:.3f} s)")
+            if c.kind == "jax":
+                b = budget.xla_budget(c.compiled, c.step, wall)
+            else:
+                b = budget.torch_budget(c.step, wall, c.cfg, s.batch * s.block_size)
+            b["step_s_all"] = times[name]
+            out["budgets"][f"{name} {dtype}"] = b
+    out["env"]["load_avg_end"] = os.getloadavg()[0]
+    return out
+
+
+def markdown(res: dict) -> str:
+    """One table per dtype: seconds (share) of every category, contender by contender."""
+    lines, by_dtype = [], {}
+    for key, b in res["budgets"].items():
+        name, dtype = key.rsplit(" ", 1)
+        by_dtype.setdefault(dtype, {})[name] = b
+    env = res["env"]
+    lines.append(f"Step-time budget, {env['cpu']} ({' '.join(env.get('cpu_flags', []))}; "
+                 f"{env['cores']} cores), {env['date']}, load {env['load_avg_start']:.2f}")
+    for dtype, bs in by_dtype.items():
+        names = list(bs)
+        lines += ["", f"### {dtype}: time per step (share; GFLOP/s or GB/s)", "",
+                  "| category | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        cats = [r["category"] for r in next(iter(bs.values()))["rows"]]
+        for i, cat in enumerate(cats):
+            cells = [_cell(bs[n]["rows"][i]) for n in names]
+            lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+        lines.append("| **step (median)** | " + " | ".join(f"**{bs[n]['wall_s']:.3f}**"
+                                                         for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _cell(row: dict) -> str:
+    s, share = row["seconds"], row["share"]
+    rate = (f"; {row['gflop_per_s']:.0f} GFLOP/s" if row.get("gflop_per_s") else
+            f"; {row['gb_per_s']:.1f} GB/s" if row.get("gb_per_s") else "")
+    return f"{1e3 * s:.1f} ms ({100 * share:.0f}%{rate})"
