@@ -1,0 +1,241 @@
+"""The HF trust_remote_code export: the PyTorch port loaded by transformers reproduces the JAX
+decoder's logits, greedy generation (cached, uncached, left-padded batches), the self-heads-only
+KV cache, and unsupported configs are refused in one sentence."""
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+torch = pytest.importorskip("torch")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from reflex_jax.data import ByteTokenizer  # noqa: E402
+from reflex_jax.errors import ConvertError  # noqa: E402
+from reflex_jax.interop.hf_export import hf_tokenizer, write_hf  # noqa: E402
+from reflex_jax.model import Decoder, ModelConfig, abstract_params  # noqa: E402
+from reflex_jax.model.schedule import LayerPlan  # noqa: E402
+from reflex_jax.sampling import Generator  # noqa: E402
+
+V = 96
+EXPLICIT = ((), ((0, 2),), ((1, 1), (0, 2)))  # layer 2 reads L1's head 1 and L0's heads 2, 3
+# Every building block appears on and off across these: schedules none / all / recent:2,1 /
+# explicit, rope and learned positions, rmsnorm+swiglu and layernorm+gelu, tied and untied head,
+# biases on and off.
+CONFIGS = {
+    "all-rope-rms-swiglu-tied-bias": dict(reflex="all", pos_emb="rope"),
+    "recent21-learned-ln-gelu-untied-nobias": dict(reflex="recent:2,1", norm="layernorm",
+                                                   mlp="gelu", tie_embeddings=False, bias=False),
+    "none-learned-ln-gelu-tied-bias": dict(reflex="none", norm="layernorm", mlp="gelu"),
+    "explicit-rope-ln-swiglu-untied-bias": dict(reflex=EXPLICIT, pos_emb="rope", norm="layernorm",
+                                                tie_embeddings=False),
+    "all-learned-rms-gelu-tied-nobias": dict(reflex="all", mlp="gelu", bias=False),
+}
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def tiny(**kw):
+    return ModelConfig(**{**dict(vocab_size=V, block_size=32, n_layer=3, n_head=4, n_embd=32,
+                                 mlp_hidden=64), **kw})
+
+
+@functools.lru_cache(maxsize=None)
+def random_params(cfg):
+    """Random norm scales and biases, unit-scale embeddings and 1/sqrt(fan-in) kernels: logits of
+    several units, far from ties. Drawn with numpy onto the abstract tree (eager flax init of
+    even a tiny model takes seconds)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
+    rng = np.random.default_rng(1)
+    out = []
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if name.endswith("['scale']"):
+            out.append(1.0 + 0.3 * noise)
+        elif name.endswith("['bias']"):
+            out.append(0.3 * noise)
+        elif name in ("['wte']", "['wpe']", "['lm_head']"):
+            out.append(noise)
+        else:  # a kernel: inputs are its leading axes ([E, ...] or o's [H, D, E])
+            fan_in = leaf.shape[0] * (leaf.shape[1] if name.endswith("['o']['kernel']") else 1)
+            out.append(noise / np.sqrt(fan_in))
+    return jax.tree_util.tree_unflatten(tree, [x.astype(np.float32) for x in out])
+
+
+@functools.lru_cache(maxsize=None)
+def exported(name, tmp_root):
+    cfg = tiny(**CONFIGS[name])
+    out = write_hf(cfg, random_params(cfg), os.path.join(tmp_root, name), meta={"run": name})
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    return cfg, out, model.eval()
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hf"))
+
+
+def tokens(seed, shape):
+    return np.random.default_rng(seed).integers(0, V, shape)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_the_jax_decoder(name, tmp_root):
+    cfg, out, model = exported(name, tmp_root)
+    batch = tokens(0, (2, 20))
+    want = np.asarray(jax.jit(lambda p, t: Decoder(cfg).apply({"params": p}, t),
+                              compiler_options=FAST)(random_params(cfg), batch))
+    with torch.no_grad():
+        got = model(torch.tensor(batch), use_cache=False).logits.numpy()
+    assert got.dtype == np.float32 and np.abs(want).max() > 5.0  # far from a trivial model
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert ModelConfig.from_dict(config["reflex_model"]) == cfg
+    assert [p["n_self"] for p in config["layer_plan"]] == [p.n_self for p in cfg.layers]
+    assert config["layer_plan"][-1]["cross"] == [
+        {"source": g.source, "n_heads": g.n_heads, "source_heads": list(g.source_heads)}
+        for g in cfg.layers[-1].cross]
+    assert json.load(open(os.path.join(out, "reflex_meta.json"))) == {"run": name}
+
+
+def test_tensor_names_and_layouts(tmp_root):
+    cfg, out, _ = exported("recent21-learned-ln-gelu-untied-nobias", tmp_root)
+    t, p = load_file(os.path.join(out, "model.safetensors")), random_params(cfg)
+    n_self = [plan.n_self for plan in cfg.layers]  # 4, 2, 1
+    assert t["model.layers.2.attn.k.weight"].shape == (n_self[2] * 8, 32)
+    np.testing.assert_array_equal(t["model.layers.1.attn.q.weight"],
+                                  np.asarray(p["h_1"]["attn"]["q"]["kernel"]).reshape(32, -1).T)
+    np.testing.assert_array_equal(t["model.layers.0.attn.o.weight"],
+                                  np.asarray(p["h_0"]["attn"]["o"]["kernel"]).reshape(-1, 32).T)
+    np.testing.assert_array_equal(t["lm_head.weight"], np.asarray(p["lm_head"]).T)
+    assert not any(k.endswith(".bias") for k in t)  # bias=False: none, not even LayerNorm's
+    names = {n: set(load_file(os.path.join(exported(n, tmp_root)[1], "model.safetensors")))
+             for n in ("all-rope-rms-swiglu-tied-bias", "none-learned-ln-gelu-tied-bias")}
+    rope, gpt2 = names["all-rope-rms-swiglu-tied-bias"], names["none-learned-ln-gelu-tied-bias"]
+    assert "lm_head.weight" not in rope | gpt2  # tied: the head is model.wte.weight
+    assert "model.wpe.weight" not in rope and "model.wpe.weight" in gpt2
+    assert "model.layers.0.attn.q.bias" in rope and "model.ln_f.bias" not in rope  # RMSNorm: none
+    assert {"model.ln_f.bias", "model.layers.2.mlp.fc.weight"} <= gpt2
+
+
+PROMPTS = [tokens(1, 5).tolist(), tokens(2, 9).tolist(), tokens(3, 2).tolist()]
+
+
+def left_padded(prompts):
+    P = max(map(len, prompts))
+    ids, mask = np.zeros((len(prompts), P), np.int64), np.zeros((len(prompts), P), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, P - len(p):], mask[r, P - len(p):] = p, 1
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.mark.parametrize("name", ["all-rope-rms-swiglu-tied-bias",
+                                  "recent21-learned-ln-gelu-untied-nobias"])
+def test_greedy_generate_matches_jax_cached_uncached_and_left_padded(name, tmp_root):
+    cfg, _, model = exported(name, tmp_root)
+    want = Generator(cfg, compiler_options=FAST).generate(random_params(cfg), PROMPTS,
+                                                          max_new_tokens=8, temperature=0.0)
+    ids, mask = left_padded(PROMPTS)
+    runs = {}
+    for use_cache in (True, False):
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                 use_cache=use_cache, pad_token_id=0)
+        runs[use_cache] = out[:, ids.shape[1]:].tolist()
+    assert runs[True] == want and runs[False] == want
+    assert len({tuple(r) for r in want}) == len(want)  # the rows really differ
+    with torch.no_grad():  # each prompt alone, unpadded, gives its row of the batch
+        alone = [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8,
+                                pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    assert alone == want
+
+
+def test_cache_holds_only_each_layers_self_heads(tmp_root):
+    cfg, _, model = exported("explicit-rope-ln-swiglu-untied-bias", tmp_root)
+    with torch.no_grad():
+        cache = model(torch.tensor(tokens(4, (2, 7))), use_cache=True).cache
+    shapes = [tuple(layer.keys.shape) for layer in cache.layers]
+    assert shapes == [(2, p.n_self, 7, 8) for p in cfg.layers] == [(2, 4, 7, 8), (2, 2, 7, 8),
+                                                                     (2, 1, 7, 8)]
+    assert [tuple(layer.values.shape) for layer in cache.layers] == shapes
+
+
+def _with_plan(cfg, layer, plan):
+    """`cfg` with one resolved layer plan replaced (what a new head-plan variant would produce)."""
+    layers = list(cfg.layers)
+    layers[layer] = plan
+    cfg.__dict__["layers"] = tuple(layers)  # the cached_property's slot
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowedPlan(LayerPlan):
+    window: int = 0
+
+
+def test_unsupported_configs_are_refused_in_one_sentence(tmp_path):
+    cfg = tiny(reflex="all")
+    params = random_params(cfg)
+    odd = tiny(reflex="all")
+    object.__setattr__(odd, "norm", "scalenorm")
+    with pytest.raises(ConvertError, match=r"does not support model.norm='scalenorm'; it ports "
+                                           r"rmsnorm \| layernorm only\."):
+        write_hf(odd, params, str(tmp_path / "a"))
+    p1 = cfg.layers[1]
+    fewer = _with_plan(tiny(reflex="all"), 1, dataclasses.replace(p1, n_self=p1.n_self - 1))
+    with pytest.raises(ConvertError, match=r"layer 1 has 3 query heads, not n_head"):
+        write_hf(fewer, params, str(tmp_path / "b"))
+    windowed = _with_plan(tiny(reflex="all"), 2, WindowedPlan(2, 2, cfg.layers[2].cross, window=4))
+    with pytest.raises(ConvertError, match=r"model.reflex='all': layer 2 sets window=4; the "
+                                           r"PyTorch port covers the original head plans only"):
+        write_hf(windowed, params, str(tmp_path / "c"))
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_byte_tokenizer_is_saved_with_the_same_ids(tmp_path):
+    hf_tokenizer("bytes", tiny(vocab_size=259)).save_pretrained(str(tmp_path))
+    tok, ref = AutoTokenizer.from_pretrained(str(tmp_path)), ByteTokenizer()
+    text = "Сколько будет 13 плюс 19?\n ok"
+    assert tok(text)["input_ids"] == ref.encode(text)  # nothing added: no bos, no eos
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    assert tok.decode(ref.encode(text)) == text
+    cfg = tiny()
+    with pytest.raises(ConvertError, match=r"tokenizer 'bytes' has 259 tokens but the model has "
+                                           r"vocab_size=96; export with the tokenizer"):
+        write_hf(cfg, random_params(cfg), str(tmp_path / "small"), tokenizer="bytes")
+    assert not (tmp_path / "small").exists()
+
+
+def test_convert_weights_exports_a_params_directory(tmp_path, capsys):
+    """`convert_weights.py --export hf|original --run DIR`: the run's model (and its tokenizer, named
+    in meta.json) leaves in both formats, and a model the original cannot express is one sentence."""
+    from reflex_jax.checkpoint import save_params
+    from reflex_jax.cli import convert
+    cfg = tiny(vocab_size=259, reflex="all", norm_eps=1e-6, mlp_hidden=None)
+    params = random_params(cfg)
+    run = str(tmp_path / "params")
+    save_params(run, cfg, params, meta={"tokenizer": "bytes"})
+    assert convert.main(["--export", "hf", "--run", run, "--out", str(tmp_path / "hf")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
+                                                 dtype=torch.float32).eval()
+    tokens = np.array([ByteTokenizer().encode("Привет, мир")], np.int32)
+    want = np.asarray(Decoder(cfg).apply({"params": params}, tokens))
+    with torch.no_grad():
+        got = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    assert np.max(np.abs(got - want)) < 1e-4
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert tok("мир")["input_ids"] == list("мир".encode())
+    assert convert.main(["--export", "original", "--run", run, "--out", str(tmp_path / "orig")]) == 0
+    assert sorted(os.listdir(tmp_path / "orig")) == ["config.json", "model.safetensors"]
+    capsys.readouterr()
+    other = str(tmp_path / "gelu")
+    gelu = tiny(mlp="gelu", norm_eps=1e-6, mlp_hidden=None)
+    save_params(other, gelu, random_params(gelu))
+    assert convert.main(["--export", "original", "--run", other, "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convert_weights.py: error: model.mlp='gelu'") and "\n" not in err
