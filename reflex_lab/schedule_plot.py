@@ -1,5 +1,7 @@
-"""A picture of a reflex head schedule: layers x heads, every cell coloured by the layer whose K/V
-the head reads (a self head by its own layer), labelled with the K/V head it reads.
+"""A picture of a reflex head plan: layers x heads, every cell coloured by the layer whose K/V
+the head reads (a self head by its own layer), labelled with the K/V head it reads. Share-V heads
+(`sharev:`) are marked `Ljv`, routed heads (`route`) `R` in a lighter shade of their starting
+source, and heads a layer does not have (`fewer:`) are left blank.
 
     python -m reflex_lab.schedule_plot --config configs/reflex.py --out docs/schedule_all_6x8.png
     python -m reflex_lab.schedule_plot --config configs/reflex.py --schedule recent:2,1 \
@@ -18,30 +20,73 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from reflex_jax.model import ModelConfig
+from reflex_jax.model import ModelConfig, kv_bytes_per_token
+
+NO_HEAD = -1  # a query head the layer does not have (`fewer:` layers have fewer than n_head)
+
+
+def _padded(row: list, n_head: int) -> list:
+    return row + [NO_HEAD] * (n_head - len(row))
 
 
 def source_matrix(cfg: ModelConfig) -> np.ndarray:
-    """[n_layer, n_head] int: the layer whose K/V each query head reads (self heads: their own layer).
-    Head order is the model's: self heads first, then cross groups in schedule order."""
+    """[n_layer, n_head] int: the layer whose K/V each query head reads (self heads: their own layer;
+    routed heads: their starting source; NO_HEAD past a layer's query heads). Head order is the
+    model's: self heads first, then cross groups in schedule order."""
     m = np.empty((cfg.n_layer, cfg.n_head), dtype=int)
     for plan in cfg.layers:
         row = [plan.layer] * plan.n_self
         for g in plan.cross:
             row += [g.source] * g.n_heads
-        m[plan.layer] = row
+        m[plan.layer] = _padded(row, cfg.n_head)
     return m
 
 
 def source_head_matrix(cfg: ModelConfig) -> np.ndarray:
-    """[n_layer, n_head] int: which K/V head of the source layer each query head reads."""
+    """[n_layer, n_head] int: which K/V head of the source layer each query head reads (a GQA self
+    head: the K/V head its group shares; NO_HEAD past a layer's query heads)."""
     m = np.empty((cfg.n_layer, cfg.n_head), dtype=int)
     for plan in cfg.layers:
-        row = list(range(plan.n_self))
+        row = list(plan.self_kv_heads)
         for g in plan.cross:
             row += list(g.source_heads)
-        m[plan.layer] = row
+        m[plan.layer] = _padded(row, cfg.n_head)
     return m
+
+
+def cell_labels(cfg: ModelConfig) -> tuple[list, list]:
+    """([L][H] main label, [L][H] second line) of every cell: `S` self, `Lj` K/V of layer j, `Ljv`
+    only V of layer j (own K), `R` a routed head (second line: the layers it mixes), '' no head."""
+    labels, subs = [], []
+    for plan in cfg.layers:
+        row = ["S"] * plan.n_self
+        sub = [f"h{k}" for k in plan.self_kv_heads]
+        for g in plan.cross:
+            if g.mixture:
+                layers = sorted(src for src, _ in g.mixture)
+                span = f"L{layers[0]}" + (f"-{layers[-1]}" if len(layers) > 1 else "")
+                row += ["R" + ("v" if g.share == "v" else "")] * g.n_heads
+                sub += [span] * g.n_heads
+            else:
+                row += [f"L{g.source}" + ("v" if g.share == "v" else "")] * g.n_heads
+                sub += [f"h{k}" for k in g.source_heads]
+        labels.append(_padded(row, cfg.n_head)[:cfg.n_head])
+        subs.append(_padded(sub, cfg.n_head)[:cfg.n_head])
+    labels = [[x if x != NO_HEAD else "" for x in row] for row in labels]
+    subs = [[x if x != NO_HEAD else "" for x in row] for row in subs]
+    return labels, subs
+
+
+def cell_colors(cfg: ModelConfig, sources: np.ndarray, labels: list) -> np.ndarray:
+    """[L, H, 4] RGBA: the source layer's colour; routed heads half-way to white; no head white."""
+    colors = layer_colors(cfg.n_layer)[np.maximum(sources, 0)]
+    for l in range(cfg.n_layer):
+        for h in range(cfg.n_head):
+            if sources[l, h] == NO_HEAD:
+                colors[l, h] = (1.0, 1.0, 1.0, 1.0)
+            elif labels[l][h].startswith("R"):
+                colors[l, h, :3] = 0.5 + 0.5 * colors[l, h, :3]
+    return colors
 
 
 def layer_colors(n_layer: int) -> np.ndarray:
@@ -80,9 +125,8 @@ def plot_schedule(cfg: ModelConfig, path: Optional[str] = None, *, title: Option
     L, H = cfg.n_layer, cfg.n_head
     sources, heads = source_matrix(cfg), source_head_matrix(cfg)
     palette = layer_colors(L)
-    colors = palette[sources]
-    labels = [["S" if sources[l, h] == l else f"L{sources[l, h]}" for h in range(H)] for l in range(L)]
-    sub = [[f"h{heads[l, h]}" for h in range(H)] for l in range(L)]
+    labels, sub = cell_labels(cfg)
+    colors = cell_colors(cfg, sources, labels)
 
     width = max(8.0, 0.7 * H + 2.4)
     height = max(5.0, 0.5 * L + 1.9)
@@ -109,14 +153,14 @@ def plot_schedule(cfg: ModelConfig, path: Optional[str] = None, *, title: Option
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("query head (self heads first, then cross heads in schedule order)", fontsize=8)
     for l, plan in enumerate(cfg.layers):
-        ax.text(H - 0.4, l, f" {plan.n_self}" + (f"+{plan.n_cross}" if plan.cross else ""),
-                ha="left", va="center", fontsize=9)
+        ax.text(H - 0.4, l, f" {plan.short()}", ha="left", va="center", fontsize=9)
     name = cfg.reflex if isinstance(cfg.reflex, str) else "explicit"
     kv = cfg.kv_heads_total
-    fig.suptitle(title or f"reflex schedule '{name}', {L} layers x {H} heads: KV cache {kv}/{L * H} heads "
-                 f"({100 * kv / (L * H):.0f}%)", fontsize=10, y=1 - 0.25 / height)
-    ax.set_title("cell colour = layer whose K/V the head reads; S = own (self) head, Lj = borrowed "
-                 "from layer j; hk = K/V head read", fontsize=7.5)
+    share = kv_bytes_per_token(cfg) / (2 * L * H * cfg.head_dim * np.dtype(cfg.compute_dtype).itemsize)
+    fig.suptitle(title or f"reflex schedule '{name}'{' + value residual' if cfg.value_residual else ''}, "
+                 f"{L} layers x {H} heads: KV cache {kv:g}/{L * H} heads ({100 * share:.0f}%)",
+                 fontsize=10, y=1 - 0.25 / height)
+    ax.set_title(_legend_line(labels), fontsize=7.5)
     handles = [Patch(color=palette[l], label=f"L{l}") for l in range(L)]
     fig.legend(handles=handles, loc="lower center", ncol=min(L, 12), fontsize=7, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
@@ -133,6 +177,20 @@ def plot_schedule(cfg: ModelConfig, path: Optional[str] = None, *, title: Option
         fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return SchedulePicture(sources, heads, colors, labels, boxes, tuple(size), path)
+
+
+def _legend_line(labels: list) -> str:
+    """The key under the title: the basic marks always, the variants' marks where they occur."""
+    cells = {x for row in labels for x in row}
+    parts = ["cell colour = layer whose K/V the head reads; S = own (self) head, Lj = borrowed "
+             "from layer j; hk = K/V head read"]
+    if any(x.endswith("v") for x in cells):
+        parts.append("Ljv = V of layer j, own K")
+    if any(x.startswith("R") for x in cells):
+        parts.append("R = learned mix of layers La-b")
+    if "" in cells:
+        parts.append("blank = no query head")
+    return "; ".join(parts)
 
 
 PROG = "python -m reflex_lab.schedule_plot"

@@ -27,10 +27,13 @@ def test_blockwise_causal_attention_equals_dense(T):
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, T, 3, 8)) for i in range(3))
     w = jax.random.normal(jax.random.PRNGKey(5), (2, T, 3, 8))
     dense = _weighted_loss(_dense_causal, w)
+    want, want_grads = jax.jit(jax.value_and_grad(dense, (0, 1, 2)))(q, k, v)
     for blockwise in (_weighted_loss(lambda q, k, v: cpu_attention.blockwise_causal_attention(q, k, v, 64), w),
                       _weighted_loss(attention.multihead_attention, w)):
-        np.testing.assert_allclose(float(blockwise(q, k, v)), float(dense(q, k, v)), rtol=1e-5)
-        for a, b in zip(jax.grad(blockwise, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
+        # jit: eager dispatch of the per-block ops took most of this test's time
+        got, grads = jax.jit(jax.value_and_grad(blockwise, (0, 1, 2)))(q, k, v)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        for a, b in zip(grads, want_grads):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
 
 
@@ -43,10 +46,10 @@ def test_blockwise_causal_attention_bf16_error_matches_dense():
     bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
     fns = {"blockwise": lambda q, k, v: cpu_attention.blockwise_causal_attention(q, k, v, 64),
            "dense": _dense_causal}
-    truth = jax.value_and_grad(_weighted_loss(_dense_causal, w), (0, 1, 2))(q, k, v)
+    truth = jax.jit(jax.value_and_grad(_weighted_loss(_dense_causal, w), (0, 1, 2)))(q, k, v)
     errors = {}
     for name, fn in fns.items():
-        out = jax.value_and_grad(_weighted_loss(fn, w), (0, 1, 2))(bf(q), bf(k), bf(v))
+        out = jax.jit(jax.value_and_grad(_weighted_loss(fn, w), (0, 1, 2)))(bf(q), bf(k), bf(v))
         errors[name] = [abs(float(out[0]) - float(truth[0]))] + [
             float(jnp.sqrt(jnp.mean((g.astype(jnp.float32) - t) ** 2))) for g, t in zip(out[1], truth[1])]
     for mine, ref in zip(errors["blockwise"], errors["dense"]):

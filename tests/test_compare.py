@@ -268,6 +268,8 @@ def test_grid_stops_when_a_run_is_interrupted(tmp_path, monkeypatch):
 def test_schedules_seeds_variants_and_run_names(tmp_path):
     assert parse_schedules("none,all,recent:2,1") == ["none", "all", "recent:2,1"]
     assert parse_schedules("recent:1,1;all") == ["recent:1,1", "all"]
+    assert parse_schedules("kv:8,7,6,5,4,3,fewer:recent:2,1,cla:2,gqa:2") == [
+        "kv:8,7,6,5,4,3", "fewer:recent:2,1", "cla:2", "gqa:2"]
     assert parse_seeds("0, 1,2") == [0, 1, 2]
     v = parse_variant("pre:init_from=weights/x;optim.lr=1e-4")
     assert v == Variant("pre", (("init_from", "weights/x"), ("optim.lr", "1e-4")))

@@ -160,12 +160,13 @@ def test_remat_and_dropout():
         return jnp.mean(out ** 2)
 
     rng = jax.random.PRNGKey(11)
-    g1 = jax.grad(loss)(params, False, rng)
-    g2 = jax.jit(jax.grad(loss), static_argnums=1)(params, True, rng)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # eager dispatch of every op is slow
+    g1, g2 = grad(params, False, rng), grad(params, True, rng)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
-    assert float(loss(params, False, rng)) != float(loss(params, False, jax.random.PRNGKey(12)))
-    det = Decoder(cfg).apply({"params": params}, tokens)
-    np.testing.assert_array_equal(det, Decoder(cfg).apply({"params": params}, tokens))
+    jloss = jax.jit(loss, static_argnums=1)
+    assert float(jloss(params, False, rng)) != float(jloss(params, False, jax.random.PRNGKey(12)))
+    apply = jax.jit(lambda p: Decoder(cfg).apply({"params": p}, tokens))
+    np.testing.assert_array_equal(apply(params), apply(params))
 
 
 def test_too_long_sequence_is_a_clear_error():

@@ -1,8 +1,9 @@
 """Built-in synthetic Russian tasks: generated from a seed, no files, no network.
 
 Each task yields `{"question", "answer"}` rows that `prepare_task` renders with the same template
-as real instruction data, and scores generated answers by exact match. They are the embedded default
-of the tiny run and a memory benchmark (key-value recall at a chosen distance).
+as real instruction data, and scores generated answers by exact match. `kv_recall` rows also carry
+`"distance"` (an int, not rendered), which exact-match evaluation buckets by. They are the embedded
+default of the tiny run and a memory benchmark (key-value recall at a chosen distance).
 
 Lengths with the byte tokenizer and the default template (bos + "Вопрос: …\\n### Ответ: …" + eos),
 at default options: `arith` 73-78 tokens, `kv_recall` 115-127 tokens (`mix`: either), so every row
@@ -46,7 +47,7 @@ class Task:
     def _check(self, opts: dict[str, Any]) -> None:
         pass
 
-    def rows(self, n: int, seed: int, **options) -> list[dict[str, str]]:
+    def rows(self, n: int, seed: int, **options) -> list[dict[str, Any]]:
         """`n` rows, a pure function of (task, seed, options)."""
         opts = self.options(**options)
         if not isinstance(n, int) or n < 0:
@@ -54,7 +55,7 @@ class Task:
         rng = random.Random(f"{self.name}:{seed}")  # str seeds hash stably across runs/platforms
         return [self._row(rng, opts) for _ in range(n)]
 
-    def _row(self, rng: random.Random, opts: dict[str, Any]) -> dict[str, str]:
+    def _row(self, rng: random.Random, opts: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
     def score(self, prediction: str, answer: str) -> bool:
@@ -116,7 +117,8 @@ class KeyValueRecall(Task):
     """"Запомни: кот — 5, дом — 8, лес — 3. Сколько у дома?" -> "8".
 
     `n_pairs` distinct keys with values 0..max_value; the asked pair is `distance` pairs from the end
-    (1 = the last one said, n_pairs = the first); distance 0 draws it uniformly per row.
+    (1 = the last one said, n_pairs = the first); distance 0 draws it uniformly per row. Each row
+    records its distance in row["distance"].
     """
     name = "kv_recall"
     defaults = {"n_pairs": 3, "distance": 0, "max_value": 9}
@@ -140,7 +142,7 @@ class KeyValueRecall(Task):
         asked = n - distance
         pairs = ", ".join(f"{nom} — {v}" for (nom, _), v in zip(keys, values))
         return {"question": f"Запомни: {pairs}. Сколько у {keys[asked][1]}?",
-                "answer": str(values[asked])}
+                "answer": str(values[asked]), "distance": distance}
 
 
 class Mix(Task):

@@ -1,13 +1,17 @@
 """Tokenizers behind one small interface: `bytes` (no files) or any HF tokenizer (hub id or dir).
 
 Every tokenizer exposes `name`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`, `encode(str) -> list[int]`,
-`encode_batch(list[str])`, `decode(ids) -> str`. `name` is what run metadata stores, so that
+`encode_batch(list[str])`, `decode(ids) -> str`, and `byte_lengths()`: the UTF-8 bytes each token id
+stands for (bits per byte divides by them). `name` is what run metadata stores, so that
 `load_tokenizer(name)` gives the same tokenizer back.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
+
+import numpy as np
 
 from ..errors import MissingFileError, TokenizerError
 
@@ -28,6 +32,10 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> np.ndarray:
+        """int32 [259]: 1 for each byte, 0 for pad, bos and eos."""
+        return (np.arange(self.vocab_size) < 256).astype(np.int32)
 
 
 class HFTokenizer:
@@ -64,6 +72,51 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def byte_lengths(self) -> np.ndarray:
+        """int32 [vocab_size]: the UTF-8 bytes of each token, 0 for special tokens and unused ids.
+
+        Byte-level BPE (GPT-2, rugpt3): a token's string spells its bytes one character each in
+        the byte alphabet, so its length is exact, partial multi-byte characters included. Other
+        tokenizers (and added tokens): len(decode([id]) in UTF-8), which misses what decoding a
+        lone token drops (e.g. SentencePiece's word-initial space), so their bits per byte are an
+        upper bound.
+        """
+        out = np.zeros(self.vocab_size, np.int32)
+        special = set(self.tok.all_special_ids)
+        added = {i: t.content for i, t in self.tok.added_tokens_decoder.items() if not t.special}
+        pieces = self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
+        alphabet = BYTE_ALPHABET if _is_byte_level(self.tok) else frozenset()
+        for i, piece in enumerate(pieces):
+            if i in special or piece is None:
+                continue
+            if i in added:  # added tokens hold their text as it is, not in the byte alphabet
+                out[i] = len(added[i].encode("utf-8"))
+            elif alphabet and all(ch in alphabet for ch in piece):
+                out[i] = len(piece)
+            else:
+                out[i] = len(self.tok.decode([i]).encode("utf-8"))
+        return out
+
+
+def _byte_alphabet() -> frozenset:
+    """The 256 characters byte-level BPE writes bytes with: the printable Latin-1 bytes stand for
+    themselves, every other byte b for chr(256 + its rank among those others)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    others = [b for b in range(256) if b not in printable]
+    return frozenset([chr(b) for b in printable] + [chr(256 + k) for k in range(len(others))])
+
+
+BYTE_ALPHABET = _byte_alphabet()
+
+
+def _is_byte_level(hf_tok) -> bool:
+    """Whether an HF tokenizer decodes with the byte-level decoder (its tokens spell bytes)."""
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    return "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
 
 
 def load_tokenizer(name: str):

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ConvertError
-from ..model import ModelConfig
+from ..model import LayerPlan, ModelConfig
+from ..model.route import ROUTE_INIT_LOGIT, route_init_logits
 from .hf_source import Source, check_shapes, load_gpt2, matching_config
 from .report import ParamWriter, Report, Row
 
@@ -90,10 +91,10 @@ def convert_gpt2(cfg: ModelConfig, source: Source, layers: Optional[Sequence[int
     w = ParamWriter(source, flat)
     notes = _map_embeddings(w, cfg, source)
     for i, j in enumerate(picked):
-        _map_block(w, cfg, source, f"h_{i}", f"h.{j}", cfg.layers[i].n_self)
+        _map_block(w, cfg, source, f"h_{i}", f"h.{j}", cfg.layers[i])
     _map_norm(w, cfg, "ln_f", "ln_f")
     w.finish()
-    notes += _conversion_notes(cfg, source)
+    notes += _conversion_notes(cfg, source) + _head_plan_notes(cfg)
     params = _with_fresh_params(w, cfg, seed)
     return params, Report(source.describe(), cfg.schedule_table(), picked, w.rows, notes)
 
@@ -140,31 +141,11 @@ def _map_dense(w: ParamWriter, cfg: ModelConfig, target: str, src: str, kernel: 
         w.put(f"{target}.bias", bias, status, f"{src}.bias{bdesc}")
 
 
-def _map_block(w: ParamWriter, cfg: ModelConfig, source: Source, t: str, s: str, n_self: int):
+def _map_block(w: ParamWriter, cfg: ModelConfig, source: Source, t: str, s: str, plan: LayerPlan):
     """Target block `t` (e.g. h_0) from source block `s` (e.g. h.4)."""
-    E, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     _map_norm(w, cfg, f"{t}.ln_1", f"{s}.ln_1")
     _map_norm(w, cfg, f"{t}.ln_2", f"{s}.ln_2")
-    # Attention. HF Conv1D stores [in, out]; c_attn's out columns are [Q | K | V], each E wide.
-    # Q keeps all E columns re-cut into the target's H heads of size D; K/V keep their first
-    # n_self*D columns (the target's self heads).
-    ca, cb = source.tensor(f"{s}.attn.c_attn.weight"), source.tensor(f"{s}.attn.c_attn.bias")
-    _map_dense(w, cfg, f"{t}.attn.q", f"{s}.attn.c_attn", ca[:, :E].reshape(E, H, D),
-               cb[:E].reshape(H, D), "copied", "[:, 0:d]", "[0:d]")
-    kv = n_self * D
-    status = "copied" if kv == E else "sliced"
-    for name, lo in (("k", E), ("v", 2 * E)):
-        what = "d:d+n_self*D" if name == "k" else "2d:2d+n_self*D"
-        _map_dense(w, cfg, f"{t}.attn.{name}", f"{s}.attn.c_attn",
-                   ca[:, lo:lo + kv].reshape(E, n_self, D), cb[lo:lo + kv].reshape(n_self, D),
-                   status, f"[:, {what}]", f"[{what}]")
-    for lo, hi in ((0, E), (E, E + kv), (2 * E, 2 * E + kv)):
-        w.mark(f"{s}.attn.c_attn.weight", 1, lo, hi)
-        if cfg.bias:
-            w.mark(f"{s}.attn.c_attn.bias", 0, lo, hi)
-    cp, cpb = source.tensor(f"{s}.attn.c_proj.weight"), source.tensor(f"{s}.attn.c_proj.bias")
-    _map_dense(w, cfg, f"{t}.attn.o", f"{s}.attn.c_proj", cp.reshape(H, D, E), cpb, "copied", "", "")
-    w.mark(f"{s}.attn.c_proj.weight")
+    _map_attention(w, cfg, source, t, s, plan)
     # MLP.
     fc, fcb = source.tensor(f"{s}.mlp.c_fc.weight"), source.tensor(f"{s}.mlp.c_fc.bias")
     pj, pjb = source.tensor(f"{s}.mlp.c_proj.weight"), source.tensor(f"{s}.mlp.c_proj.bias")
@@ -184,6 +165,68 @@ def _map_block(w: ParamWriter, cfg: ModelConfig, source: Source, t: str, s: str,
     if cfg.bias:
         for b in ("attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
             w.mark(f"{s}.{b}")
+
+
+def _map_attention(w: ParamWriter, cfg: ModelConfig, source: Source, t: str, s: str,
+                   plan: LayerPlan) -> None:
+    """HF Conv1D stores [in, out]; c_attn's out columns are [Q | K | V], each E wide. Q keeps its
+    first n_query*D columns (all E unless `fewer:`) re-cut into the target's heads of size D, K
+    its first n_k*D and V its first n_v*D columns (the heads the target layer computes: its self
+    heads, none for a borrowing layer), and the output projection the kept query heads' rows."""
+    E, D = cfg.n_embd, cfg.head_dim
+    ca, cb = source.tensor(f"{s}.attn.c_attn.weight"), source.tensor(f"{s}.attn.c_attn.bias")
+    q_what = "0:d" if plan.n_query == cfg.n_head else "0:n_query*D"
+    k_what, v_what = (("d:d+n_self*D", "2d:2d+n_self*D") if plan.classic
+                      else ("d:d+n_k*D", "2d:2d+n_v*D"))
+    for name, lo, n, what in (("q", 0, plan.n_query, q_what), ("k", E, plan.n_k, k_what),
+                              ("v", 2 * E, plan.n_v, v_what)):
+        if not n:
+            continue
+        width = n * D
+        _map_dense(w, cfg, f"{t}.attn.{name}", f"{s}.attn.c_attn",
+                   ca[:, lo:lo + width].reshape(E, n, D), cb[lo:lo + width].reshape(n, D),
+                   "copied" if width == E else "sliced", f"[:, {what}]", f"[{what}]")
+        w.mark(f"{s}.attn.c_attn.weight", 1, lo, lo + width)
+        if cfg.bias:
+            w.mark(f"{s}.attn.c_attn.bias", 0, lo, lo + width)
+    rows = plan.n_query * D
+    cp, cpb = source.tensor(f"{s}.attn.c_proj.weight"), source.tensor(f"{s}.attn.c_proj.bias")
+    _map_dense(w, cfg, f"{t}.attn.o", f"{s}.attn.c_proj", cp[:rows].reshape(plan.n_query, D, E),
+               cpb, "copied" if rows == E else "sliced", "" if rows == E else f"[0:{rows}]", "")
+    w.mark(f"{s}.attn.c_proj.weight", 0, 0, rows)
+    if cfg.value_residual and plan.layer and plan.n_v:
+        w.put(f"{t}.attn.value_mix", np.array([1.0, 0.0]), "constant", "1, 0 (the layer's own V)")
+    if plan.routed:
+        w.put(f"{t}.attn.route_logits", route_init_logits(plan), "constant",
+              f"{ROUTE_INIT_LOGIT:g} at all's source, 0 elsewhere")
+
+
+def _head_plan_notes(cfg: ModelConfig) -> list[str]:
+    """What the target's head plan changes against the source's full multi-head attention."""
+    notes, plans = [], cfg.layers
+    borrowing = [p.layer for p in plans if not p.n_kv]
+    if borrowing:
+        notes.append(f"layers {', '.join(map(str, borrowing))} borrow every head's K/V from an "
+                     "earlier layer and have no K/V projection: the K/V columns of the source "
+                     "layers mapped onto them are dropped.")
+    grouped = [p.layer for p in plans if p.n_self and p.n_kv != p.n_self]
+    if grouped:
+        notes.append(f"layers {', '.join(map(str, grouped))} share K/V heads between query heads "
+                     "(GQA): each keeps the source's first n_kv K/V heads, so attention changes.")
+    if any(p.n_query != cfg.n_head for p in plans):
+        notes.append("layers with fewer query heads keep the source's first n_query Q heads and "
+                     "their c_proj rows; the other heads are dropped.")
+    if any(p.n_own_k for p in plans):
+        notes.append("share-V cross heads take their own K from the source's K columns of the same "
+                     "heads and read an earlier layer's V.")
+    if any(p.routed for p in plans):
+        notes.append(f"route: route_logits start as in training ({ROUTE_INIT_LOGIT:g} for the source "
+                     "'all' gives each cross head, 0 for the others), so every routed head begins "
+                     "as a mixture led by that source.")
+    if cfg.value_residual:
+        notes.append("value_residual: value_mix is set to (1, 0), so every layer starts with its own "
+                     "V, as in the source.")
+    return notes
 
 
 def _conversion_notes(cfg: ModelConfig, source: Source) -> list[str]:

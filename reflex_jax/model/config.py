@@ -1,7 +1,7 @@
-"""The model's configuration: sizes, the building blocks, dtypes and the head schedule.
+"""The model's configuration: sizes, the building blocks, dtypes and the head plan.
 
-`ModelConfig` is frozen and validated when built; its `layers` are the resolved schedule
-(model/schedule.py), one LayerPlan per layer.
+`ModelConfig` is frozen and validated when built; its `layers` are the resolved head plan
+(model/schedule.py, model/plans.py), one LayerPlan per layer.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from ..errors import ConfigError
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
-from .schedule import LayerPlan, parse_schedule, resolve_schedule
+from .plans import resolve_plans
+from .schedule import LayerPlan, parse_schedule
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,9 +53,10 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: Any = "float32"                    # compute dtype
     param_dtype: Any = "float32"
-    reflex: Union[str, Sequence] = "all"      # none | all | recent:c1,c2,... | explicit tuples
+    reflex: Union[str, Sequence] = "all"      # the head plan (docs/attention.md#head-plans)
     reflex_window: Optional[int] = None       # `all`: at most this many (newest) source layers
     reflex_min_self: int = 1                  # `all`: every layer keeps at least this many self heads
+    value_residual: bool = False              # layer l >= 1's V mixed with layer 0's (ResFormer)
     attention: str = "auto"                   # auto | xla | cudnn | flash (docs/attention.md#backends)
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ConfigError(f"model.mlp_hidden={self.mlp_hidden} must be positive or None.")
+        if not isinstance(self.value_residual, bool):
+            raise ConfigError(f"model.value_residual={self.value_residual!r} must be True or False.")
         _ = self.layers  # resolve (and validate) the schedule now, not at first use
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -102,26 +106,35 @@ class ModelConfig:
 
     @functools.cached_property
     def layers(self) -> tuple[LayerPlan, ...]:
-        return resolve_schedule(self)
+        return resolve_plans(self)
 
     @property
-    def kv_heads_total(self) -> int:
-        """K/V heads stored across all layers (the KV-cache size in heads)."""
-        return sum(p.n_self for p in self.layers)
+    def kv_heads_total(self) -> Union[int, float]:
+        """K/V heads stored across all layers (the KV-cache size in heads): (K heads + V heads) / 2,
+        which is a half-integer only where `sharev:` stores more K than V heads."""
+        twice = sum(p.n_k + p.n_v for p in self.layers)
+        return twice // 2 if twice % 2 == 0 else twice / 2
+
+    @property
+    def classic_heads(self) -> bool:
+        """True for the original contract (every layer `LayerPlan.classic`, H query heads, no value
+        residual), which code that re-implements the attention (bench's PyTorch peer) covers."""
+        return not self.value_residual and all(p.classic and p.n_query == self.n_head
+                                               for p in self.layers)
 
     def schedule_table(self) -> str:
         """One line for humans, e.g. `all 6x8: 8 | 7+1 | 6+2 | 5+3 | 4+4 | 3+5`."""
         name = self.reflex if isinstance(self.reflex, str) else "explicit"
         return (f"{name} {self.n_layer}x{self.n_head}: "
-                + " | ".join(p.short() for p in self.layers))
+                + " | ".join(p.short() for p in self.layers)
+                + (" (value residual)" if self.value_residual else ""))
 
     def describe_schedule(self) -> str:
         """Multi-line table: every layer's self heads and where each cross group reads."""
-        rows = []
-        for p in self.layers:
-            groups = ", ".join(f"{g.n_heads}<-L{g.source}[heads {','.join(map(str, g.source_heads))}]"
-                               for g in p.cross)
-            rows.append(f"layer {p.layer}: {p.n_self} self" + (f"; cross {groups}" if groups else ""))
+        rows = [p.describe() for p in self.layers]
+        if self.value_residual:
+            rows = [row + (f"; V mixed with L0[V heads 0-{p.n_v - 1}]" if p.layer and p.n_v else "")
+                    for row, p in zip(rows, self.layers)]
         return "\n".join(rows)
 
     # ---- comparison ------------------------------------------------------------------------

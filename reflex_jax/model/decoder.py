@@ -1,8 +1,8 @@
 """The Reflex decoder: embeddings, the unrolled blocks, the final norm and the LM head.
 
 Layers are an unrolled Python loop: every layer has its own head split, so `nn.scan` does not fit.
-Each block returns its self-head K/V; later blocks receive the tuple of all earlier K/V
-(model/kv.py says which head reads which).
+Each block returns the K/V it computed; later blocks receive the tuple of all earlier K/V
+(model/kv.py says which head reads which), and with `value_residual` also layer 0's fresh V.
 
 The same code runs training/prefill (no cache) and cached decoding: with `cache` given, every layer
 writes its new K/V into its own cache at `cache_index` and attends over the whole cache; cross heads
@@ -66,11 +66,14 @@ class Decoder(nn.Module):
         if self.remat:
             block_cls = nn.remat(Block, static_argnums=(7,), prevent_cse=True)
         earlier: list[KV] = []
+        v_first = None  # layer 0's V of these tokens, for value_residual
         for layer in range(cfg.n_layer):
-            x, own = block_cls(cfg, layer, self.kernels, name=f"h_{layer}")(
+            x, own, v_fresh = block_cls(cfg, layer, self.kernels, name=f"h_{layer}")(
                 x, tuple(earlier), positions_BT, None if cache is None else cache[layer],
-                cache_index, key_mask_BS, deterministic)
+                cache_index, key_mask_BS, deterministic, v_first)
             earlier.append(own)
+            if layer == 0 and cfg.value_residual:
+                v_first = v_fresh
         h = Norm(cfg, name="ln_f")(x)
         head = wte
         if not cfg.tie_embeddings:

@@ -1,9 +1,12 @@
 """The reflex K/V contract: which K/V each query head of a layer reads (docs/attention.md).
 
-Every layer computes K/V only for its n_self self heads and exports them; query head h < n_self
-reads its own K/V head h, and the following heads read, cross group by cross group in schedule
-order, the last c self heads of the group's source layer. Concatenating K/V in that order turns
-a layer into one ordinary multi-head attention. The KV cache holds exactly the exported K/V.
+Every layer computes K/V only for its own K/V heads (n_kv; one per self head unless GQA groups
+them) and exports them; self head h reads own K/V head `plan.self_kv_heads[h]`, and the following
+heads read, cross group by cross group in schedule order, the last c K/V heads of the group's
+source layer (a `share="v"` group: its own K and the source's V; a routed group: a learned mixture
+of the sources' K/V). Giving every query head its K/V in that order turns a layer into one
+ordinary multi-head attention. The KV cache holds exactly what the layers compute: n_k K heads
+(the exported ones, then the share-V heads' own K) and n_v V heads per layer.
 """
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..kernels import DEFAULT, KernelChoices
-from ..kernels.attention import multihead_attention
+from ..kernels.attention import attention_mask, multihead_attention
 from .schedule import CrossGroup, LayerPlan
 
-KV = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer's K self heads
-Cache = tuple[KV, ...]            # per layer, [B, cache length, n_self, D]
+KV = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer: its n_k K and n_v V heads
+Cache = tuple[KV, ...]            # per layer, [B, cache length, n_k | n_v, D]
 
 
 def borrowed_kv(earlier: Sequence[KV], group: CrossGroup) -> KV:
@@ -27,50 +31,116 @@ def borrowed_kv(earlier: Sequence[KV], group: CrossGroup) -> KV:
     return k[:, :, lo:hi], v[:, :, lo:hi]
 
 
-def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan) -> KV:
-    """K/V for every query head of `plan`'s layer: own self heads, then each cross group."""
+def mixed_kv(earlier: Sequence[KV], mixture, weights_NJ) -> KV:
+    """K/V of N routed heads: head n reads sum_j weights[n, j] * (K, V) of candidate j."""
+    k_BSJD = jnp.stack([earlier[layer][0][:, :, head] for layer, head in mixture], axis=2)
+    v_BSJD = jnp.stack([earlier[layer][1][:, :, head] for layer, head in mixture], axis=2)
+    w = weights_NJ.astype(k_BSJD.dtype)
+    return (jnp.einsum("bsjd,nj->bsnd", k_BSJD, w), jnp.einsum("bsjd,nj->bsnd", v_BSJD, w))
+
+
+def self_kv(own: KV, plan: LayerPlan) -> KV:
+    """The own K/V head of every self head (GQA: each group's head repeated for its queries)."""
+    k, v = own
+    if plan.n_k != plan.n_kv:  # the share-V cross heads' own K follow the exported heads
+        k = k[:, :, :plan.n_kv]
+    if plan.n_kv != plan.n_self:
+        index = np.asarray(plan.self_kv_heads)
+        k, v = jnp.take(k, index, axis=2), jnp.take(v, index, axis=2)
+    return k, v
+
+
+def cross_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None) -> list[KV]:
+    """K/V of every cross group in schedule order (`route_w` [n_cross, n_sources] for routes)."""
+    out, k_at, row = [], plan.n_kv, 0
+    for g in plan.cross:
+        if g.mixture:
+            k, v = mixed_kv(earlier, g.mixture, route_w[row:row + g.n_heads])
+        else:
+            k, v = borrowed_kv(earlier, g)
+        if g.share == "v":  # its own K heads, in group order after the exported ones
+            k, k_at = own[0][:, :, k_at:k_at + g.n_heads], k_at + g.n_heads
+        out.append((k, v))
+        row += g.n_heads
+    return out
+
+
+def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None) -> KV:
+    """K/V for every query head of `plan`'s layer: self heads, then each cross group."""
     if not plan.cross:
-        return own
-    parts = [own] + [borrowed_kv(earlier, g) for g in plan.cross]
+        return self_kv(own, plan)
+    parts = ([self_kv(own, plan)] if plan.n_self else []) + cross_kv(own, earlier, plan, route_w)
+    if len(parts) == 1:
+        return parts[0]
     return (jnp.concatenate([k for k, _ in parts], axis=2),
             jnp.concatenate([v for _, v in parts], axis=2))
 
 
+def _self_segments(own: KV, plan: LayerPlan) -> list[tuple[int, KV]]:
+    """(query heads, K/V) runs of the self heads whose groups have one size, K/V unrepeated."""
+    if not plan.n_self:
+        return []
+    k, v = own
+    if plan.n_k != plan.n_kv:
+        k = k[:, :, :plan.n_kv]
+    if plan.n_kv == plan.n_self:
+        return [(plan.n_self, (k, v))]
+    sizes = [plan.self_kv_heads.count(j) for j in range(plan.n_kv)]
+    runs, lo = [], 0
+    for j in range(1, plan.n_kv + 1):
+        if j == plan.n_kv or sizes[j] != sizes[lo]:
+            runs.append((sizes[lo] * (j - lo), (k[:, :, lo:j], v[:, :, lo:j])))
+            lo = j
+    return runs
+
+
 def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *, offset=0,
                      key_mask_BS=None, dtype=None, implementation: Optional[str] = None,
-                     kernels: KernelChoices = DEFAULT):
-    """Attention of one layer: query head h reads own K/V head h (h < n_self), later heads read
-    their cross group's source K/V (see `gather_kv`); K/V are cast to `dtype` (default q's).
+                     kernels: KernelChoices = DEFAULT, route_w=None):
+    """Attention of one layer: every query head reads its K/V (see `gather_kv`); K/V are cast to
+    `dtype` (default q's). `route_w`: the route weights of a routed layer (model/route.py).
 
-    Prefill/training concatenate K/V into one [B, S, H, D] call (one big op, which the fused
-    kernels of kernels/attention.py take: every layer then has H K/V heads). Cached decoding
-    (one query) attends group by group over the caches in place instead: the concatenation would
-    copy every layer's whole cache on every token, which made `all` decode slower than `none` at
-    batch 8 (bench.py). Per head the math is the same in both forms.
+    Prefill/training give every query head its K/V in one [B, S, H, D] call (one big op, which the
+    fused kernels of kernels/attention.py take). Cached decoding (one query) attends group by
+    group over the caches in place instead: the concatenation would copy every layer's whole cache
+    on every token, which made `all` decode slower than `none` at batch 8 (bench.py); GQA groups
+    are one grouped call each, without repeating the cache. Per head the math is the same.
     """
     dt = dtype or q_BTHD.dtype
-    if q_BTHD.shape[1] != 1 or not plan.cross:
-        k, v = gather_kv(own, earlier, plan)
-        return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
-                                   key_mask_BS=key_mask_BS, implementation=implementation, kernels=kernels)
-    groups = [(own, plan.n_self)] + [(borrowed_kv(earlier, g), g.n_heads) for g in plan.cross]
+    call = dict(offset=offset, key_mask_BS=key_mask_BS, implementation=implementation,
+                kernels=kernels)
+    if q_BTHD.shape[1] != 1 or (not plan.cross and plan.n_kv == plan.n_self):
+        k, v = gather_kv(own, earlier, plan, route_w)
+        return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), **call)
+    groups = _self_segments(own, plan) + [
+        (g.n_heads, kv) for g, kv in zip(plan.cross, cross_kv(own, earlier, plan, route_w))]
     outs, h = [], 0
-    for (k, v), n in groups:
-        outs.append(multihead_attention(q_BTHD[:, :, h:h + n], k.astype(dt), v.astype(dt),
-                                        offset=offset, key_mask_BS=key_mask_BS,
-                                        implementation=implementation, kernels=kernels))
+    for n, (k, v) in groups:
+        q = q_BTHD[:, :, h:h + n]
+        if k.shape[2] == n:
+            outs.append(multihead_attention(q, k.astype(dt), v.astype(dt), **call))
+        else:  # n // K query heads per K/V head: XLA's grouped attention, K/V not repeated
+            mask = attention_mask(1, k.shape[1], offset, key_mask_BS)
+            outs.append(jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask))
         h += n
     return jnp.concatenate(outs, axis=2)
 
 
+def kv_bytes_per_token(cfg, dtype=None) -> int:
+    """KV-cache bytes one token adds: every layer's n_k K and n_v V heads of head_dim values in
+    `dtype` (default the compute dtype). A layer that borrows all its heads adds nothing."""
+    itemsize = jnp.dtype(dtype or cfg.compute_dtype).itemsize
+    return sum(p.n_k + p.n_v for p in cfg.layers) * cfg.head_dim * itemsize
+
+
 def init_cache(cfg, batch: int, length: int, dtype=None) -> Cache:
-    """Zeroed per-layer cache holding only each layer's self heads: [B, length, n_self, D]."""
+    """Zeroed per-layer cache holding what each layer computes: K [B, length, n_k, D] and
+    V [B, length, n_v, D] (zero heads, so no memory, for a layer without K/V projection)."""
     dtype = dtype or cfg.compute_dtype
-    return tuple((jnp.zeros((batch, length, p.n_self, cfg.head_dim), dtype),
-                  jnp.zeros((batch, length, p.n_self, cfg.head_dim), dtype)) for p in cfg.layers)
+    return tuple((jnp.zeros((batch, length, p.n_k, cfg.head_dim), dtype),
+                  jnp.zeros((batch, length, p.n_v, cfg.head_dim), dtype)) for p in cfg.layers)
 
 
 def kv_cache_bytes(cfg, batch: int, length: int, dtype=None) -> int:
-    """Bytes of `init_cache(cfg, batch, length, dtype)`: K and V of every self head."""
-    itemsize = jnp.dtype(dtype or cfg.compute_dtype).itemsize
-    return 2 * batch * length * cfg.kv_heads_total * cfg.head_dim * itemsize
+    """Bytes of `init_cache(cfg, batch, length, dtype)`: batch * length * kv_bytes_per_token."""
+    return batch * length * kv_bytes_per_token(cfg, dtype)

@@ -17,6 +17,7 @@ from ..kernels import DEFAULT, KernelChoices
 from ..kernels.linear import linear
 from .config import ModelConfig
 from .kv import KV, reflex_attention
+from .route import route_init_logits, softmax_weights
 
 
 def _init(std: float, axes: tuple):
@@ -133,41 +134,65 @@ def apply_rope(x_BTHD, positions_BT, theta: float):
     return out.astype(x_BTHD.dtype)
 
 
+def _constant(value, axes: tuple):
+    """A parameter initialised to a fixed array (route logits, value-residual mix)."""
+    value = jnp.asarray(value)
+    return nn.with_logical_partitioning(lambda rng, shape, dtype: value.astype(dtype), axes)
+
+
 class Attention(nn.Module):
-    """Q for all H heads, K/V only for this layer's n_self self heads, output from all H."""
+    """Q for the layer's query heads, K/V only for the heads it computes (model/kv.py), output
+    from all its query heads; returns (out, own K/V, this step's fresh V)."""
     cfg: ModelConfig
     layer: int
     kernels: KernelChoices = DEFAULT
 
     @nn.compact
     def __call__(self, x_BTE, earlier: Sequence[KV], positions_BT, cache: Optional[KV] = None,
-                 cache_index=None, key_mask_BS=None):
+                 cache_index=None, key_mask_BS=None, v_first=None):
         cfg, plan = self.cfg, self.cfg.layers[self.layer]
-        H, K, D = cfg.n_head, plan.n_self, cfg.head_dim
+        D, dt = cfg.head_dim, cfg.compute_dtype
         dense = functools.partial(_dense, cfg, self.kernels)
-        q_BTHD = dense((H, D), ("embed", "heads", "head_dim"), 0.02, "q")(x_BTE)
-        k_BSKD = dense((K, D), ("embed", "kv_heads", "head_dim"), 0.02, "k")(x_BTE)
-        v_BSKD = dense((K, D), ("embed", "kv_heads", "head_dim"), 0.02, "v")(x_BTE)
+        q_BTHD = dense((plan.n_query, D), ("embed", "heads", "head_dim"), 0.02, "q")(x_BTE)
+        k_BSKD, v_BSKD = (
+            dense((n, D), ("embed", "kv_heads", "head_dim"), 0.02, name)(x_BTE) if n
+            else jnp.zeros(x_BTE.shape[:2] + (0, D), dt)  # a borrowing layer: no K/V projection
+            for n, name in ((plan.n_k, "k"), (plan.n_v, "v")))
         if cfg.pos_emb == "rope":
             # K is rotated once, here; cross heads' queries use the same positions, so borrowed
             # keys need no re-rotation.
             q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
             k_BSKD = apply_rope(k_BSKD, positions_BT, cfg.rope_theta)
+        v_fresh = v_BSKD
+        if cfg.value_residual and self.layer and plan.n_v:
+            v_BSKD = self._value_residual(v_BSKD, v_first, plan.n_v)
         offset = 0
         if cache is not None:  # write this step's K/V into the cache; attend over all of it
             at = (0, cache_index, 0, 0)
-            k_BSKD = jax.lax.dynamic_update_slice(cache[0], k_BSKD.astype(cache[0].dtype), at)
-            v_BSKD = jax.lax.dynamic_update_slice(cache[1], v_BSKD.astype(cache[1].dtype), at)
+            k_BSKD, v_BSKD = (
+                jax.lax.dynamic_update_slice(old, new.astype(old.dtype), at) if n else old
+                for old, new, n in ((cache[0], k_BSKD, plan.n_k), (cache[1], v_BSKD, plan.n_v)))
             offset = cache_index
         own = (k_BSKD, v_BSKD)
-        dt = cfg.compute_dtype
+        route_w = None
+        if plan.routed:
+            logits = self.param("route_logits", _constant(route_init_logits(plan), (None, None)),
+                                (plan.n_cross, len(plan.cross[0].mixture)), cfg.params_dtype)
+            route_w = softmax_weights(logits)
         y_BTHD = reflex_attention(q_BTHD.astype(dt), own, earlier, plan, offset=offset,
                                   key_mask_BS=key_mask_BS, dtype=dt,
                                   implementation=cfg.attention,
-                                  kernels=self.kernels)
+                                  kernels=self.kernels, route_w=route_w)
         out_BTE = dense(cfg.n_embd, ("heads", "head_dim", "embed"), _residual_std(cfg), "o",
                         axis=(-2, -1))(y_BTHD)
-        return out_BTE, own
+        return out_BTE, own, v_fresh
+
+    def _value_residual(self, v_BSKD, v_first, n_v: int):
+        """ResFormer: lambda1 * V + lambda2 * V of layer 0 (its first n_v heads, this step's
+        tokens); `value_mix` = (lambda1, lambda2) starts at (0.5, 0.5)."""
+        mix = self.param("value_mix", _constant([0.5, 0.5], (None,)), (2,),
+                         self.cfg.params_dtype).astype(v_BSKD.dtype)
+        return mix[0] * v_BSKD + mix[1] * v_first[:, :, :n_v].astype(v_BSKD.dtype)
 
 
 class Block(nn.Module):
@@ -177,15 +202,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, earlier: Sequence[KV], positions_BT, cache: Optional[KV],
-                 cache_index, key_mask_BS, deterministic: bool):
-        """(new residual stream, this layer's own K/V for the later layers)."""
+                 cache_index, key_mask_BS, deterministic: bool, v_first=None):
+        """(new residual stream, this layer's own K/V for the later layers, its fresh V)."""
         cfg = self.cfg
-        a_BTE, own = Attention(cfg, self.layer, self.kernels, name="attn")(
-            Norm(cfg, name="ln_1")(x_BTE), earlier, positions_BT, cache, cache_index, key_mask_BS)
+        a_BTE, own, v_fresh = Attention(cfg, self.layer, self.kernels, name="attn")(
+            Norm(cfg, name="ln_1")(x_BTE), earlier, positions_BT, cache, cache_index, key_mask_BS,
+            v_first)
         x_BTE = x_BTE + nn.Dropout(cfg.dropout)(a_BTE, deterministic=deterministic)
         m_BTE = MLP(cfg, self.kernels, name="mlp")(Norm(cfg, name="ln_2")(x_BTE))
         x_BTE = x_BTE + nn.Dropout(cfg.dropout)(m_BTE, deterministic=deterministic)
         x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "seq", "embed"))
-        return x_BTE, own
+        return x_BTE, own, v_fresh
 
 

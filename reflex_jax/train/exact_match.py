@@ -1,4 +1,8 @@
-"""Exact match on a built-in task's held-out questions: greedy answers, scored by the task."""
+"""Exact match on a built-in task's held-out questions: greedy answers, scored by the task.
+
+`exact_match` is the hit rate over all scored rows; rows that record a recall distance (kv_recall,
+also inside mix) add `exact_match_d1`, `exact_match_d2`, ...: the hit rate of the rows whose asked
+pair was that many pairs before the question (d1 = the last pair said)."""
 from __future__ import annotations
 
 import jax
@@ -38,4 +42,14 @@ class ExactMatch:
         outs = self._generator.generate(host_params, self.prompts, max_new_tokens=self.budget,
                                         eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
         hits = [self.task.score(self.tok.decode(o), r["answer"]) for o, r in zip(outs, self.rows)]
-        return {"exact_match": float(np.mean(hits))}
+        return {"exact_match": float(np.mean(hits)), **exact_match_by_distance(hits, self.rows)}
+
+
+def exact_match_by_distance(hits, rows) -> dict:
+    """{"exact_match_d<k>": hit rate of the rows at distance k}, k ascending; rows without a
+    "distance" (arithmetic questions) are left out, and distances no row has get no key."""
+    buckets: dict[int, list] = {}
+    for hit, row in zip(hits, rows):
+        if row.get("distance") is not None:
+            buckets.setdefault(int(row["distance"]), []).append(bool(hit))
+    return {f"exact_match_d{d}": float(np.mean(buckets[d])) for d in sorted(buckets)}

@@ -23,15 +23,16 @@ def matmul_params(cfg: ModelConfig) -> int:
     n = cfg.vocab_size * E  # output head
     mlp = (3 if cfg.mlp == "swiglu" else 2) * E * F
     for plan in cfg.layers:
-        n += E * cfg.n_head * D           # Q
-        n += 2 * E * plan.n_self * D      # K, V: self heads only
-        n += cfg.n_head * D * E           # output projection
+        n += E * plan.n_query * D               # Q (fewer: only the layer's own query heads)
+        n += E * (plan.n_k + plan.n_v) * D      # K, V: the heads this layer computes
+        n += plan.n_query * D * E               # output projection
         n += mlp
     return n
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    return 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    """Scores and weighted values, forward and backward, of every query head over the full T."""
+    return 12 * sum(p.n_query for p in cfg.layers) * cfg.head_dim * seq_len
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

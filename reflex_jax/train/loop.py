@@ -89,7 +89,8 @@ class TrainLoop:
             row.update(val)
         self.metrics_log.write(row)
         self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
-                              if k in ("loss", "lr", "tokens_per_s", "mfu", "val_loss", "exact_match")})
+                              if k in ("loss", "lr", "tokens_per_s", "mfu", "val_loss", "val_bpb",
+                                        "exact_match")})
         self.summary.update(row)
 
     def close(self):

@@ -34,7 +34,8 @@ def decay_mask(params, decay_embeddings: bool = False):
         top, last = getattr(path[0], "key", None), getattr(path[-1], "key", None)
         if top in EMBEDDINGS:
             return decay_embeddings
-        return last not in ("bias", "scale") and leaf.ndim >= 2
+        # route logits are 2-D but mixing weights: decay would pull every route to uniform
+        return last not in ("bias", "scale", "route_logits", "value_mix") and leaf.ndim >= 2
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

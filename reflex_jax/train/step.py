@@ -1,4 +1,5 @@
-"""The pure train and eval steps: module-level functions of (state, batch) and static settings.
+"""The pure train step: module-level functions of (state, batch) and static settings (the eval
+step's sums are in evals.py).
 
 One step = one optimizer update over the global batch, split into `grad_accum` micro-batches
 scanned inside the compiled step. Params stay float32; the model computes in `model.dtype`; the
@@ -90,12 +91,6 @@ def train_step(s: StepSettings, tx: optax.GradientTransformation, schedule: Call
         metrics = {"loss": loss / total, "grad_norm": optax.global_norm(grads),
                    "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_step(s: StepSettings, params, tokens_BS, mask_BS, valid_BS):
-    """(weighted loss sum, weight sum) of one validation batch; `valid` marks real rows/tokens."""
-    w = loss_weights(mask_BS, s.loss_on, valid_BS)
-    return loss_sum(s, params, tokens_BS, w, None, True), jnp.sum(w)
 
 
 def init_state(model: Decoder, tx: optax.GradientTransformation, rng,

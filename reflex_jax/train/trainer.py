@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import time
@@ -26,9 +25,9 @@ from .. import data as data_lib
 from .. import sharding, storage
 from ..errors import TrainingError
 from ..kernels import DEFAULT, KernelChoices
-from ..model import Decoder, abstract_params, param_logical_axes
+from ..model import Decoder, abstract_params, param_logical_axes, route_metrics
 from ..run_config import model_config_from
-from . import checks, step
+from . import checks, evals, step
 from .loop import TrainLoop
 from .run_lock import RunLock
 from .step import StepSettings, TrainState
@@ -144,10 +143,13 @@ class Trainer:
                        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
     def _compile_eval_step(self):
-        fn = functools.partial(step.eval_step, self.step_settings)
+        # the sums of train/evals.py (loss, bytes, answer loss) in one pass; the byte table is a
+        # constant of the compiled function
+        table = evals.run_byte_lengths(getattr(self, "data", None), self.cfg.vocab_size)
+        fn = functools.partial(evals.eval_sums, self.step_settings, table)
         return jax.jit(self._with_rules(fn),
                        in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
-                       out_shardings=(self.replicated, self.replicated))
+                       out_shardings=self.replicated)
 
     def init_state(self, params=None) -> TrainState:
         """Fresh state created directly with its shardings (no full copy on one device)."""
@@ -189,14 +191,13 @@ class Trainer:
         return self._val
 
     def evaluate(self, params) -> dict:
-        loss_sum, count = 0.0, 0.0
+        sums = []
         for b in self.val_batches():
             tokens, mask, valid = self.put_batch(self._local_rows(b), ("tokens", "mask", "valid"),
                                                  global_rows=b["tokens"].shape[0])
-            ls, n = self.eval_step(params, tokens, mask, valid)
-            loss_sum, count = loss_sum + float(ls), count + float(n)
-        val_loss = loss_sum / max(count, 1.0)
-        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            sums.append(self.eval_step(params, tokens, mask, valid))
+        out = evals.val_metrics(sums, answers=evals.has_answers(self.data.meta))
+        out.update(route_metrics(self.cfg, params))  # `route` plans: the learned route weights
         if self.config.data.task and self.config.eval_exact_match > 0:
             out.update(self.exact_match(params))
         return out

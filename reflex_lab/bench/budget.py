@@ -43,17 +43,22 @@ def _site(op_name: str) -> Optional[str]:
 
 
 def xla_category(op: HloOp) -> str:
+    """The budget category of one compiled op: matmuls by the site their name stack gives, the
+    zero-FLOP ops of a matmul site (bias adds, SiLU, the gate product) as elementwise, copies
+    and transposes by opcode or fusion name, scatters/gathers outside any site as the embedding."""
     site = _site(op.op_name)
+    if site == "optimizer update":
+        return site
+    if op.flops:
+        return site if site and site != "norms and elementwise" else "other"
     if op.opcode in ("copy", "transpose", "copy-start", "copy-done") or (
-            op.opcode == "fusion" and op.name.startswith(("copy", "transpose", "bitcast"))):
-        return "copies/transposes" if site in (None, "norms and elementwise") else site
-    if op.opcode in ("scatter", "gather") or "scatter" in op.name:
-        return "embedding gradient" if site is None else site
-    if site is None:
-        return "matmul q/k/v/o" if op.flops else "other"
-    if site.startswith("matmul") and not op.flops and site != "matmul LM head + loss":
-        return "norms and elementwise"  # bias adds, silu, the gate product: not matmuls
-    return site
+            op.opcode == "fusion" and ("copy" in op.name or "transpose" in op.name)):
+        return "copies/transposes"
+    if site is None and (op.opcode in ("scatter", "gather") or "scatter" in op.name):
+        return "embedding gradient"
+    if site in ("matmul q/k/v/o", "matmul MLP"):
+        return "norms and elementwise"
+    return site or "other"
 
 
 def xla_op_seconds(step: Callable[[], object], reps: int = 1) -> tuple[dict, dict]:

@@ -86,6 +86,9 @@ class TorchGPT(tnn.Module):
         super().__init__()
         if cfg.pos_emb != "learned" or not cfg.tie_embeddings:
             raise ConfigError("TorchGPT covers learned positions and a tied head only.")
+        if not cfg.classic_heads or cfg.value_residual:
+            raise ConfigError(f"TorchGPT covers the classic head plans (none, all, recent:..., "
+                              f"explicit tuples) only, not {cfg.schedule_table()!r}.")
         self.cfg = cfg
         self.wte = tnn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = tnn.Embedding(cfg.block_size, cfg.n_embd)

@@ -16,7 +16,8 @@ checkpoints) is not trained again; a run that stopped half-way resumes from its 
 run directory trained with a different config is an error, never silently mixed in.
 
 `<out>/results.md`, `<out>/results.json` and PNG plots hold the results: mean ± sample std over
-seeds of the final and best validation loss, the final exact match (built-in tasks), tokens/s,
+seeds of the final and best validation loss, the final exact match (built-in tasks; by recall
+distance for kv_recall), bits per byte and answer-only loss where the runs logged them, tokens/s,
 parameters and KV-cache bytes per token; runs that did not finish are listed as such and left out
 of the means. docs/experiments.md describes the tool and the experiments run with it.
 

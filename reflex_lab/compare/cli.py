@@ -75,8 +75,9 @@ def _compare(argv: list[str]) -> int:
     print(f"\n{len(runs)} runs ({sum(s['status'] == 'finished' for s in summaries)} finished) in "
           f"{time.perf_counter() - t0:.0f} s; results: {os.path.join(args.out, 'results.md')}")
     for g in results["groups"]:
-        em = g["final_exact_match"]
+        em, bpb = g["final_exact_match"], g["final_val_bpb"]
         print(f"  {g['group']:24s} final val loss {fmt_stat(g['final_val_loss'])}"
+              + (f"  bpb {fmt_stat(bpb)}" if bpb["n"] else "")
               + (f"  exact match {fmt_stat(em, 3)}" if em["n"] else ""))
     return 0
 

@@ -22,14 +22,14 @@ class CompareError(UsageError):
 
 
 def parse_schedules(text: str) -> list[str]:
-    """`none,all,recent:2,1` -> ['none', 'all', 'recent:2,1']: numbers after a `recent:` entry belong
-    to it. `;` also separates."""
+    """`none,all,recent:2,1` -> ['none', 'all', 'recent:2,1']: numbers after an entry ending in a
+    number list (`recent:2`, `kv:8`, `fewer:recent:2`) belong to it. `;` also separates."""
     out: list[str] = []
     for part in re.split(r"[;,\s]+", text.strip()):
         if not part:
             continue
         if re.fullmatch(r"\d+", part):
-            if not out or not out[-1].startswith("recent:"):
+            if not out or not re.search(r":\d+(,\d+)*$", out[-1]):  # recent:2,1 / kv:8,7,6
                 raise CompareError(f"--schedules {text!r}: the number {part} follows no 'recent:' "
                                    "schedule; write e.g. --schedules none,all,recent:2,1.")
             out[-1] += "," + part

@@ -1,5 +1,7 @@
 """results.json and results.md of a grid: the shared setup, the variants, one table row per group
-(mean ± sample std over seeds) and one per run, and the plots."""
+(mean ± sample std over seeds) and one per run, and the plots. The held-out metrics beyond the val
+loss (bits per byte, answer-only loss, exact match by recall distance) get columns when a run
+logged them."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ from ml_collections import ConfigDict
 from .grid import Run
 from .plots import plot_curves
 from .runs import flatten, now_utc
-from .stats import model_facts
+from .stats import distance_keys, model_facts
 
 
 def fmt_stat(stat: Optional[dict], digits: int = 3, scale: float = 1.0, sign: bool = False) -> str:
@@ -27,6 +29,38 @@ def fmt_stat(stat: Optional[dict], digits: int = 3, scale: float = 1.0, sign: bo
 
 def fmt_int(n: Optional[float]) -> str:
     return "—" if n is None else f"{int(round(n)):,}"
+
+
+def eval_columns(items: Sequence[dict], has_value) -> list[tuple[str, str, bool]]:
+    """(header, summary key, is a rate) of each held-out metric beyond the val loss that at least
+    one of `items` (group or run summaries) has a value of, per `has_value(item, key)`."""
+    keys = [("final val bpb", "final_val_bpb", False),
+            ("final answer loss", "final_val_answer_loss", False)]
+    keys += [(f"final EM d{k[len('final_exact_match_d'):]}", k, True)
+             for k in distance_keys(items, "final_")]
+    return [c for c in keys if any(has_value(item, c[1]) for item in items)]
+
+
+def _group_has(g: dict, key: str) -> bool:
+    return bool(g.get(key, {}).get("n"))
+
+
+def _run_has(r: dict, key: str) -> bool:
+    return r.get(key) is not None
+
+
+def _group_cell(g: dict, key: str, rate: bool) -> str:
+    stat = g.get(key)
+    if rate:
+        return fmt_stat(stat, 1, 100.0) + ("%" if stat and stat["n"] else "")
+    return fmt_stat(stat)
+
+
+def _run_cell(r: dict, key: str, rate: bool) -> str:
+    v = r.get(key)
+    if v is None:
+        return "—"
+    return f"{100 * v:.1f}%" if rate else f"{v:.4f}"
 
 
 def _task_option_text(c: ConfigDict) -> str:
@@ -112,9 +146,20 @@ def _setup_lines(results: dict, baseline: Optional[str]) -> list[str]:
     lines += ["", "Mean ± sample std over the finished seeds (one value: one seed). "
               + (f"Δ is the final val loss minus `{baseline}`'s, paired by seed (same data and batches). "
                  if baseline else "")
-              + "tokens/s is the median training-only log interval of a run (shared 2-core machine: noisy).",
-              ""]
+              + "tokens/s is the median training-only log interval of a run (shared 2-core machine: noisy)."
+              + _eval_columns_note(results["groups"]), ""]
     return lines
+
+
+def _eval_columns_note(groups: Sequence[dict]) -> str:
+    """What the held-out metric columns of this report mean (empty when there are none)."""
+    notes = {"final_val_bpb": "val bpb: bits per UTF-8 byte of the val loss's targets (tokenizer-"
+                              "independent)",
+             "final_val_answer_loss": "answer loss: val loss on answer tokens only"}
+    said = [notes.get(key, "EM dk: exact match of the questions asking the pair said k pairs "
+                           "before the question") for _, key, _ in eval_columns(groups, _group_has)]
+    said = list(dict.fromkeys(said))  # one note for all distance columns
+    return (" " + "; ".join(said) + ".") if said else ""
 
 
 def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) -> list[str]:
@@ -123,6 +168,8 @@ def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) 
         head.append(f"Δ final vs {baseline}")
     if has_em:
         head += ["final exact match", "best exact match"]
+    extra = eval_columns(groups, _group_has)
+    head += [name for name, _, _ in extra]
     head += ["tokens/s", "params", "KV heads", "KV bytes/token", "wall/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for g in groups:
@@ -136,6 +183,7 @@ def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) 
         if has_em:
             row += [fmt_stat(g["final_exact_match"], 1, 100.0) + ("%" if g["final_exact_match"]["n"] else ""),
                     fmt_stat(g["best_exact_match"], 1, 100.0) + ("%" if g["best_exact_match"]["n"] else "")]
+        row += [_group_cell(g, key, rate) for _, key, rate in extra]
         wall = g["wall_s"]["mean"]
         row += [fmt_int(g["tokens_per_s"]["mean"]), fmt_int(g["params"]),
                 f"{g['kv_heads']}/{g['kv_heads_vanilla']}",
@@ -145,15 +193,19 @@ def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) 
 
 
 def _run_table(runs: Sequence[dict], has_em: bool) -> list[str]:
+    extra = eval_columns(runs, _run_has)
     lines = ["## Runs", "", "| run | seed | status | final val loss (step) | best val loss (step) |"
-             + (" final exact match |" if has_em else "") + " train loss | tokens/s | wall |",
-             "|---|---:|---|---:|---:|" + ("---:|" if has_em else "") + "---:|---:|---:|"]
+             + (" final exact match |" if has_em else "")
+             + "".join(f" {name} |" for name, _, _ in extra) + " train loss | tokens/s | wall |",
+             "|---|---:|---|---:|---:|" + ("---:|" if has_em else "") + "---:|" * len(extra)
+             + "---:|---:|---:|"]
     for r in runs:
         fv = "—" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ({r['final_val_step']})"
         bv = "—" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} ({r['best_val_step']})"
         row = [f"`{r['name']}`", str(r["seed"]), r["status"], fv, bv]
         if has_em:
             row.append("—" if r["final_exact_match"] is None else f"{100 * r['final_exact_match']:.1f}%")
+        row += [_run_cell(r, key, rate) for _, key, rate in extra]
         row += ["—" if r["final_loss"] is None else f"{r['final_loss']:.4f}", fmt_int(r["tokens_per_s"]),
                 "—" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"]
         lines.append("| " + " | ".join(row) + " |")

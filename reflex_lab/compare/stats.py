@@ -1,10 +1,15 @@
 """The numbers of a grid: one summary per run from its metrics.jsonl, mean ± sample std over the
 finished seeds of each group, the paired difference to a baseline group, and the model facts
-(parameters, K/V heads, KV-cache bytes per token) of each group's config."""
+(parameters, K/V heads, KV-cache bytes per token) of each group's config.
+
+Besides the val loss a summary keeps the final value of each held-out metric the runs logged:
+`final_val_bpb`, `final_val_answer_loss` and, for key-value recall, `final_exact_match_d<k>` (exact
+match at recall distance k); runs that never logged one have None."""
 from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 from typing import Any, Iterable, Optional, Sequence
 
@@ -13,8 +18,8 @@ from ml_collections import ConfigDict
 from .grid import Run
 from .runs import read_marker, read_metrics
 
-METRICS = ("final_val_loss", "best_val_loss", "final_exact_match", "best_exact_match", "final_loss",
-           "tokens_per_s", "wall_s")
+METRICS = ("final_val_loss", "best_val_loss", "final_exact_match", "best_exact_match",
+           "final_val_bpb", "final_val_answer_loss", "final_loss", "tokens_per_s", "wall_s")
 
 
 def _val_numbers(rows: Sequence[dict]) -> dict:
@@ -49,8 +54,22 @@ def summarize_run(rows: Sequence[dict], max_steps: int) -> dict:
     em = [r for r in rows if r.get("exact_match") is not None]
     out["final_exact_match"] = float(em[-1]["exact_match"]) if em else None
     out["best_exact_match"] = max(float(r["exact_match"]) for r in em) if em else None
+    for key in ("val_bpb", "val_answer_loss") + distance_keys(rows):
+        out[f"final_{key}"] = _last_value(rows, key)
     out["tokens_per_s"] = _steady_tokens_per_s(rows)
     return out
+
+
+def _last_value(rows: Sequence[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(values[-1]) if values else None
+
+
+def distance_keys(dicts: Iterable[dict], prefix: str = "") -> tuple[str, ...]:
+    """The `<prefix>exact_match_d<k>` keys that any of `dicts` has, by ascending k."""
+    pattern = re.compile(re.escape(prefix) + r"exact_match_d(\d+)")
+    found = {int(m.group(1)) for d in dicts for k in d if (m := pattern.fullmatch(k))}
+    return tuple(f"{prefix}exact_match_d{k}" for k in sorted(found))
 
 
 def mean_std(values: Iterable[Optional[float]]) -> dict:
@@ -125,7 +144,7 @@ def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None) -> list
         g = {"group": name, "schedule": members[0]["schedule"], "variant": members[0]["variant"],
              "runs": len(members), "finished": len(done), "seeds": [s["seed"] for s in done],
              "not_finished": {s["name"]: s["status"] for s in members if s["status"] != "finished"}}
-        for m in METRICS:
+        for m in METRICS + distance_keys(members, "final_"):
             g[m] = mean_std(s.get(m) for s in done)
         if name != baseline:
             g["delta_final_val_loss"] = _paired_delta(done, base_by_seed)
