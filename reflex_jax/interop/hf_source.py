@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ConvertError
 from ..model import ModelConfig
+from .hub import looks_like_hub_id, snapshot
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -63,23 +64,12 @@ class Source:
                 f"vocab {wte.shape[0] if wte is not None else '?'}")
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "~"))
-
-
 def _download(hub_id: str) -> str:
     """Snapshot of config, tokenizer and weights (safetensors if the repo has them, else .bin)."""
-    from huggingface_hub import snapshot_download
     base = ["config.json", *TOKENIZER_FILES]
-    try:
-        directory = snapshot_download(hub_id, allow_patterns=base + ["model*.safetensors*"])
-        if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
-            directory = snapshot_download(hub_id, allow_patterns=base + ["pytorch_model*.bin*"])
-    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"--hf {hub_id!r} is not a local directory and could not be fetched from the "
-                           f"HF hub ({first}); download it where there is network and pass the local "
-                           "directory instead.") from None
+    directory = snapshot(hub_id, base + ["model*.safetensors*"], "--hf", "a local directory")
+    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
+        directory = snapshot(hub_id, base + ["pytorch_model*.bin*"], "--hf", "a local directory")
     return directory
 
 
@@ -140,7 +130,7 @@ def load_gpt2(hf: str) -> Source:
     path = os.path.abspath(os.path.expanduser(hf))
     if os.path.isdir(path):
         directory, hub_id = path, None
-    elif _looks_like_hub_id(hf):
+    elif looks_like_hub_id(hf):
         directory, hub_id = _download(hf), hf
     else:
         raise ConvertError(f"--hf {hf!r} is neither an existing directory nor an HF hub id "

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ConvertError
 from ..model import ModelConfig
+from .hub import looks_like_hub_id, snapshot
 from .report import ParamWriter, Report
 from .safe_pickle import InertRecord, TensorRef, TorchArchive
 
@@ -78,21 +79,6 @@ def _canonical_name(key: str) -> str:
     if re.match(r"(wte|wpe|ln_f|h\.\d+)\.", key):
         return "transformer." + key
     return key
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "~"))
-
-
-def _download(hub_id: str) -> str:
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(hub_id, allow_patterns=[CONFIG, SAFETENSORS])
-    except Exception as e:  # offline, unknown or gated repo: all end the same way for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"--original {hub_id!r} is not a local file or directory and could not "
-                           f"be fetched from the HF hub ({first}); download it where there is "
-                           "network and pass the local directory instead.") from None
 
 
 def _read_config_fields(values: Mapping[str, Any], where: str) -> dict:
@@ -189,8 +175,9 @@ def load_original(src: str) -> OriginalSource:
         source = _load_hub_dir(src, path, None)
     elif os.path.isfile(path):
         source = _load_ckpt(src, path)
-    elif _looks_like_hub_id(src):
-        source = _load_hub_dir(src, _download(src), src)
+    elif looks_like_hub_id(src, require_owner=True):
+        directory = snapshot(src, [CONFIG, SAFETENSORS], "--original", "a local file or directory")
+        source = _load_hub_dir(src, directory, src)
     else:
         raise ConvertError(f"--original {src!r} is neither an existing file or directory nor an HF "
                            "hub id (owner/name); fix the path.")
