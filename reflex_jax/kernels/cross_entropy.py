@@ -159,6 +159,14 @@ def token_cross_entropy(h_BTE, head_VE, targets_BT):
     return lse - picked
 
 
+def per_token_cross_entropy(h_BTE, head_VE, targets_BT, kernels: KernelChoices = DEFAULT):
+    """Per-token cross-entropy [B, T] in float32 (no gradient path): the chunked kernel, or with
+    `kernels.fused_loss` off the plain formulation."""
+    if kernels.fused_loss:
+        return fused_token_cross_entropy(h_BTE, head_VE, targets_BT)
+    return token_cross_entropy(h_BTE, head_VE, targets_BT)
+
+
 def weighted_cross_entropy_sum(h_BTE, head_VE, targets_BT, weights_BT,
                                kernels: KernelChoices = DEFAULT):
     """sum(weights * cross_entropy) in float32: the fused kernel, or with `kernels.fused_loss`

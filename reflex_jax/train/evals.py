@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..kernels.cross_entropy import fused_token_cross_entropy, token_cross_entropy
+from ..kernels.cross_entropy import per_token_cross_entropy
 from ..model import head_matrix
-from .step import StepSettings, loss_weights
+from .step import StepSettings, hidden_states, loss_weights
 
 SUM_KEYS = ("loss", "tokens", "bytes", "answer_loss", "answer_tokens")
 
@@ -42,13 +42,10 @@ def has_answers(meta: dict) -> bool:
 
 def token_losses(s: StepSettings, params, tokens_BS):
     """Cross-entropy in nats [B, S-1] of each next token of `tokens_BS`."""
-    hidden_BTE = s.model.apply({"params": params}, tokens_BS[:, :-1], deterministic=True,
-                               return_hidden=True)
-    head_VE = head_matrix(s.model.cfg, params)
-    with jax.named_scope("lm_head_loss"):
-        if s.kernels.fused_loss:  # never [B*T, vocab] float32 logits
-            return fused_token_cross_entropy(hidden_BTE, head_VE, tokens_BS[:, 1:])
-        return token_cross_entropy(hidden_BTE, head_VE, tokens_BS[:, 1:])
+    hidden_BTE = hidden_states(s, params, tokens_BS)
+    with jax.named_scope("lm_head_loss"):  # never [B*T, vocab] float32 logits with fused_loss
+        return per_token_cross_entropy(hidden_BTE, head_matrix(s.model.cfg, params),
+                                       tokens_BS[:, 1:], s.kernels)
 
 
 def eval_sums(s: StepSettings, byte_lengths_V, params, tokens_BS, mask_BS, valid_BS) -> dict:

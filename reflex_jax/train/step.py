@@ -44,11 +44,15 @@ def loss_weights(mask_BS, loss_on: str, valid_BS=None):
     return (w if valid_BS is None else w * valid_BS[:, 1:]).astype(jnp.float32)
 
 
+def hidden_states(s: StepSettings, params, tokens_BS, rng=None, deterministic: bool = True):
+    """The final normed hidden states [B, S-1, E] for the inputs tokens_BS[:, :-1]."""
+    return s.model.apply({"params": params}, tokens_BS[:, :-1], deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": rng}, return_hidden=True)
+
+
 def loss_sum(s: StepSettings, params, tokens_BS, weights_BT, rng, deterministic: bool):
     """Weighted sum of next-token cross-entropies of `tokens_BS` (inputs [:, :-1], targets [:, 1:])."""
-    hidden_BTE = s.model.apply({"params": params}, tokens_BS[:, :-1], deterministic=deterministic,
-                               rngs=None if deterministic else {"dropout": rng},
-                               return_hidden=True)
+    hidden_BTE = hidden_states(s, params, tokens_BS, rng, deterministic)
     with jax.named_scope("lm_head_loss"):  # a name for profiles (bench.py --profile)
         return weighted_cross_entropy_sum(hidden_BTE, head_matrix(s.model.cfg, params),
                                           tokens_BS[:, 1:], weights_BT, s.kernels)
