@@ -40,15 +40,6 @@ def run_tokenizer(run: str) -> str:
     return tokenizer
 
 
-def export_for_eval(run: str, out: str, step: Optional[int] = None) -> str:
-    """Export `run` (a run or params directory) with its tokenizer into `out`; returns `out`."""
-    from .checkpoint import load_params, read_meta
-    from .interop.hf_export import write_hf
-    tokenizer = run_tokenizer(run)
-    cfg, params = load_params(run, step=step)
-    return write_hf(cfg, params, out, tokenizer=tokenizer, meta=read_meta(run))
-
-
 def default_device() -> str:
     """lm-eval's `hf` model asks for cuda unless told otherwise, also where torch has none."""
     import torch
@@ -86,8 +77,10 @@ def evaluate_run(run: str, tasks: Sequence[str], *, out_dir: Optional[str] = Non
     if unknown:
         raise UsageError(f"lm-eval knows no task {unknown[0]!r}; list them with `lm_eval ls tasks` "
                          "or add a YAML directory with --include_path.")
+    from .interop.export import export_run
     with tempfile.TemporaryDirectory(prefix="reflex_hf_") as tmp:
-        export = export_for_eval(run, out_dir or tmp, step=step)
+        export = out_dir or tmp
+        export_run("hf", run, export, step=step)  # with the tokenizer meta.json names
         # a dict, not "pretrained=...,..." text: a path may hold commas
         args = {"pretrained": export, "trust_remote_code": True, "dtype": "float32"}
         results = lm_eval.simple_evaluate(
