@@ -15,9 +15,8 @@ from reflex_jax.kernels import KernelChoices
 from reflex_jax.model import (Decoder, ModelConfig, init_cache, init_params, kv_bytes_per_token,
                               kv_cache_bytes, param_logical_axes, route_weights)
 from reflex_jax.model.route import ROUTE_INIT_LOGIT, route_metrics
-from reflex_jax.sampling import decode_step, prefill
+from decode_check import FAST, cached_and_full_logits
 
-FAST = {"xla_backend_optimization_level": 0}  # test-only compiles: half the compile time
 # the plain formulations (autodiff through XLA's ops) compile faster; training does not test kernels
 PLAIN = KernelChoices(fused_loss=False, f32_linear=False, attention_blocks=False,
                       blockwise_backward=False)
@@ -204,31 +203,12 @@ DECODE = [("gqa:2", 2, "rope", False), ("kv:4,3", 2, "learned", False),
 def test_cached_decoding_equals_full_recompute(reflex, n_layer, pos_emb, vr):
     """Left-padded prompts of different lengths prefilled, then fed one token at a time."""
     cfg = small(reflex, n_layer=n_layer, pos_emb=pos_emb, value_residual=vr)
-    prompt_lens, n_decode, S = [3, 6, 1], 4, 16
-    P, rng = max(prompt_lens), np.random.default_rng(3)
+    prompt_lens, n_decode, rng = [3, 6, 1], 4, np.random.default_rng(3)
     seqs = [rng.integers(0, cfg.vocab_size, n + n_decode) for n in prompt_lens]
-    prompts, full = np.zeros((3, P), np.int32), np.zeros((3, P + n_decode), np.int32)
-    for r, (n, s) in enumerate(zip(prompt_lens, seqs)):
-        prompts[r, P - n:], full[r, :len(s)] = s[:n], s
-    pad = np.array([P - n for n in prompt_lens], np.int32)
-    fed = np.stack([[s[n + j] for s, n in zip(seqs, prompt_lens)] for j in range(n_decode)])
-
-    @functools.partial(jax.jit, compiler_options=FAST)
-    def run(params):
-        logits_pre, cache, key_mask = prefill(cfg, params, prompts, pad, S, last_only=False)
-
-        def step(cache, j):
-            logits, cache = decode_step(cfg, params, cache, jnp.asarray(fed)[j], P + j,
-                                        jnp.array(prompt_lens) + j, key_mask)
-            return cache, logits
-        _, logits_dec = jax.lax.scan(step, cache, jnp.arange(n_decode))
-        return logits_pre, logits_dec, Decoder(cfg).apply({"params": params}, full)
-
-    pre, dec, ref = map(np.asarray, run(scaled_params(cfg)))
-    assert np.abs(ref).max() > 1.0
-    for r, n in enumerate(prompt_lens):
-        got = np.concatenate([pre[r, P - n:], dec[:, r]])
-        np.testing.assert_allclose(got, ref[r, :n + n_decode], atol=3e-5, rtol=1e-5)
+    rows = cached_and_full_logits(cfg, scaled_params(cfg), seqs, prompt_lens, n_decode, 16)
+    assert max(np.abs(ref).max() for _, ref in rows) > 1.0
+    for got, ref in rows:
+        np.testing.assert_allclose(got, ref, atol=3e-5, rtol=1e-5)
 
 
 def test_gqa_equals_vanilla_with_repeated_kv_heads():

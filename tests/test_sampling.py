@@ -13,8 +13,10 @@ import pytest
 
 from reflex_jax import Decoder, ModelConfig, init_params, sampling
 from reflex_jax.checkpoint import save_params
-from reflex_jax.sampling import (GenerationError, Generator, bucket, decode_step, filter_logits,
+from reflex_jax.sampling import (GenerationError, Generator, bucket, filter_logits,
                                  generate, prefill)
+
+from decode_check import FAST, cached_and_full_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPLICIT = ((), ((0, 3),), ((1, 2), (0, 3)), ((2, 1), (1, 2), (0, 4)))
@@ -49,7 +51,6 @@ GEN = ("all", "rope")
 
 
 # Test-only compiles skip LLVM's optimisations: half the compile time, and compiling is most of it.
-FAST = {"xla_backend_optimization_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,32 +68,10 @@ def gen(cfg):
 def test_prefill_and_decode_match_full_forward(reflex, pos_emb):
     """Left-padded rows of different prompt lengths, prefilled, then fed one token at a time."""
     cfg = tiny(reflex, pos_emb)
-    prompt_lens, n_decode, S = [4, 9, 1], 6, 16
+    prompt_lens, n_decode = [4, 9, 1], 6
     seqs = [rand_tokens(10 + r, n + n_decode) for r, n in enumerate(prompt_lens)]
-    P, T = max(prompt_lens), max(map(len, seqs))
-    tokens, full = np.zeros((3, P), np.int32), np.zeros((3, T), np.int32)
-    for r, n in enumerate(prompt_lens):
-        tokens[r, P - n:] = seqs[r][:n]
-        full[r, :len(seqs[r])] = seqs[r]  # right padding: harmless to a causal forward pass
-    pad = np.array([P - n for n in prompt_lens], np.int32)
-    fed = np.array([[s[n + j] for s, n in zip(seqs, prompt_lens)] for j in range(n_decode)],
-                   np.int32)
-
-    @functools.partial(jax.jit, compiler_options=FAST)  # the reference and the cache, one compile
-    def run(params):
-        logits_pre, cache, key_mask = prefill(cfg, params, tokens, pad, S, last_only=False)
-
-        def step(cache, j):
-            logits, cache = decode_step(cfg, params, cache, jnp.asarray(fed)[j], P + j,
-                                        jnp.array(prompt_lens) + j, key_mask)
-            return cache, logits
-        _, logits_dec = jax.lax.scan(step, cache, jnp.arange(n_decode))
-        return logits_pre, logits_dec, Decoder(cfg).apply({"params": params}, full)
-
-    logits_pre, logits_dec, ref = map(np.asarray, run(tiny_params(cfg)))
-    for r, n in enumerate(prompt_lens):
-        got = np.concatenate([logits_pre[r, P - n:], logits_dec[:, r]])  # positions 0..n+n_decode-1
-        np.testing.assert_allclose(got, ref[r, :n + n_decode], atol=2e-5, rtol=1e-5)
+    for got, ref in cached_and_full_logits(cfg, tiny_params(cfg), seqs, prompt_lens, n_decode, 16):
+        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("reflex", PRESETS, ids=str)
