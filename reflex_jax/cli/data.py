@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--fields", default=None,
                     help="comma list: placeholder or placeholder=row_key (default: the placeholders)")
     pp.add_argument("--val_fraction", type=float, default=0.005)
+    pp.add_argument("--val_source", nargs="+", default=None,
+                    help="files that form the whole val split instead of a random draw (e.g. one "
+                         "held-out author's .txt directory); --val_fraction and --seed are then unused")
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--long_rows", choices=LONG_ROWS, default="keep",
                     help="rows longer than --max_tokens: keep (training windows also start inside "
@@ -94,7 +97,7 @@ def _command(args: argparse.Namespace) -> None:
                 fields=args.fields.split(",") if args.fields else None,
                 val_fraction=args.val_fraction, seed=args.seed, long_rows=args.long_rows,
                 max_tokens=args.max_tokens, hf_split=args.hf_split, batch_rows=args.batch_rows,
-                overwrite=args.overwrite, progress=not args.no_progress)
+                overwrite=args.overwrite, progress=not args.no_progress, val_source=args.val_source)
     elif args.command == "task":
         prepare_task(args.task, args.out, tokenizer=args.tokenizer, n_train=args.n_train,
                      n_val=args.n_val, seed=args.seed, template=_unescape(args.template),

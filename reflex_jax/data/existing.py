@@ -12,7 +12,7 @@ from ..errors import DataError
 from .store import TokenData, read_meta
 
 _OPTION_KEYS = ("format_version", "kind", "tokenizer", "template", "fields", "source",
-                "val_fraction", "seed", "long_rows")
+                "val_fraction", "seed", "long_rows", "val_source")
 
 
 def preparation_inputs(fields: dict) -> dict:

@@ -29,12 +29,14 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
             fields: Optional[Sequence[str]] = None, val_fraction: float = 0.005, seed: int = 0,
             long_rows: str = "keep", max_tokens: Optional[int] = None, hf_split: str = "train",
             batch_rows: int = 1024, overwrite: bool = False, progress: bool = True,
-            verbose: bool = True) -> dict:
+            verbose: bool = True, val_source=None) -> dict:
     """Tokenise `source` (an HF hub id, data files, or .txt files / a directory of them) into out_dir.
 
     Rows are rendered with `template` (placeholders filled from the row keys `fields` names) and wrapped
     in bos/eos; .txt files are one document each, no template. Valid rows are split into train/val
-    (round(rows * val_fraction) val rows, at least one, chosen by `seed`). Rows longer than max_tokens
+    (round(rows * val_fraction) val rows, at least one, chosen by `seed`), or, with `val_source`
+    (files of the same kind, e.g. one held-out author), all of `source` is train and all of
+    `val_source` is val (val_fraction and seed are then unused). Rows longer than max_tokens
     are kept (training windows start inside them, see windows.py), split into max_tokens pieces, or
     dropped (`long_rows`). When out_dir already holds this preparation it is reused; when it holds
     another one, overwrite=True replaces it. Returns meta.json's content.
@@ -46,13 +48,17 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
     kind, where = resolve_source(source)
     tmpl = Template(template, fields) if kind != "text" else None  # template mistakes fail first
     src = open_source(kind, where, hf_split)
+    vsrc = _open_val_source(val_source, src, hf_split) if val_source is not None else None
+    if vsrc is not None:
+        val_fraction, seed = None, None  # the split is given, not drawn
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(max_token_id(tok))
     inputs = preparation_inputs({
         "format_version": FORMAT_VERSION, "kind": src.kind, "tokenizer": tok.name,
         "template": tmpl.text if tmpl else None, "fields": tmpl.keys if tmpl else None,
         "source": src.fingerprint, "val_fraction": val_fraction, "seed": seed,
-        "long_rows": {"policy": long_rows, "max_tokens": max_tokens} if src.kind == "rows" else None})
+        "long_rows": {"policy": long_rows, "max_tokens": max_tokens} if src.kind == "rows" else None,
+        "val_source": vsrc.fingerprint if vsrc else None})
     old = up_to_date(out_dir, inputs, verbose)
     if old is not None:
         return old
@@ -60,9 +66,18 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
 
     with _temporary_dir(out_dir) as tmp:
         skipped: collections.Counter = collections.Counter()
-        long_info = _tokenise_source(tmp, src, tok, tmpl, dtype, skipped, long_rows=long_rows,
-                                     max_tokens=max_tokens, batch_rows=batch_rows, progress=progress)
-        splits = _split_train_val(tmp, dtype, val_fraction, seed)
+        opts = dict(long_rows=long_rows, max_tokens=max_tokens, batch_rows=batch_rows, progress=progress)
+        if vsrc is None:
+            long_info = _tokenise_source(tmp, src, tok, tmpl, dtype, skipped, "all", **opts)
+            long_info.pop("split")
+            splits = _split_train_val(tmp, dtype, val_fraction, seed)
+        else:
+            long_info = _tokenise_source(tmp, src, tok, tmpl, dtype, skipped, "train", **opts)
+            val_info = _tokenise_source(tmp, vsrc, tok, tmpl, dtype, skipped, "val", **opts)
+            splits = {"train": long_info.pop("split"), "val": val_info.pop("split")}
+            for k in ("seen", "rows", "dropped_answer_tokens"):
+                long_info[k] += val_info[k]
+            long_info["longest"] = max(long_info["longest"], val_info["longest"])
         seen = long_info.pop("seen")
         # meta's long_rows keeps the policy, its limit and the count (as fingerprinted)
         lengths = {k: long_info.pop(k) for k in ("longest", "dropped_answer_tokens")}
@@ -71,12 +86,14 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
             "template": tmpl.text if tmpl else None, "fields": tmpl.keys if tmpl else None,
             "source": src.fingerprint, "source_rows": seen,
             "val_fraction": val_fraction, "seed": seed, "row_lengths": lengths,
+            **({"val_source": vsrc.fingerprint} if vsrc else {}),
             "long_rows": long_info if src.kind == "rows" else None,
             "splits": splits, "skipped": dict(sorted(skipped.items())),
         }
+        # val_source joins the fingerprint only when given, so earlier preparations keep theirs
         meta["fingerprint"] = fingerprint({k: meta[k] for k in (
             "format_version", "tokenizer", "template", "fields", "source", "val_fraction", "seed",
-            "long_rows")})
+            "long_rows") + (("val_source",) if vsrc else ())})
         _publish_with_summary(tmp, out_dir, meta, t0)
     if verbose:
         print(meta["summary"])
@@ -107,24 +124,36 @@ def _temporary_dir(out_dir: str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _open_val_source(val_source, src: Source, hf_split: str) -> Source:
+    kind, where = resolve_source(val_source)
+    vsrc = open_source(kind, where, hf_split)
+    if vsrc.kind != src.kind:
+        raise DataError(f"the val source {vsrc.described} holds {vsrc.kind} but the source "
+                        f"{src.described} holds {src.kind}; give a val source of the same kind "
+                        "(.txt documents for .txt, row files for row files).")
+    return vsrc
+
+
 def _tokenise_source(tmp: str, src: Source, tok, tmpl: Optional[Template], dtype,
-                     skipped: collections.Counter, *, long_rows: str, max_tokens: Optional[int],
-                     batch_rows: int, progress: bool) -> dict:
-    """Write every usable row of the source as split "all" of `tmp`; tokenise_into's long-row info."""
+                     skipped: collections.Counter, split: str, *, long_rows: str,
+                     max_tokens: Optional[int], batch_rows: int, progress: bool) -> dict:
+    """Write every usable row of the source as `split` of `tmp`; tokenise_into's long-row info,
+    with the split's sizes under "split"."""
     from tqdm import tqdm
 
-    writer = StreamWriter(tmp, "all", dtype)
+    writer = StreamWriter(tmp, split, dtype)
     bar = tqdm(src.items, total=src.total, unit="doc" if src.kind == "text" else "row",
                desc="tokenising", disable=not progress, mininterval=0.5)
     long_info = tokenise_into(writer, bar, tok=tok, template=tmpl, skipped=skipped,
                               long_rows=long_rows, max_tokens=max_tokens, batch_rows=batch_rows)
     bar.close()
-    if writer.close()["rows"] == 0:
+    sizes = writer.close()
+    if sizes["rows"] == 0:
         reasons = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "the source is empty"
         what = "documents" if src.kind == "text" else f"rows (fields {list(tmpl.keys.values())})"
         raise DataError(f"no usable {what} in {src.described} ({reasons}); check the source, and "
                         "that --fields/--template name the data's fields.")
-    return long_info
+    return {**long_info, "split": sizes}
 
 
 def _split_train_val(tmp: str, dtype, val_fraction: float, seed: int) -> dict:

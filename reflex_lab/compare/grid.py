@@ -28,7 +28,7 @@ def parse_schedules(text: str) -> list[str]:
     for part in re.split(r"[;,\s]+", text.strip()):
         if not part:
             continue
-        if re.fullmatch(r"\d+", part):
+        if re.fullmatch(r"\d+(\+value_residual)?", part):
             if not out or not re.search(r":\d+(,\d+)*$", out[-1]):  # recent:2,1 / kv:8,7,6
                 raise CompareError(f"--schedules {text!r}: the number {part} follows no 'recent:' "
                                    "schedule; write e.g. --schedules none,all,recent:2,1.")
@@ -115,10 +115,18 @@ def _check_variants(variants: Sequence[Variant]) -> None:
             raise CompareError(f"a --variant sets {key}, which the grid sets itself; use {GRID_FIELDS[key]}.")
 
 
+# a schedule entry `<plan>+value_residual` runs the plan with model.value_residual=True (ResFormer),
+# so that one grid (and one paired report) holds both
+VALUE_RESIDUAL = "+value_residual"
+
+
 def _with_schedule(config: ConfigDict, schedule: str) -> ConfigDict:
     """A copy of `config` running `schedule`, checked against the model's layers and heads."""
     c = copy.deepcopy(config)
-    c.model.reflex = schedule
+    plan = schedule.removesuffix(VALUE_RESIDUAL)
+    if plan != schedule:
+        c.model.value_residual = True
+    c.model.reflex = plan
     try:
         model_config_from(c)
     except ConfigError as e:
