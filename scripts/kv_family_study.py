@@ -18,6 +18,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's reflex_jax, also when another one is installed
 SCHEDULES = ["none", "all", "recent:2,1", "kv:8,7,6,5,4,3", "fewer:all", "cla:2", "route",
              "all+value_residual"]
 SEEDS = [0, 1, 2]
