@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)  # this checkout's reflex_jax, also when another one is
 SCHEDULES = ["none", "all", "recent:2,1", "kv:8,7,6,5,4,3", "fewer:all", "cla:2", "route",
              "all+value_residual"]
 SEEDS = [0, 1, 2]
+CONTROLS = "kv:8,7,6,5,4,3;fewer:all"  # matched KV bytes to `all`: GQA-style K/V heads; fewer query heads
 # per task: (title, --config overrides); the rest is configs/study.py. Blocks fit the rows (kv_recall)
 # and batches keep every run at >= 3 M tokens in 2,000 steps
 TASKS = {
@@ -72,7 +73,7 @@ def report(task: str, args, lock: threading.Lock, note: str) -> None:
     """Rebuild the task's full report from the runs on disk; commit it with --commit."""
     out = os.path.join(args.results_root, task)
     with lock:
-        compare(task, args, SCHEDULES, SEEDS, out, "--report_only")
+        compare(task, args, SCHEDULES, SEEDS, out, "--report_only", "--controls", CONTROLS)
         if args.commit:
             repo = subprocess.run(["git", "-C", out, "rev-parse", "--show-toplevel"],
                                   capture_output=True, text=True).stdout.strip()

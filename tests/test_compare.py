@@ -16,7 +16,7 @@ from reflex_lab.compare.grid import (CompareError, Variant, parse_schedules, par
                                      plan_grid)
 from reflex_lab.compare.report import variant_differences, write_report
 from reflex_lab.compare.runs import RUN_MARKER, read_metrics, run_grid, run_state
-from reflex_lab.compare.stats import aggregate, collect, summarize_run
+from reflex_lab.compare.stats import aggregate, collect, model_facts, summarize_run
 from reflex_lab.schedule_plot import layer_colors, plot_schedule, source_head_matrix, source_matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,6 +270,14 @@ def test_schedules_seeds_variants_and_run_names(tmp_path):
     assert parse_schedules("recent:1,1;all") == ["recent:1,1", "all"]
     assert parse_schedules("kv:8,7,6,5,4,3,fewer:recent:2,1,cla:2,gqa:2") == [
         "kv:8,7,6,5,4,3", "fewer:recent:2,1", "cla:2", "gqa:2"]
+    assert parse_schedules("all,recent:2,1+value_residual,all+value_residual") == [
+        "all", "recent:2,1+value_residual", "all+value_residual"]
+    plain, vr = plan_grid(small_config(), ["all", "all+value_residual"], [0], str(tmp_path))
+    assert (vr.name, vr.group, vr.config.model.reflex) == ("all-value_residual-s0", "all+value_residual", "all")
+    assert vr.config.model.value_residual and not plain.config.model.value_residual
+    # two mixing scalars per layer after the first
+    assert model_facts(vr.config)["params"] == model_facts(plain.config)["params"] + 2 * (
+        plain.config.model.n_layer - 1)
     assert parse_seeds("0, 1,2") == [0, 1, 2]
     v = parse_variant("pre:init_from=weights/x;optim.lr=1e-4")
     assert v == Variant("pre", (("init_from", "weights/x"), ("optim.lr", "1e-4")))
@@ -403,3 +411,52 @@ def test_cli_trains_reports_and_reuses_a_finished_run(tmp_path, capsys):
     assert data["groups"][0]["layout"] == "recent:1 2x2: 2 | 1+1"
     assert compare_cli.main(args) == 0  # again: nothing is trained
     assert "finished before (step 2), reused" in capsys.readouterr().out
+
+
+def test_paired_differences_against_controls_and_the_summary_plots(tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    from reflex_jax.run_config import model_config_from
+    from reflex_jax.train.flops import train_flops_per_token
+
+    runs = plan_grid(small_config(), ["none", "all", "fewer:all"], [0, 1], str(tmp_path / "runs"))
+    # final bpb and exact match at distance 1 and 2 per (schedule, seed)
+    bpb = {"none": (1.0, 1.2), "all": (1.1, 1.25), "fewer:all": (1.3, 1.2)}
+    em = {"none": (0.5, 0.3), "all": (0.75, 0.5), "fewer:all": (0.25, 0.25)}
+    for run in runs:
+        fabricate(run.run_dir, [3.0, 2.8, 2.0 + bpb[run.schedule][run.seed]])
+        path = os.path.join(run.run_dir, "metrics.jsonl")
+        rows = [json.loads(line) for line in open(path)]
+        for r in rows:
+            if "val_loss" in r:
+                r.update(val_bpb=bpb[run.schedule][run.seed], exact_match=em[run.schedule][run.seed],
+                         exact_match_d1=em[run.schedule][run.seed], exact_match_d2=0.1)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    summaries = collect(runs)
+    groups = aggregate(summaries, also_against=["fewer:all"])
+    g = {x["group"]: x for x in groups}
+    assert set(g["all"]["paired"]) == {"none", "fewer:all"} and set(g["none"]["paired"]) == {"fewer:all"}
+    vs_fewer = g["all"]["paired"]["fewer:all"]
+    assert vs_fewer["final_val_bpb"]["mean"] == pytest.approx(statistics.fmean([1.1 - 1.3, 1.25 - 1.2]))
+    assert vs_fewer["final_val_bpb"]["std"] == pytest.approx(statistics.stdev([1.1 - 1.3, 1.25 - 1.2]))
+    assert vs_fewer["final_exact_match"]["mean"] == pytest.approx(0.375)
+    assert g["fewer:all"]["paired"]["none"]["final_val_loss"]["mean"] == pytest.approx(0.15)
+    out = tmp_path / "out"
+    res = write_report(str(out), runs, summaries, groups)
+    assert {"bpb_vs_kv_bytes.png", "exact_match_by_distance.png"} <= set(res["plots"])
+    for p in ("bpb_vs_kv_bytes.png", "exact_match_by_distance.png"):
+        assert mpimg.imread(out / p).shape[:2] == (500, 800)
+    md = (out / "results.md").read_text().splitlines()
+    start = md.index("Δ final val bpb:")
+    assert md[start + 2] == "| group | vs `none` | vs `fewer:all` |"
+    assert md[start + 5] == "| `all` | +0.075 ± 0.035 | -0.075 ± 0.177 |"
+    assert "| `fewer:all` | +0.150 ± 0.212 | — |" in md
+    head = [c.strip() for c in next(l for l in md if l.startswith("| group | layout")).strip("|").split("|")]
+    row = [c.strip() for c in next(l for l in md if l.startswith("| `all` | 8")).strip("|").split("|")]
+    flops = train_flops_per_token(model_config_from(runs[2].config), runs[2].config.model.block_size)
+    assert row[head.index("train FLOPs/token")] == f"{flops / 1e6:.2f} M"
+    # --controls must name a group of the grid
+    assert compare_cli.main(["--config", TINY, "--schedules", "none,all", "--seeds", "0", "--out",
+                             str(tmp_path / "x"), "--controls", "gqa:2", "--report_only"]) == 2
+    assert "--controls names 'gqa:2', which is not a group of this grid (none, all)" in capsys.readouterr().err

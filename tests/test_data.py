@@ -374,6 +374,41 @@ def test_val_split_is_seeded_disjoint_and_complete(tmp_path):
     assert got["a"] == got["b"] and got["a"] != got["c"]
 
 
+def test_val_source_is_the_whole_val_split(tmp_path, capsys):
+    # e.g. one author held out: every document of --val_source is val, every one of --source train
+    train_docs, val_docs = tmp_path / "train", tmp_path / "held_out"
+    train_docs.mkdir(), val_docs.mkdir()
+    texts = {train_docs / "a.txt": "Первый.", train_docs / "b.txt": "Второй " * 5, val_docs / "c.txt": "Третий!"}
+    for path, text in texts.items():
+        path.write_text(text, encoding="utf-8")
+    out = str(tmp_path / "out")
+    meta = prepare(str(train_docs), "bytes", out, val_source=str(val_docs), progress=False, verbose=False)
+    d = TokenData.open(out)
+    as_ids = lambda t: [257] + list(t.encode()) + [258]
+    assert [ids.tolist() for ids, _ in d.rows("train")] == [as_ids("Первый."), as_ids("Второй " * 5)]
+    assert [ids.tolist() for ids, _ in d.rows("val")] == [as_ids("Третий!")]
+    assert meta["val_fraction"] is None and meta["seed"] is None
+    assert [f["path"] for f in meta["val_source"]["files"]] == [str(val_docs / "c.txt")]
+    assert meta["splits"]["val"] == {"rows": 1, "tokens": 15, "answer_tokens": 15, "max_id": 258}
+    # reused when unchanged; another held-out source is another preparation
+    assert prepare(str(train_docs), "bytes", out, val_source=str(val_docs), progress=False) == meta
+    assert "up to date" in capsys.readouterr().out
+    main(["prepare", "--source", str(train_docs), "--val_source", str(val_docs), "--tokenizer", "bytes",
+          "--out", str(tmp_path / "cli"), "--no_progress"])
+    assert D.data_fingerprint(str(tmp_path / "cli")) == D.data_fingerprint(out)
+    fp = D.data_fingerprint(out)
+    with pytest.raises(ValueError, match=r"other options \(val_source differs\)"):
+        prepare(str(train_docs), "bytes", out, val_source=str(train_docs / "a.txt"), progress=False)
+    # without val_source the fingerprint keeps its earlier form (runs on such data resume)
+    plain = prepare(str(train_docs), "bytes", str(tmp_path / "plain"), val_fraction=0, progress=False,
+                    verbose=False)
+    assert "val_source" not in plain and D.data_fingerprint(str(tmp_path / "plain")) != fp
+    rows = write_jsonl(tmp_path / "qa.jsonl", qa_rows(3))
+    with pytest.raises(ValueError, match=r"^the val source .* holds rows but the source .* holds text; "
+                                         r"give a val source of the same kind"):
+        prepare(str(train_docs), "bytes", str(tmp_path / "mixed"), val_source=rows, progress=False)
+
+
 def test_reprepare_replaces_stale_splits(tmp_path):
     src = write_jsonl(tmp_path / "qa.jsonl", qa_rows(30))
     out = str(tmp_path / "out")

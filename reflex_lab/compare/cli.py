@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 from reflex_jax.cli import user_errors_as_status
 from reflex_jax.run_config import load_config, split_overrides
 
-from .grid import Run, check_grid_overrides, parse_schedules, parse_seeds, parse_variant, plan_grid
+from .grid import (CompareError, Run, check_grid_overrides, parse_schedules, parse_seeds, parse_variant,
+                   plan_grid)
 from .report import fmt_stat, write_report
 from .runs import run_grid, run_state
 from .stats import aggregate, collect
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:key=value[;key=value] overrides for one arm; repeat for more arms "
                         "(e.g. --variant pretrained:init_from=weights/x --variant random:)")
+    p.add_argument("--controls", default="",
+                   help="groups every other group is also paired against besides the first "
+                        "(e.g. matched-KV controls: --controls 'kv:8,7,6,5,4,3;fewer:all')")
     p.add_argument("--title", default="", help="heading of results.md (default: the --out name)")
     p.add_argument("--report_only", action="store_true", help="do not train; report the runs on disk")
     p.add_argument("--plan", action="store_true", help="print each run and what would happen, then exit")
@@ -67,11 +71,12 @@ def _compare(argv: list[str]) -> int:
         _print_plan(runs)
         return 0
     t0 = time.perf_counter()
+    controls = _controls(args.controls, runs)
     outcome = {} if args.report_only else run_grid(runs, retry_failed=args.retry_failed)
     summaries = collect(runs)
     command = " ".join(["python compare.py"] + [_quote(a) for a in argv])
-    results = write_report(args.out, runs, summaries, aggregate(summaries), command=command,
-                           title=args.title, outcome=outcome)
+    results = write_report(args.out, runs, summaries, aggregate(summaries, also_against=controls),
+                           command=command, title=args.title, outcome=outcome)
     print(f"\n{len(runs)} runs ({sum(s['status'] == 'finished' for s in summaries)} finished) in "
           f"{time.perf_counter() - t0:.0f} s; results: {os.path.join(args.out, 'results.md')}")
     for g in results["groups"]:
@@ -80,6 +85,18 @@ def _compare(argv: list[str]) -> int:
               + (f"  bpb {fmt_stat(bpb)}" if bpb["n"] else "")
               + (f"  exact match {fmt_stat(em, 3)}" if em["n"] else ""))
     return 0
+
+
+def _controls(text: str, runs: Sequence[Run]) -> list[str]:
+    if not text.strip():
+        return []
+    groups = list(dict.fromkeys(r.group for r in runs))
+    controls = parse_schedules(text)
+    for c in controls:
+        if c not in groups:
+            raise CompareError(f"--controls names {c!r}, which is not a group of this grid "
+                               f"({', '.join(groups)}); name one of them.")
+    return controls
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

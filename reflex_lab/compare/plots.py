@@ -92,3 +92,64 @@ def shrink_png(path: str, colors: int = 64) -> None:
     with Image.open(path) as im:
         small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
     small.save(path, optimize=True)
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    return plt, fig, ax
+
+
+def _save(plt, fig, out_dir: str, fname: str) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, fname), dpi=100)
+    plt.close(fig)
+    shrink_png(os.path.join(out_dir, fname))
+    return fname
+
+
+def plot_group_summaries(out_dir: str, groups: Sequence[dict]) -> list[str]:
+    """Two plots of the groups' final numbers (when logged): `bpb_vs_kv_bytes.png`, held-out bits
+    per byte against KV-cache bytes per token (the memory/quality trade-off, error bars = std over
+    seeds), and `exact_match_by_distance.png`, key-value recall exact match by recall distance."""
+    written = []
+    colors = None
+    pts = [g for g in groups if g.get("final_val_bpb", {}).get("n")]
+    if pts:
+        plt, fig, ax = _figure()
+        colors = plt.get_cmap("tab10").colors
+        for i, g in enumerate(pts):
+            stat = g["final_val_bpb"]
+            ax.errorbar(g["kv_bytes_per_token"], stat["mean"], yerr=stat["std"] or 0, fmt="o", ms=6,
+                        capsize=4, color=colors[i % len(colors)], label=f"{g['group']} (n={stat['n']})")
+        ax.set_xlabel("KV-cache bytes per token")
+        ax.set_ylabel("held-out bits per byte (final)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("held-out bits per byte vs KV cache: mean over seeds, bars = sample std", fontsize=10)
+        written.append(_save(plt, fig, out_dir, "bpb_vs_kv_bytes.png"))
+    keys = [k for k in _distance_stat_keys(groups)]
+    curves = [g for g in groups if any(g.get(k, {}).get("n") for k in keys)]
+    if curves:
+        plt, fig, ax = _figure()
+        colors = plt.get_cmap("tab10").colors
+        for i, g in enumerate(curves):
+            have = [(int(k.rsplit("d", 1)[1]), g[k]) for k in keys if g.get(k, {}).get("n")]
+            ax.errorbar([d for d, _ in have], [s["mean"] for _, s in have],
+                        yerr=[s["std"] or 0 for _, s in have], marker="o", ms=4, capsize=3, lw=1.5,
+                        color=colors[i % len(colors)], label=g["group"])
+        ax.set_xlabel("recall distance (pairs between the asked pair and the question)")
+        ax.set_ylabel("exact match (final, held-out)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("key-value recall by distance: mean over seeds, bars = sample std", fontsize=10)
+        written.append(_save(plt, fig, out_dir, "exact_match_by_distance.png"))
+    return written
+
+
+def _distance_stat_keys(groups: Sequence[dict]) -> list[str]:
+    from .stats import distance_keys
+    return list(distance_keys(groups, "final_"))

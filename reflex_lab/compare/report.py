@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from ml_collections import ConfigDict
 
 from .grid import Run
-from .plots import plot_curves
+from .plots import plot_curves, plot_group_summaries
 from .runs import flatten, now_utc
 from .stats import distance_keys, model_facts
 
@@ -119,7 +119,7 @@ def write_report(out_dir: str, runs: Sequence[Run], summaries: Sequence[dict], g
     variants = variant_differences(runs)
     if any("init_from" in diff for diff in variants.values()):
         setup["init_from"] = None  # per variant, listed with the variants
-    plots = plot_curves(out_dir, runs, summaries)
+    plots = plot_curves(out_dir, runs, summaries) + plot_group_summaries(out_dir, groups)
     results = {"title": title or os.path.basename(os.path.normpath(out_dir)), "created": now_utc(),
                "command": command, "setup": setup, "variants": variants, "groups": groups,
                "runs": list(summaries), "plots": plots, "outcome": outcome or {}}
@@ -170,7 +170,7 @@ def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) 
         head += ["final exact match", "best exact match"]
     extra = eval_columns(groups, _group_has)
     head += [name for name, _, _ in extra]
-    head += ["tokens/s", "params", "KV heads", "KV bytes/token", "wall/run"]
+    head += ["tokens/s", "params", "KV heads", "KV bytes/token", "train FLOPs/token", "wall/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for g in groups:
         layout = g["layout"].split(": ", 1)[-1].replace(" | ", " / ")  # '|' would split the cell
@@ -187,8 +187,45 @@ def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) 
         wall = g["wall_s"]["mean"]
         row += [fmt_int(g["tokens_per_s"]["mean"]), fmt_int(g["params"]),
                 f"{g['kv_heads']}/{g['kv_heads_vanilla']}",
-                f"{g['kv_bytes_per_token']:,} ({g['kv_dtype']})", "—" if wall is None else f"{wall:.0f} s"]
+                f"{g['kv_bytes_per_token']:,} ({g['kv_dtype']})", _flops_cell(g),
+                "—" if wall is None else f"{wall:.0f} s"]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _flops_cell(g: dict) -> str:
+    f = g.get("train_flops_per_token")  # reports written before the column have none
+    return "—" if f is None else f"{f / 1e6:.2f} M"
+
+
+# metric: (name, digits, scale)
+PAIRED_NAMES = {"final_val_loss": ("final val loss", 3, 1.0), "final_val_bpb": ("final val bpb", 3, 1.0),
+                "final_val_answer_loss": ("final answer loss", 3, 1.0),
+                "final_exact_match": ("final exact match, percentage points", 1, 100.0)}
+
+
+def _paired_tables(groups: Sequence[dict], baseline: Optional[str]) -> list[str]:
+    """Per metric, the paired-by-seed difference (group minus control) against the baseline and
+    every control."""
+    controls = list(dict.fromkeys([baseline] * bool(baseline)
+                                  + [b for g in groups for b in g.get("paired", {})]))
+    if len(controls) < 2:
+        return []  # the Δ column of the group table says it all
+    lines = ["## Paired differences", "",
+             "Each cell: mean ± sample std over seeds of (row's final value − column's final value of "
+             "the same seed); negative is lower (better for losses, worse for exact match).", ""]
+    for metric, (name, digits, scale) in PAIRED_NAMES.items():
+        if not any(d.get(metric, {}).get("n") for g in groups for d in g.get("paired", {}).values()):
+            continue
+        lines += [f"Δ {name}:", "",
+                  "| group | " + " | ".join(f"vs `{c}`" for c in controls) + " |",
+                  "|---|" + "---:|" * len(controls)]
+        for g in groups:
+            cells = ["—" if c == g["group"] else fmt_stat(g.get("paired", {}).get(c, {}).get(metric),
+                                                           digits, scale, sign=True)
+                     for c in controls]
+            lines.append(f"| `{g['group']}` | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
 
 
@@ -217,6 +254,7 @@ def render_markdown(results: dict) -> str:
     has_em = any(g["final_exact_match"]["n"] for g in groups)
     baseline = next((g["delta_vs"] for g in groups if "delta_vs" in g), None)
     lines = _setup_lines(results, baseline) + _group_table(groups, baseline, has_em) + [""]
+    lines += _paired_tables(groups, baseline)
     lines += _run_table(results["runs"], has_em)
     missing = [r for r in results["runs"] if r["status"] != "finished"]
     if missing:

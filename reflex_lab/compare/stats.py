@@ -82,12 +82,15 @@ def mean_std(values: Iterable[Optional[float]]) -> dict:
 
 
 def model_facts(config: ConfigDict) -> dict:
-    """Parameters, K/V heads and KV-cache bytes per token of a config's model (no weights allocated)."""
+    """Parameters, K/V heads, KV-cache bytes per token and train FLOPs per token (6 x matmul
+    parameters + attention at the full block, train/flops.py) of a config's model (no weights
+    allocated)."""
     import jax
     import numpy as np
 
     from reflex_jax.model import count_params, init_params, kv_cache_bytes
     from reflex_jax.run_config import model_config_from
+    from reflex_jax.train.flops import train_flops_per_token
 
     cfg = model_config_from(config)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
@@ -95,7 +98,8 @@ def model_facts(config: ConfigDict) -> dict:
     return {"params": count_params(shapes), "kv_heads": cfg.kv_heads_total,
             "kv_heads_vanilla": cfg.n_layer * cfg.n_head,
             "kv_bytes_per_token": int(kv_cache_bytes(cfg, 1, 1)), "kv_dtype": dtype.name,
-            "layout": cfg.schedule_table(), "itemsize": dtype.itemsize}
+            "layout": cfg.schedule_table(), "itemsize": dtype.itemsize,
+            "train_flops_per_token": int(train_flops_per_token(cfg, cfg.block_size))}
 
 
 def _status(summary: dict, marker: dict, has_rows: bool) -> str:
@@ -122,22 +126,32 @@ def collect(runs: Sequence[Run]) -> list[dict]:
     return out
 
 
-def _paired_delta(done: Sequence[dict], base_by_seed: dict) -> dict:
-    """mean ± std over seeds of (final val loss - the baseline's final val loss of the same seed)."""
-    diffs = [s["final_val_loss"] - base_by_seed[s["seed"]]["final_val_loss"] for s in done
-             if s["seed"] in base_by_seed and s["final_val_loss"] is not None
-             and base_by_seed[s["seed"]]["final_val_loss"] is not None]
+# the metrics paired differences are given for (when both runs of a pair have them)
+PAIRED = ("final_val_loss", "final_val_bpb", "final_val_answer_loss", "final_exact_match")
+
+
+def _paired_delta(done: Sequence[dict], base_by_seed: dict, metric: str = "final_val_loss") -> dict:
+    """mean ± std over seeds of (metric - the baseline's metric of the same seed)."""
+    diffs = [s[metric] - base_by_seed[s["seed"]][metric] for s in done
+             if s["seed"] in base_by_seed and s.get(metric) is not None
+             and base_by_seed[s["seed"]].get(metric) is not None]
     return mean_std(diffs)
 
 
-def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None) -> list[dict]:
+def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None,
+              also_against: Sequence[str] = ()) -> list[dict]:
     """Per group (in first-seen order): mean ± std over the finished runs of every metric, and the
-    final val loss difference to `baseline` (default: the first group) paired by seed."""
+    final val loss difference to `baseline` (default: the first group) paired by seed. `paired`
+    holds, for the baseline and each group of `also_against` (matched controls), the paired
+    differences of every PAIRED metric."""
     groups: dict[str, list[dict]] = {}
     for s in summaries:
         groups.setdefault(s["group"], []).append(s)
     baseline = baseline or (next(iter(groups)) if groups else None)
-    base_by_seed = {s["seed"]: s for s in groups.get(baseline, []) if s["status"] == "finished"}
+    finished = {name: {s["seed"]: s for s in members if s["status"] == "finished"}
+                for name, members in groups.items()}
+    base_by_seed = finished.get(baseline, {})
+    against = [b for b in dict.fromkeys([baseline, *also_against]) if b in groups]
     out = []
     for name, members in groups.items():
         done = [s for s in members if s["status"] == "finished"]
@@ -149,5 +163,7 @@ def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None) -> list
         if name != baseline:
             g["delta_final_val_loss"] = _paired_delta(done, base_by_seed)
             g["delta_vs"] = baseline
+        g["paired"] = {b: {m: _paired_delta(done, finished[b], m) for m in PAIRED}
+                       for b in against if b != name}
         out.append(g)
     return out
