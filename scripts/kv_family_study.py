@@ -10,6 +10,7 @@ flight (and those resume from their last checkpoint). The same command resumes i
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import queue
 import subprocess
@@ -53,20 +54,39 @@ def prepare_data(shared: str, data: str) -> None:
             os.path.join(data, "qa_bytes"), val_fraction=0.05, progress=False)
 
 
+def unigram_level(data_dir: str, answer_only: bool, batch_size: int, block: int, n_batches: int) -> float:
+    """Cross-entropy (nats per target) of the train split's token frequencies (add-one) on the
+    targets the eval pass scores (the same fixed val batches; answer targets only if
+    `answer_only`): the level of a model that ignores context, which a trained one must be below."""
+    import numpy as np
+
+    from reflex_jax.data import TokenData
+    from reflex_jax.data.loader import val_batches
+    d = TokenData.open(data_dir)
+    counts = np.bincount(np.asarray(d.split("train")), minlength=d.vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    nll = n = 0.0
+    for b in val_batches(d, batch_size, block, n_batches):
+        weight = b["valid"][:, 1:] * (b["mask"][:, 1:] if answer_only else 1.0)
+        nll += float(-(logp[b["tokens"][:, 1:]] * weight).sum())
+        n += float(weight.sum())
+    return nll / n
+
+
 def compare_args(task: str, args) -> list[str]:
     title, overrides = TASKS[task]
-    return (["--config", os.path.join(ROOT, "configs", "study.py"), "--title", title,
+    return (["--config", "configs/study.py", "--title", title,
              "--runs_dir", os.path.join(args.runs_root, task)]
             + [o.format(data=args.data_root) for o in overrides])
 
 
 def compare(task: str, args, schedules, seeds, out: str, *extra: str, core=None) -> int:
-    cmd = [sys.executable, os.path.join(ROOT, "compare.py"), *compare_args(task, args),
+    cmd = [sys.executable, "compare.py", *compare_args(task, args),
            "--schedules", ";".join(schedules), "--seeds", ",".join(map(str, seeds)), "--out", out, *extra]
     if core is not None:
         cmd = ["taskset", "-c", str(core)] + cmd
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    return subprocess.call(cmd, env=env, stdout=args.log, stderr=subprocess.STDOUT)
+    return subprocess.call(cmd, env=env, cwd=ROOT, stdout=args.log, stderr=subprocess.STDOUT)
 
 
 def report(task: str, args, lock: threading.Lock, note: str) -> None:
@@ -75,6 +95,7 @@ def report(task: str, args, lock: threading.Lock, note: str) -> None:
     with lock:
         compare(task, args, SCHEDULES, SEEDS, out, "--report_only", "--controls", CONTROLS)
         if args.commit:
+            out = os.path.join(ROOT, out)  # unchanged when absolute
             repo = subprocess.run(["git", "-C", out, "rev-parse", "--show-toplevel"],
                                   capture_output=True, text=True).stdout.strip()
             for _ in range(20):  # another git command may hold the index for a moment
@@ -94,11 +115,16 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one core each")
     p.add_argument("--shared", default=os.path.join(ROOT, "..", "shared", "data"),
                    help="where ru_text/ and ru_instructions/ are")
-    p.add_argument("--data_root", default=os.path.join(ROOT, "data"))
-    p.add_argument("--runs_root", default=os.path.join(ROOT, "runs", "kv_family"))
-    p.add_argument("--results_root", default=os.path.join(ROOT, "experiments", "kv_family"))
+    # relative paths are relative to the repository root (where compare.py runs)
+    p.add_argument("--data_root", default="data")
+    p.add_argument("--runs_root", default="runs/kv_family")
+    p.add_argument("--results_root", default="experiments/kv_family")
     p.add_argument("--commit", action="store_true", help="git-commit each task's report after each run")
     p.add_argument("--plan", action="store_true", help="print every run and its state, then exit")
+    p.add_argument("--report", action="store_true",
+                   help="rebuild every task's report from the runs on disk, then exit")
+    p.add_argument("--unigram", action="store_true",
+                   help="print the unigram level of the prepared tasks' val splits, then exit")
     args = p.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
@@ -110,13 +136,27 @@ def main() -> int:
         for t in tasks:
             compare(t, args, SCHEDULES, seeds, "/tmp/kv_family_plan", "--plan")
         return 0
-    prepare_data(args.shared, args.data_root)
+    lock = threading.Lock()
+    if args.report:
+        for t in tasks:
+            report(t, args, lock, "report rebuilt")
+        return 0
+    data_root = os.path.join(ROOT, args.data_root)  # unchanged when absolute
+    prepare_data(args.shared, data_root)
+    if args.unigram:
+        from reflex_jax.run_config import load_config
+        c = load_config(os.path.join(ROOT, "configs", "study.py"), [])  # lit and qa keep its batches
+        for name, answer_only in (("lit_bytes_turgenev", False), ("qa_bytes", False), ("qa_bytes", True)):
+            level = unigram_level(os.path.join(data_root, name), answer_only, c.batch_size,
+                                  c.model.block_size, c.eval_batches)
+            print(f"{name}{' (answer tokens)' if answer_only else ''}: unigram level {level:.4f} nats/token "
+                  f"= {level / math.log(2):.4f} bits/token")
+        return 0
     jobs: queue.Queue = queue.Queue()
     for t in tasks:
         for seed in seeds:
             for s in SCHEDULES:
                 jobs.put((t, s, seed))
-    lock = threading.Lock()
 
     def worker(core: int) -> None:
         while True:
