@@ -34,6 +34,12 @@ CONFIGS = {
     "explicit-rope-ln-swiglu-untied-bias": dict(reflex=EXPLICIT, pos_emb="rope", norm="layernorm",
                                                 tie_embeddings=False),
     "all-learned-rms-gelu-tied-nobias": dict(reflex="all", mlp="gelu", bias=False),
+    # the head plans of the KV-sharing family (model/plans.py)
+    "kv-4-2-1-rope": dict(reflex="kv:4,2,1", pos_emb="rope"),
+    "cla2-value-residual": dict(reflex="cla:2", value_residual=True),
+    "fewer-all-untied": dict(reflex="fewer:all", tie_embeddings=False),
+    "sharev-all-rope": dict(reflex="sharev:all", pos_emb="rope"),
+    "route-value-residual-rope": dict(reflex="route", value_residual=True, pos_emb="rope"),
 }
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -97,9 +103,10 @@ def test_logits_match_the_jax_decoder(name, tmp_root):
     config = json.load(open(os.path.join(out, "config.json")))
     assert ModelConfig.from_dict(config["reflex_model"]) == cfg
     assert [p["n_self"] for p in config["layer_plan"]] == [p.n_self for p in cfg.layers]
+    assert [p["n_kv"] for p in config["layer_plan"]] == [p.n_kv for p in cfg.layers]
     assert config["layer_plan"][-1]["cross"] == [
-        {"source": g.source, "n_heads": g.n_heads, "source_heads": list(g.source_heads)}
-        for g in cfg.layers[-1].cross]
+        {"source": g.source, "n_heads": g.n_heads, "source_heads": list(g.source_heads),
+         "share": g.share, "mixture": [list(m) for m in g.mixture]} for g in cfg.layers[-1].cross]
     assert json.load(open(os.path.join(out, "reflex_meta.json"))) == {"run": name}
 
 
@@ -135,7 +142,8 @@ def left_padded(prompts):
 
 
 @pytest.mark.parametrize("name", ["all-rope-rms-swiglu-tied-bias",
-                                  "recent21-learned-ln-gelu-untied-nobias"])
+                                  "recent21-learned-ln-gelu-untied-nobias",
+                                  "route-value-residual-rope", "cla2-value-residual"])
 def test_greedy_generate_matches_jax_cached_uncached_and_left_padded(name, tmp_root):
     cfg, _, model = exported(name, tmp_root)
     want = Generator(cfg, compiler_options=FAST).generate(random_params(cfg), PROMPTS,
@@ -163,6 +171,12 @@ def test_cache_holds_only_each_layers_self_heads(tmp_root):
     assert shapes == [(2, p.n_self, 7, 8) for p in cfg.layers] == [(2, 4, 7, 8), (2, 2, 7, 8),
                                                                      (2, 1, 7, 8)]
     assert [tuple(layer.values.shape) for layer in cache.layers] == shapes
+    # the general plans: what each layer computes (a borrowing layer nothing, GQA its K/V heads)
+    for name, heads in (("cla2-value-residual", [4, 0, 4]), ("kv-4-2-1-rope", [4, 2, 1])):
+        cfg, _, model = exported(name, tmp_root)
+        with torch.no_grad():
+            cache = model(torch.tensor(tokens(4, (2, 7))), use_cache=True).cache
+        assert [layer.keys.shape[1] for layer in cache.layers] == heads == [p.n_k for p in cfg.layers]
 
 
 def _with_plan(cfg, layer, plan):
@@ -186,13 +200,10 @@ def test_unsupported_configs_are_refused_in_one_sentence(tmp_path):
     with pytest.raises(ConvertError, match=r"does not support model.norm='scalenorm'; it ports "
                                            r"rmsnorm \| layernorm only\."):
         write_hf(odd, params, str(tmp_path / "a"))
-    p1 = cfg.layers[1]
-    fewer = _with_plan(tiny(reflex="all"), 1, dataclasses.replace(p1, n_self=p1.n_self - 1))
-    with pytest.raises(ConvertError, match=r"layer 1 has 3 query heads, not n_head"):
-        write_hf(fewer, params, str(tmp_path / "b"))
     windowed = _with_plan(tiny(reflex="all"), 2, WindowedPlan(2, 2, cfg.layers[2].cross, window=4))
     with pytest.raises(ConvertError, match=r"model.reflex='all': layer 2 sets window=4; the "
-                                           r"PyTorch port covers the original head plans only"):
+                                           r"PyTorch port covers the head plans of "
+                                           r"docs/attention.md#head-plans only\.$"):
         write_hf(windowed, params, str(tmp_path / "c"))
     assert not os.listdir(tmp_path)  # nothing written
 

@@ -31,18 +31,17 @@ SUPPORTED = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"),
              "pos_emb": ("learned", "rope")}
 KNOWN_FIELDS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "norm",
                 "norm_eps", "mlp", "bias", "pos_emb", "rope_theta", "tie_embeddings", "dropout",
-                "dtype", "param_dtype", "reflex", "reflex_window", "reflex_min_self", "attention"}
-# Plan fields the port reads; any other field must keep its neutral value (n_kv: one K/V head
-# per self head, share: both K and V borrowed, no mixture).
-PLAN_FIELDS, GROUP_FIELDS = {"layer", "n_self", "cross"}, {"source", "n_heads", "source_heads"}
-NEUTRAL = {"n_kv": lambda plan: plan.n_self, "share": lambda group: "kv",
-           "mixture": lambda group: ()}
+                "dtype", "param_dtype", "reflex", "reflex_window", "reflex_min_self", "attention",
+                "value_residual"}
+# Plan fields the port reads (every head plan of model/plans.py); a plan field it does not know
+# must keep its default.
+PLAN_FIELDS = {"layer", "n_self", "cross", "n_kv"}
+GROUP_FIELDS = {"source", "n_heads", "source_heads", "share", "mixture"}
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    """Raise ConvertError, one sentence, for anything in `cfg` the PyTorch port cannot compute:
-    the port covers the original contract (every layer keeps >= 1 self head with its own K/V
-    head, H query heads, cross heads reading both K and V of one source)."""
+    """Raise ConvertError, one sentence, for anything in `cfg` the PyTorch port cannot compute
+    (the port covers every head plan of model/plans.py and value_residual)."""
     for name, allowed in SUPPORTED.items():
         if getattr(cfg, name) not in allowed:
             raise ConvertError(f"the HF export does not support model.{name}="
@@ -56,31 +55,24 @@ def check_supported(cfg: ModelConfig) -> None:
         problem = _plan_problem(cfg, plan)
         if problem:
             raise ConvertError(f"the HF export does not support model.reflex={cfg.reflex!r}: "
-                               f"layer {plan.layer} {problem}; the PyTorch port covers the "
-                               "original head plans only (self heads with one own K/V head each, cross "
-                               "heads borrowing K and V of one earlier layer, H heads a layer).")
+                               f"layer {plan.layer} {problem}; the PyTorch port covers the head "
+                               "plans of docs/attention.md#head-plans only.")
 
 
 def _plan_problem(cfg: ModelConfig, plan) -> Optional[str]:
-    if plan.n_self < 1:
-        return "has no self heads"
-    if plan.n_self + sum(g.n_heads for g in plan.cross) != cfg.n_head:
-        return f"has {plan.n_self + sum(g.n_heads for g in plan.cross)} query heads, not n_head"
     for obj, known in [(plan, PLAN_FIELDS)] + [(g, GROUP_FIELDS) for g in plan.cross]:
         for f in dataclasses.fields(obj):
-            if f.name in known:
-                continue
-            neutral = NEUTRAL[f.name](obj) if f.name in NEUTRAL else f.default
-            if getattr(obj, f.name) != neutral:
+            if f.name not in known and getattr(obj, f.name) != f.default:
                 return f"sets {f.name}={getattr(obj, f.name)!r}"
     return None
 
 
 def layer_plan(cfg: ModelConfig) -> list[dict]:
     """The resolved head split of every layer, as config.json stores it."""
-    return [{"layer": p.layer, "n_self": p.n_self,
-             "cross": [{"source": g.source, "n_heads": g.n_heads,
-                        "source_heads": list(g.source_heads)} for g in p.cross]}
+    return [{"layer": p.layer, "n_self": p.n_self, "n_kv": p.n_kv,
+             "self_kv_heads": list(p.self_kv_heads),
+             "cross": [{"source": g.source, "n_heads": g.n_heads, "source_heads": list(g.source_heads),
+                        "share": g.share, "mixture": [list(m) for m in g.mixture]} for g in p.cross]}
             for p in cfg.layers]
 
 
@@ -122,9 +114,14 @@ def hf_tensors(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
         block, pre = params[f"h_{i}"], f"model.layers.{i}"
         _norm(t, f"{pre}.ln_1", block["ln_1"])
         _norm(t, f"{pre}.ln_2", block["ln_2"])
+        attn = block["attn"]
         for name in ("q", "k", "v"):
-            _dense(t, f"{pre}.attn.{name}", block["attn"][name])
-        _dense(t, f"{pre}.attn.o", block["attn"]["o"], n_in=2)
+            if name in attn:  # a borrowing layer has no K/V projection
+                _dense(t, f"{pre}.attn.{name}", attn[name])
+        _dense(t, f"{pre}.attn.o", attn["o"], n_in=2)
+        for name in ("route_logits", "value_mix"):
+            if name in attn:
+                t[f"{pre}.attn.{name}"] = np.asarray(attn[name])
         for name in mlp:
             _dense(t, f"{pre}.mlp.{name}", block["mlp"][name])
     _norm(t, "model.ln_f", params["ln_f"])

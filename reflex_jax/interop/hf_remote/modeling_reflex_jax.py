@@ -94,46 +94,84 @@ class ReflexJaxMLP(nn.Module):
 
 
 class ReflexJaxAttention(nn.Module):
-    """Q for all H heads, K/V for this layer's self heads, output from all H heads."""
+    """Q for the layer's query heads, K/V for the heads it computes, output from its query heads
+    (reflex_jax/model/kv.py): self heads read their own K/V head (GQA: shared in groups), cross
+    groups read an earlier layer's K/V heads (share "v": their own K and the source's V; a route:
+    a softmax-weighted mixture of candidates)."""
 
     def __init__(self, config: ReflexJaxConfig, layer_idx: int):
         super().__init__()
         s, plan = config.reflex_model, config.layer_plan[layer_idx]
         self.layer_idx = layer_idx
-        self.n_head, self.n_self = config.num_attention_heads, plan["n_self"]
+        self.n_self, self.cross = plan["n_self"], plan["cross"]
+        # configs exported before the general plans lack these keys: the classic contract
+        self.n_kv = plan.get("n_kv", self.n_self)
+        self.self_kv_heads = list(plan.get("self_kv_heads", range(self.n_self)))
+        self.n_query = self.n_self + sum(g["n_heads"] for g in self.cross)
+        self.n_k = self.n_kv + sum(g["n_heads"] for g in self.cross if g.get("share", "kv") == "v")
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.rope_theta = s["rope_theta"] if s["pos_emb"] == "rope" else None
-        # (source layer, its K/V heads) per cross group, in head order
-        self.cross = [(g["source"], list(g["source_heads"])) for g in plan["cross"]]
-        E, H, K, D = config.hidden_size, self.n_head, self.n_self, self.head_dim
-        self.q = nn.Linear(E, H * D, bias=s["bias"])
-        self.k = nn.Linear(E, K * D, bias=s["bias"])
-        self.v = nn.Linear(E, K * D, bias=s["bias"])
-        self.o = nn.Linear(H * D, E, bias=s["bias"])
+        E, D = config.hidden_size, self.head_dim
+        self.q = nn.Linear(E, self.n_query * D, bias=s["bias"])
+        self.k = nn.Linear(E, self.n_k * D, bias=s["bias"]) if self.n_k else None
+        self.v = nn.Linear(E, self.n_kv * D, bias=s["bias"]) if self.n_kv else None
+        self.o = nn.Linear(self.n_query * D, E, bias=s["bias"])
+        mixtures = [g["mixture"] for g in self.cross if g.get("mixture")]
+        self.route_logits = (nn.Parameter(torch.zeros(self.n_query - self.n_self, len(mixtures[0])))
+                             if mixtures else None)
+        self.value_mix = (nn.Parameter(torch.full((2,), 0.5))
+                          if s.get("value_residual") and layer_idx and self.n_kv else None)
 
     def _heads(self, x, n):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # B n T D
 
-    def forward(self, x, positions_BT, bias_B1TS, cache, earlier):
-        """(output, this layer's K/V over every cached position) for the later layers."""
-        q = self._heads(self.q(x), self.n_head)
-        k, v = self._heads(self.k(x), self.n_self), self._heads(self.v(x), self.n_self)
+    def _project(self, linear, x, n):
+        if linear is None:  # a borrowing layer computes no K/V
+            return x.new_zeros(x.shape[0], 0, x.shape[1], self.head_dim)
+        return self._heads(linear(x), n)
+
+    def forward(self, x, positions_BT, bias_B1TS, cache, earlier, v_first):
+        """(output, this layer's K/V over every cached position, this step's V before the value
+        residual): the later layers read the K/V, every layer's value residual the V of layer 0."""
+        q = self._heads(self.q(x), self.n_query)
+        k, v = self._project(self.k, x, self.n_k), self._project(self.v, x, self.n_kv)
         if self.rope_theta is not None:
             q = apply_rope(q, positions_BT, self.rope_theta)
             k = apply_rope(k, positions_BT, self.rope_theta)
+        v_fresh = v
+        if self.value_mix is not None:
+            mix = self.value_mix.to(v.dtype)
+            v = mix[0] * v + mix[1] * v_first[:, :self.n_kv].to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        keys, values = [k], [v]
-        for source, heads in self.cross:
-            src_k, src_v = earlier[source]
-            index = torch.tensor(heads, device=src_k.device)
-            keys.append(src_k.index_select(1, index).to(k.device))
-            values.append(src_v.index_select(1, index).to(v.device))
+        keys, values = [], []
+        if self.n_self:
+            index = torch.tensor(self.self_kv_heads, device=k.device)
+            keys.append(k[:, :self.n_kv].index_select(1, index))
+            values.append(v.index_select(1, index))
+        k_at, row = self.n_kv, 0
+        for g in self.cross:
+            n = g["n_heads"]
+            if g.get("mixture"):
+                k_j = torch.stack([earlier[layer][0][:, head] for layer, head in g["mixture"]], 1)
+                v_j = torch.stack([earlier[layer][1][:, head] for layer, head in g["mixture"]], 1)
+                w = torch.softmax(self.route_logits[row:row + n].float(), -1).to(k_j.dtype)
+                gk, gv = (torch.einsum("bjsd,nj->bnsd", t, w).to(k.device) for t in (k_j, v_j))
+            else:
+                src_k, src_v = earlier[g["source"]]
+                index = torch.tensor(g["source_heads"], device=src_k.device)
+                gk = src_k.index_select(1, index).to(k.device)
+                gv = src_v.index_select(1, index).to(v.device)
+            if g.get("share", "kv") == "v":  # its own K heads, after the exported ones
+                gk, k_at = k[:, k_at:k_at + n], k_at + n
+            keys.append(gk)
+            values.append(gv)
+            row += n
         y = F.scaled_dot_product_attention(q, torch.cat(keys, 1), torch.cat(values, 1),
                                            attn_mask=bias_B1TS.to(q.dtype))
         B, _, T, _ = y.shape
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)), (k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_query * self.head_dim)), (k, v), v_fresh
 
 
 class ReflexJaxBlock(nn.Module):
@@ -145,11 +183,11 @@ class ReflexJaxBlock(nn.Module):
         self.mlp = ReflexJaxMLP(config)
         self.drop = nn.Dropout(config.reflex_model["dropout"])
 
-    def forward(self, x, positions_BT, bias_B1TS, cache, earlier):
-        a, kv = self.attn(self.ln_1(x), positions_BT, bias_B1TS, cache, earlier)
+    def forward(self, x, positions_BT, bias_B1TS, cache, earlier, v_first):
+        a, kv, v_fresh = self.attn(self.ln_1(x), positions_BT, bias_B1TS, cache, earlier, v_first)
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln_2(x)))
-        return x, kv
+        return x, kv, v_fresh
 
 
 def positions_from_mask(attention_mask, past: int, length: int, device):
@@ -217,10 +255,12 @@ class ReflexJaxModel(ReflexJaxPreTrainedModel):
             x = x + self.wpe(position_ids)
         x = self.drop(x)
         bias = attention_bias(attention_mask, past, T, x.dtype, x.device)
-        earlier = []
-        for block in self.layers:
-            x, kv = block(x, position_ids, bias, cache, earlier)
+        earlier, v_first = [], None
+        for i, block in enumerate(self.layers):
+            x, kv, v_fresh = block(x, position_ids, bias, cache, earlier, v_first)
             earlier.append(kv)
+            if i == 0:
+                v_first = v_fresh  # layer 0's V of these tokens (value_residual)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache)
 
 
