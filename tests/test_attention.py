@@ -58,10 +58,9 @@ def test_blockwise_causal_attention_bf16_error_matches_dense():
 
 @pytest.mark.parametrize("t_len,offset", [(1, 37), (1, 0), (128, 0), (256, 0), (128, 64)])
 def test_attention_fast_paths_equal_one_masked_call(t_len, offset):
-    """Decode (one query: multiply + reduce), prefill into a longer cache (invisible slots cut) and
-    query blocks give what one masked dot_product_attention call gives, padding mask included."""
-    S = 320
-    B = 1 if t_len == 1 else 2  # the single-query path is for batch 1
+    """Decode (one query), prefill into a longer cache (invisible slots cut) and query blocks give
+    what one masked dot_product_attention call gives, padding mask included."""
+    S, B = 320, 2
     q = jax.random.normal(jax.random.PRNGKey(0), (B, t_len, 2, 8))
     k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, S, 2, 8)) for i in (1, 2))
     key_mask = (jnp.arange(S)[None, :] >= jnp.array([[5], [0]]))[:B]  # row 0 left-padded by 5
@@ -74,6 +73,15 @@ def test_attention_fast_paths_equal_one_masked_call(t_len, offset):
     if t_len == 1:  # traced slot, as in the compiled decode loop
         got = jax.jit(lambda o: attention.multihead_attention(q, k, v, offset=o, key_mask_BS=key_mask))(offset)
         np.testing.assert_allclose(np.where(seen, got, 0), want, rtol=1e-5, atol=1e-5)
+        # the cached decoding kernel reads head-major [B, K, S, D] caches: the same values
+        head_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        got = attention.cached_query_attention(q, head_major(k), head_major(v), mask)
+        np.testing.assert_allclose(np.where(seen, got, 0), want, rtol=1e-5, atol=1e-5)
+        # GQA: 6 query heads over 2 K/V heads, each group of 3 consecutive heads on one
+        q6 = jax.random.normal(jax.random.PRNGKey(3), (B, 1, 6, 8))
+        want6 = jax.nn.dot_product_attention(q6, k, v, mask=mask)
+        got6 = attention.cached_query_attention(q6, head_major(k), head_major(v), mask)
+        np.testing.assert_allclose(np.where(seen, got6, 0), np.where(seen, want6, 0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("reflex", ["all", "recent:2,1"])

@@ -118,7 +118,7 @@ def test_3x4_heads_params_and_cache_allocate_what_the_plan_says(reflex):
         assert attn["o"]["kernel"].shape == (n_q[l], 8, 32)
         for name, n in (("k", n_k[l]), ("v", n_v[l])):  # a borrowing layer has no K/V projection
             assert (attn[name]["kernel"].shape == (32, n, 8)) if n else name not in attn
-        assert cache[l][0].shape == (3, 10, n_k[l], 8) and cache[l][1].shape == (3, 10, n_v[l], 8)
+        assert cache[l][0].shape == (3, n_k[l], 10, 8) and cache[l][1].shape == (3, n_v[l], 10, 8)
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(cache))
     assert nbytes == kv_cache_bytes(c, 3, 10) == 3 * 10 * kv_bytes_per_token(c)
 

@@ -87,7 +87,7 @@ def test_cache_holds_only_self_heads(reflex):
     cache = cache_of(cfg)
     assert len(cache) == cfg.n_layer
     for layer, (k, v) in enumerate(cache):
-        want = (B, S, N_SELF[reflex][layer], cfg.head_dim)
+        want = (B, N_SELF[reflex][layer], S, cfg.head_dim)  # head-major
         assert k.shape == want and v.shape == want, (layer, k.shape)
     nbytes = lambda c: sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(c))
     ratio = nbytes(cache) / nbytes(cache_of(vanilla))

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from ..errors import ConfigError
 from . import DEFAULT, KernelChoices
-from .cpu_attention import (blockwise_causal_attention, causal_blocks, flash_query_block,
-                            single_query_attention)
+from .cpu_attention import blockwise_causal_attention, causal_blocks, flash_query_block
 from .tpu_attention import causal_flash_attention, context_mesh, splash_block
 
 BACKENDS = ("auto", "xla", "cudnn", "flash")
@@ -121,6 +120,22 @@ def _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset: int, key_mask_BS, kernels: Ke
          for i in range(n)], axis=1)
 
 
+def cached_query_attention(q_B1ND, k_BKSD, v_BKSD, mask):
+    """One query per row (cached decoding) over a head-major cache: N query heads over K cache
+    heads, each group of N/K consecutive query heads sharing one K/V head (GQA; N == K: one
+    each). Each head's keys are one contiguous [S, D] block, so both products read the cache in
+    place. `mask` [B|1, 1, 1, S]; scores, softmax and accumulation in float32."""
+    f32 = jnp.float32
+    B, _, N, D = q_B1ND.shape
+    K = k_BKSD.shape[1]
+    q_BKGD = q_B1ND.reshape(B, K, N // K, D)
+    s_BKGS = jnp.einsum("bkgd,bksd->bkgs", q_BKGD, k_BKSD, preferred_element_type=f32) * D ** -0.5
+    s_BKGS = jnp.where(mask[:, 0, 0][:, None, None, :], s_BKGS, jnp.finfo(f32).min)
+    p_BKGS = jax.nn.softmax(s_BKGS, axis=-1).astype(q_B1ND.dtype)
+    o_BKGD = jnp.einsum("bkgs,bksd->bkgd", p_BKGS, v_BKSD, preferred_element_type=f32)
+    return o_BKGD.reshape(B, 1, N, D).astype(q_B1ND.dtype)
+
+
 def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
                         implementation: Optional[str] = None, kernels: KernelChoices = DEFAULT):
     """Causal attention of T queries (at slots offset..offset+T-1) over S key slots.
@@ -132,11 +147,6 @@ def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
     backend = resolve_backend(implementation, platform)
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
     on_cpu = platform == "cpu"
-    if on_cpu and t_len == 1 and q_BTHD.shape[0] == 1:
-        # measured (bench.py generation, 6x8 n_embd 512, 1024 cache slots): at batch 1 this takes
-        # ~13 ms/token against ~17; at batch 8 the dense call below is faster, so it stays there
-        return single_query_attention(q_BTHD, k_BSHD, v_BSHD,
-                                      attention_mask(1, s_len, offset, key_mask_BS))
     if not isinstance(offset, int):
         return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)
     end = min(s_len, offset + t_len)  # slots after the last query are never visible

@@ -1,5 +1,6 @@
-"""CPU attention kernels: causal attention in query blocks, with a written-out backward, and the
-single-query (decode) path over a cache read in place.
+"""CPU attention kernels: causal attention in query blocks, with a written-out backward. (Cached
+decoding reads head-major caches in place on every platform: kernels/attention.py's
+`cached_query_attention`.)
 
 XLA:CPU computes dense attention over the full T x S score matrix, masked half included; these
 skip the fully masked key blocks. The dispatch (kernels/attention.py) calls them only for steps
@@ -96,26 +97,3 @@ def _blockwise_bwd(block, res, do):
 
 
 blockwise_causal_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-def single_query_attention(q_B1HD, k_BSHD, v_BSHD, mask):
-    """One query (cached decoding, batch 1) as two plain matmuls over the cache viewed as
-    [S, H*D]: the query becomes a block-diagonal [H, H*D] matrix (H times the FLOPs, which are
-    tiny here), so K and V are read in place. A batched per-head dot would first copy the whole
-    cache into [B, H, S, D] on every step, and a multiply + reduce over S is slow on XLA:CPU."""
-    f32 = jnp.float32
-    B, S, H, D = k_BSHD.shape
-    dt = q_B1HD.dtype
-    eye_HH = jnp.eye(H, dtype=dt)
-    q_BHX = (q_B1HD[:, 0, None, :, :] * eye_HH[None, :, :, None]).reshape(B, H, H * D)
-    scale = 1.0 / float(D) ** 0.5
-    s_BHS = jax.lax.dot_general(q_BHX, k_BSHD.reshape(B, S, H * D).astype(dt),
-                                (((2,), (2,)), ((0,), (0,))), preferred_element_type=f32) * scale
-    s_BHS = jnp.where(mask[:, 0], s_BHS, jnp.finfo(f32).min)  # mask [B|1, 1, 1, S]
-    p_BHS = jax.nn.softmax(s_BHS, axis=-1).astype(dt)
-    o_BHX = jax.lax.dot_general(p_BHS, v_BSHD.reshape(B, S, H * D).astype(dt),
-                                (((2,), (1,)), ((0,), (0,))), preferred_element_type=f32)
-    o_BHD = o_BHX.reshape(B, H * H, D)[:, ::H + 1]  # the diagonal blocks: head h of query h
-    return o_BHD[:, None].astype(dt)
-
-

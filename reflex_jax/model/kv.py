@@ -17,49 +17,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..kernels import DEFAULT, KernelChoices
-from ..kernels.attention import attention_mask, multihead_attention
+from ..kernels.attention import attention_mask, cached_query_attention, multihead_attention
 from .schedule import CrossGroup, LayerPlan
 
 KV = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer: its n_k K and n_v V heads
-Cache = tuple[KV, ...]            # per layer, [B, cache length, n_k | n_v, D]
+Cache = tuple[KV, ...]            # per layer, head-major: [B, n_k | n_v, cache length, D]
 
 
-def borrowed_kv(earlier: Sequence[KV], group: CrossGroup) -> KV:
+# K/V arrays are [B, S, K, D] (HEAD_AXIS 2) in training and prefill, and [B, K, S, D] in a cache
+# (CACHE_HEAD_AXIS 1): a single query then reads each head's keys as one contiguous [S, D] block,
+# where [B, S, K, D] made every decode step copy the whole cache into that order (bench.py).
+HEAD_AXIS, CACHE_HEAD_AXIS = 2, 1
+
+
+def _heads(x, lo: int, hi: int, axis: int):
+    return jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+
+
+def borrowed_kv(earlier: Sequence[KV], group: CrossGroup, axis: int = HEAD_AXIS) -> KV:
     """The source layer's K/V heads that `group`'s cross heads read."""
     lo, hi = group.source_heads[0], group.source_heads[-1] + 1  # always a contiguous range
     k, v = earlier[group.source]
-    return k[:, :, lo:hi], v[:, :, lo:hi]
+    return _heads(k, lo, hi, axis), _heads(v, lo, hi, axis)
 
 
-def mixed_kv(earlier: Sequence[KV], mixture, weights_NJ) -> KV:
+def mixed_kv(earlier: Sequence[KV], mixture, weights_NJ, axis: int = HEAD_AXIS) -> KV:
     """K/V of N routed heads: head n reads sum_j weights[n, j] * (K, V) of candidate j."""
-    k_BSJD = jnp.stack([earlier[layer][0][:, :, head] for layer, head in mixture], axis=2)
-    v_BSJD = jnp.stack([earlier[layer][1][:, :, head] for layer, head in mixture], axis=2)
-    w = weights_NJ.astype(k_BSJD.dtype)
-    return (jnp.einsum("bsjd,nj->bsnd", k_BSJD, w), jnp.einsum("bsjd,nj->bsnd", v_BSJD, w))
+    k_J = jnp.stack([jnp.take(earlier[layer][0], head, axis=axis) for layer, head in mixture], axis)
+    v_J = jnp.stack([jnp.take(earlier[layer][1], head, axis=axis) for layer, head in mixture], axis)
+    w = weights_NJ.astype(k_J.dtype)
+    mix = "bsjd,nj->bsnd" if axis == HEAD_AXIS else "bjsd,nj->bnsd"
+    return jnp.einsum(mix, k_J, w), jnp.einsum(mix, v_J, w)
 
 
-def self_kv(own: KV, plan: LayerPlan) -> KV:
+def self_kv(own: KV, plan: LayerPlan, axis: int = HEAD_AXIS) -> KV:
     """The own K/V head of every self head (GQA: each group's head repeated for its queries)."""
     k, v = own
     if plan.n_k != plan.n_kv:  # the share-V cross heads' own K follow the exported heads
-        k = k[:, :, :plan.n_kv]
+        k = _heads(k, 0, plan.n_kv, axis)
     if plan.n_kv != plan.n_self:
         index = np.asarray(plan.self_kv_heads)
-        k, v = jnp.take(k, index, axis=2), jnp.take(v, index, axis=2)
+        k, v = jnp.take(k, index, axis=axis), jnp.take(v, index, axis=axis)
     return k, v
 
 
-def cross_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None) -> list[KV]:
+def cross_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None,
+             axis: int = HEAD_AXIS) -> list[KV]:
     """K/V of every cross group in schedule order (`route_w` [n_cross, n_sources] for routes)."""
     out, k_at, row = [], plan.n_kv, 0
     for g in plan.cross:
         if g.mixture:
-            k, v = mixed_kv(earlier, g.mixture, route_w[row:row + g.n_heads])
+            k, v = mixed_kv(earlier, g.mixture, route_w[row:row + g.n_heads], axis)
         else:
-            k, v = borrowed_kv(earlier, g)
+            k, v = borrowed_kv(earlier, g, axis)
         if g.share == "v":  # its own K heads, in group order after the exported ones
-            k, k_at = own[0][:, :, k_at:k_at + g.n_heads], k_at + g.n_heads
+            k, k_at = _heads(own[0], k_at, k_at + g.n_heads, axis), k_at + g.n_heads
         out.append((k, v))
         row += g.n_heads
     return out
@@ -76,54 +88,56 @@ def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None) -> 
             jnp.concatenate([v for _, v in parts], axis=2))
 
 
-def _self_segments(own: KV, plan: LayerPlan) -> list[tuple[int, KV]]:
+def _self_segments(own: KV, plan: LayerPlan, axis: int) -> list[tuple[int, KV]]:
     """(query heads, K/V) runs of the self heads whose groups have one size, K/V unrepeated."""
     if not plan.n_self:
         return []
     k, v = own
     if plan.n_k != plan.n_kv:
-        k = k[:, :, :plan.n_kv]
+        k = _heads(k, 0, plan.n_kv, axis)
     if plan.n_kv == plan.n_self:
         return [(plan.n_self, (k, v))]
     sizes = [plan.self_kv_heads.count(j) for j in range(plan.n_kv)]
     runs, lo = [], 0
     for j in range(1, plan.n_kv + 1):
         if j == plan.n_kv or sizes[j] != sizes[lo]:
-            runs.append((sizes[lo] * (j - lo), (k[:, :, lo:j], v[:, :, lo:j])))
+            runs.append((sizes[lo] * (j - lo), (_heads(k, lo, j, axis), _heads(v, lo, j, axis))))
             lo = j
     return runs
 
 
 def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *, offset=0,
                      key_mask_BS=None, dtype=None, implementation: Optional[str] = None,
-                     kernels: KernelChoices = DEFAULT, route_w=None):
+                     kernels: KernelChoices = DEFAULT, route_w=None, cached: bool = False):
     """Attention of one layer: every query head reads its K/V (see `gather_kv`); K/V are cast to
     `dtype` (default q's). `route_w`: the route weights of a routed layer (model/route.py).
+    `cached`: own and earlier K/V are caches, [B, K, S, D].
 
-    Prefill/training give every query head its K/V in one [B, S, H, D] call (one big op, which the
-    fused kernels of kernels/attention.py take). Cached decoding (one query) attends group by
-    group over the caches in place instead: the concatenation would copy every layer's whole cache
-    on every token, which made `all` decode slower than `none` at batch 8 (bench.py); GQA groups
-    are one grouped call each, without repeating the cache. Per head the math is the same.
+    Training and prefill give every query head its K/V in one [B, S, H, D] call (one big op, which
+    the fused kernels of kernels/attention.py take; a prefill swaps the caches' axes once). Cached
+    decoding (one query) attends group by group over the head-major caches in place instead: a
+    concatenation would copy every layer's whole cache on every token, which made `all` decode
+    slower than `none` at batch 8 (bench.py); GQA groups are one grouped call each, without
+    repeating the cache. Per head the math is the same.
     """
     dt = dtype or q_BTHD.dtype
-    call = dict(offset=offset, key_mask_BS=key_mask_BS, implementation=implementation,
-                kernels=kernels)
-    if q_BTHD.shape[1] != 1 or (not plan.cross and plan.n_kv == plan.n_self):
-        k, v = gather_kv(own, earlier, plan, route_w)
-        return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), **call)
-    groups = _self_segments(own, plan) + [
-        (g.n_heads, kv) for g, kv in zip(plan.cross, cross_kv(own, earlier, plan, route_w))]
-    outs, h = [], 0
-    for n, (k, v) in groups:
-        q = q_BTHD[:, :, h:h + n]
-        if k.shape[2] == n:
-            outs.append(multihead_attention(q, k.astype(dt), v.astype(dt), **call))
-        else:  # n // K query heads per K/V head: XLA's grouped attention, K/V not repeated
-            mask = attention_mask(1, k.shape[1], offset, key_mask_BS)
-            outs.append(jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask))
-        h += n
-    return jnp.concatenate(outs, axis=2)
+    if cached and q_BTHD.shape[1] == 1:
+        groups = _self_segments(own, plan, CACHE_HEAD_AXIS) + [
+            (g.n_heads, kv) for g, kv in
+            zip(plan.cross, cross_kv(own, earlier, plan, route_w, CACHE_HEAD_AXIS))]
+        mask = attention_mask(1, groups[0][1][0].shape[2], offset, key_mask_BS)
+        outs, h = [], 0
+        for n, (k, v) in groups:
+            outs.append(cached_query_attention(q_BTHD[:, :, h:h + n], k.astype(dt), v.astype(dt), mask))
+            h += n
+        return jnp.concatenate(outs, axis=2)
+    if cached:
+        swap = lambda kv: (jnp.swapaxes(kv[0], 1, 2), jnp.swapaxes(kv[1], 1, 2))  # noqa: E731
+        own, earlier = swap(own), [swap(kv) for kv in earlier]
+    k, v = gather_kv(own, earlier, plan, route_w)
+    return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
+                               key_mask_BS=key_mask_BS, implementation=implementation,
+                               kernels=kernels)
 
 
 def kv_bytes_per_token(cfg, dtype=None) -> int:
@@ -134,11 +148,11 @@ def kv_bytes_per_token(cfg, dtype=None) -> int:
 
 
 def init_cache(cfg, batch: int, length: int, dtype=None) -> Cache:
-    """Zeroed per-layer cache holding what each layer computes: K [B, length, n_k, D] and
-    V [B, length, n_v, D] (zero heads, so no memory, for a layer without K/V projection)."""
+    """Zeroed per-layer cache holding what each layer computes, head-major: K [B, n_k, length, D]
+    and V [B, n_v, length, D] (zero heads, so no memory, for a layer without K/V projection)."""
     dtype = dtype or cfg.compute_dtype
-    return tuple((jnp.zeros((batch, length, p.n_k, cfg.head_dim), dtype),
-                  jnp.zeros((batch, length, p.n_v, cfg.head_dim), dtype)) for p in cfg.layers)
+    return tuple((jnp.zeros((batch, p.n_k, length, cfg.head_dim), dtype),
+                  jnp.zeros((batch, p.n_v, length, cfg.head_dim), dtype)) for p in cfg.layers)
 
 
 def kv_cache_bytes(cfg, batch: int, length: int, dtype=None) -> int:

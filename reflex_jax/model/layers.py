@@ -167,13 +167,14 @@ class Attention(nn.Module):
         if cfg.value_residual and self.layer and plan.n_v:
             v_BSKD = self._value_residual(v_BSKD, v_first, plan.n_v)
         offset = 0
-        if cache is not None:  # write this step's K/V into the cache; attend over all of it
-            at = (0, cache_index, 0, 0)
-            k_BSKD, v_BSKD = (
-                jax.lax.dynamic_update_slice(old, new.astype(old.dtype), at) if n else old
+        own = (k_BSKD, v_BSKD)
+        if cache is not None:  # write this step's K/V into the head-major cache; attend over it all
+            at = (0, 0, cache_index, 0)
+            own = tuple(
+                jax.lax.dynamic_update_slice(old, jnp.swapaxes(new, 1, 2).astype(old.dtype), at)
+                if n else old
                 for old, new, n in ((cache[0], k_BSKD, plan.n_k), (cache[1], v_BSKD, plan.n_v)))
             offset = cache_index
-        own = (k_BSKD, v_BSKD)
         route_w = None
         if plan.routed:
             logits = self.param("route_logits", _constant(route_init_logits(plan), (None, None)),
@@ -182,7 +183,8 @@ class Attention(nn.Module):
         y_BTHD = reflex_attention(q_BTHD.astype(dt), own, earlier, plan, offset=offset,
                                   key_mask_BS=key_mask_BS, dtype=dt,
                                   implementation=cfg.attention,
-                                  kernels=self.kernels, route_w=route_w)
+                                  kernels=self.kernels, route_w=route_w,
+                                  cached=cache is not None)
         out_BTE = dense(cfg.n_embd, ("heads", "head_dim", "embed"), _residual_std(cfg), "o",
                         axis=(-2, -1))(y_BTHD)
         return out_BTE, own, v_fresh

@@ -42,7 +42,7 @@ def _lowerings(trainer) -> dict:
     c, cfg = trainer.config, trainer.cfg
     B, T = c.batch_size, trainer.seq_len
     rows = B // c.grad_accum  # eval and sampling run one micro-batch
-    # rows split over the batch axes, whatever the rank (tokens [B, T], pads [B], caches [B, S, K, D])
+    # rows split over the batch axes, whatever the rank (tokens [B, T], pads [B], caches [B, K, S, D])
     rows_split = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec(
         trainer.batch_sharding.spec[0]))
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split)  # noqa: E731
