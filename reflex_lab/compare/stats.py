@@ -130,7 +130,7 @@ def collect(runs: Sequence[Run]) -> list[dict]:
 PAIRED = ("final_val_loss", "final_val_bpb", "final_val_answer_loss", "final_exact_match")
 
 
-def _paired_delta(done: Sequence[dict], base_by_seed: dict, metric: str = "final_val_loss") -> dict:
+def _paired_delta(done: Sequence[dict], base_by_seed: dict, metric: str) -> dict:
     """mean ± std over seeds of (metric - the baseline's metric of the same seed)."""
     diffs = [s[metric] - base_by_seed[s["seed"]][metric] for s in done
              if s["seed"] in base_by_seed and s.get(metric) is not None
@@ -150,8 +150,7 @@ def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None,
     baseline = baseline or (next(iter(groups)) if groups else None)
     finished = {name: {s["seed"]: s for s in members if s["status"] == "finished"}
                 for name, members in groups.items()}
-    base_by_seed = finished.get(baseline, {})
-    against = [b for b in dict.fromkeys([baseline, *also_against]) if b in groups]
+    against = list(dict.fromkeys([baseline, *(b for b in also_against if b in groups)]))
     out = []
     for name, members in groups.items():
         done = [s for s in members if s["status"] == "finished"]
@@ -160,10 +159,10 @@ def aggregate(summaries: Sequence[dict], baseline: Optional[str] = None,
              "not_finished": {s["name"]: s["status"] for s in members if s["status"] != "finished"}}
         for m in METRICS + distance_keys(members, "final_"):
             g[m] = mean_std(s.get(m) for s in done)
-        if name != baseline:
-            g["delta_final_val_loss"] = _paired_delta(done, base_by_seed)
-            g["delta_vs"] = baseline
-        g["paired"] = {b: {m: _paired_delta(done, finished[b], m) for m in PAIRED}
+        g["paired"] = {b: {m: _paired_delta(done, finished.get(b, {}), m) for m in PAIRED}
                        for b in against if b != name}
+        if name != baseline:
+            g["delta_final_val_loss"] = g["paired"][baseline]["final_val_loss"]
+            g["delta_vs"] = baseline
         out.append(g)
     return out
