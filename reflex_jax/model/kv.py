@@ -77,15 +77,17 @@ def cross_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None,
     return out
 
 
-def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None) -> KV:
+def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None,
+              axis: int = HEAD_AXIS) -> KV:
     """K/V for every query head of `plan`'s layer: self heads, then each cross group."""
     if not plan.cross:
-        return self_kv(own, plan)
-    parts = ([self_kv(own, plan)] if plan.n_self else []) + cross_kv(own, earlier, plan, route_w)
+        return self_kv(own, plan, axis)
+    parts = (([self_kv(own, plan, axis)] if plan.n_self else [])
+             + cross_kv(own, earlier, plan, route_w, axis))
     if len(parts) == 1:
         return parts[0]
-    return (jnp.concatenate([k for k, _ in parts], axis=2),
-            jnp.concatenate([v for _, v in parts], axis=2))
+    return (jnp.concatenate([k for k, _ in parts], axis=axis),
+            jnp.concatenate([v for _, v in parts], axis=axis))
 
 
 def _self_segments(own: KV, plan: LayerPlan, axis: int) -> list[tuple[int, KV]]:
@@ -114,9 +116,9 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
     `cached`: own and earlier K/V are caches, [B, K, S, D].
 
     Training and prefill give every query head its K/V in one [B, S, H, D] call (one big op, which
-    the fused kernels of kernels/attention.py take; a prefill swaps the caches' axes once). Cached
-    decoding (one query) attends group by group over the head-major caches in place instead: a
-    concatenation would copy every layer's whole cache on every token, which made `all` decode
+    the fused kernels of kernels/attention.py take; a prefill transposes what it gathered once).
+    Cached decoding (one query) attends group by group over the head-major caches in place
+    instead: a concatenation would copy every layer's whole cache on every token, which made `all` decode
     slower than `none` at batch 8 (bench.py); GQA groups are one grouped call each, without
     repeating the cache. Per head the math is the same.
     """
@@ -131,10 +133,11 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
             outs.append(cached_query_attention(q_BTHD[:, :, h:h + n], k.astype(dt), v.astype(dt), mask))
             h += n
         return jnp.concatenate(outs, axis=2)
-    if cached:
-        swap = lambda kv: (jnp.swapaxes(kv[0], 1, 2), jnp.swapaxes(kv[1], 1, 2))  # noqa: E731
-        own, earlier = swap(own), [swap(kv) for kv in earlier]
-    k, v = gather_kv(own, earlier, plan, route_w)
+    if cached:  # gathered in the caches' layout, then one transpose to [B, S, H, D]
+        k, v = (jnp.swapaxes(x, 1, 2)
+                for x in gather_kv(own, earlier, plan, route_w, CACHE_HEAD_AXIS))
+    else:
+        k, v = gather_kv(own, earlier, plan, route_w)
     return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
                                key_mask_BS=key_mask_BS, implementation=implementation,
                                kernels=kernels)
