@@ -7,6 +7,7 @@ from typing import Sequence
 
 from .grid import Run
 from .runs import read_metrics
+from .stats import distance_keys
 
 # (metric, x, file name, y label, x label)
 PLOTS = [("val_loss", "step", "val_loss_vs_step.png", "validation loss", "step"),
@@ -77,11 +78,7 @@ def plot_curves(out_dir: str, runs: Sequence[Run], summaries: Sequence[dict]) ->
             ax0.set_ylim(-0.02, 1.02)
         ax0.legend(fontsize=8)
         fig.suptitle(f"{ylabel} vs {xlabel}: mean over seeds, band = min–max over seeds", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, fname), dpi=100)
-        plt.close(fig)
-        shrink_png(os.path.join(out_dir, fname))
-        written.append(fname)
+        written.append(_save(plt, fig, out_dir, fname))
     return written
 
 
@@ -115,7 +112,6 @@ def plot_group_summaries(out_dir: str, groups: Sequence[dict]) -> list[str]:
     per byte against KV-cache bytes per token (the memory/quality trade-off, error bars = std over
     seeds), and `exact_match_by_distance.png`, key-value recall exact match by recall distance."""
     written = []
-    colors = None
     pts = [g for g in groups if g.get("final_val_bpb", {}).get("n")]
     if pts:
         plt, fig, ax = _figure()
@@ -130,7 +126,7 @@ def plot_group_summaries(out_dir: str, groups: Sequence[dict]) -> list[str]:
         ax.legend(fontsize=8)
         ax.set_title("held-out bits per byte vs KV cache: mean over seeds, bars = sample std", fontsize=10)
         written.append(_save(plt, fig, out_dir, "bpb_vs_kv_bytes.png"))
-    keys = [k for k in _distance_stat_keys(groups)]
+    keys = distance_keys(groups, "final_")
     curves = [g for g in groups if any(g.get(k, {}).get("n") for k in keys)]
     if curves:
         plt, fig, ax = _figure()
@@ -148,8 +144,3 @@ def plot_group_summaries(out_dir: str, groups: Sequence[dict]) -> list[str]:
         ax.set_title("key-value recall by distance: mean over seeds, bars = sample std", fontsize=10)
         written.append(_save(plt, fig, out_dir, "exact_match_by_distance.png"))
     return written
-
-
-def _distance_stat_keys(groups: Sequence[dict]) -> list[str]:
-    from .stats import distance_keys
-    return list(distance_keys(groups, "final_"))
