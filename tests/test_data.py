@@ -14,6 +14,8 @@ from reflex_jax.data import (BatchLoader, ByteTokenizer, TokenData, Template, lo
 from reflex_jax.data.encode import RowEncoder
 from reflex_jax.data.templates import BadRow
 
+from byte_bpe import train_byte_bpe
+
 ROWS = [
     {"question": "Сколько будет 2 плюс 2?", "answer": "4"},
     {"question": "Столица Франции?", "answer": "Париж — столица Франции."},
@@ -45,18 +47,8 @@ def qa_rows(n, seed=0):
 @pytest.fixture(scope="session")
 def hf_bpe(tmp_path_factory):
     """A tiny byte-level BPE saved as a transformers tokenizer directory, with <pad>/<s>/</s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([render(r) for r in ROWS + qa_rows(50)] * 5, trainer)
-    out = str(tmp_path_factory.mktemp("tok") / "bpe")
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(out)
-    return out
+    return train_byte_bpe([render(r) for r in ROWS + qa_rows(50)] * 5, 600,
+                          str(tmp_path_factory.mktemp("tok") / "bpe"))
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from reflex_jax.train.trainer import Trainer
 from reflex_lab.compare.grid import plan_grid
 from reflex_lab.compare.report import write_report
 from reflex_lab.compare.stats import aggregate, collect
+from byte_bpe import train_byte_bpe
 from test_compare import fabricate, small_config as compare_config
 from test_tasks import parse_kv
 from test_trainer import read_metrics, small_config
@@ -33,18 +34,7 @@ UNSEEN = "ёжик щука «ъ» 😀 ü"  # characters the BPE never merged: 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
     """A byte-level BPE (GPT-2 style) trained on Russian text: merges make multi-byte tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(TEXTS * 20, trainer)
-    out = str(tmp_path_factory.mktemp("tok") / "bpe")
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(out)
-    return out
+    return train_byte_bpe(TEXTS * 20, 360, str(tmp_path_factory.mktemp("tok") / "bpe"))
 
 
 # ---- byte tables --------------------------------------------------------------------------------
