@@ -16,9 +16,10 @@ sum_t weights[t] * ce[t], but works on sequence chunks of at most `chunk_rows` t
 * without differentiation (eval) only the chunked logsumexp runs.
 
 Chunks run along the sequence axis (the batch axis stays whole), so a batch sharded over devices
-stays sharded. The d head accumulator is float32. Matmuls take the compute dtype of `h` with float32
-accumulation, exactly like `model.decoder.logits_from_hidden`; in bfloat16 the softmax gradient is rounded to
-bfloat16 before its two matmuls (what a bfloat16 autocast backward does too).
+stays sharded. The d head accumulator is float32 and held transposed ([E, V], transposed once at
+the end). Matmuls take the compute dtype of `h` with float32 accumulation, exactly like
+`model.decoder.logits_from_hidden`; in bfloat16 the softmax gradient is rounded to bfloat16 before
+its two matmuls (what a bfloat16 autocast backward does too).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _ce_sum_fwd(h_BTE, head_VE, targets_BT, weights_BT, chunk_rows):
     head_c = head_VE.astype(dt)
     w32 = weights_BT.astype(jnp.float32)
 
-    def body(dhead, xs):
+    def body(dhead_EV, xs):
         h_c, t_c, w_c = xs  # [B, c, E], [B, c], [B, c]
         logits = _logits(h_c, head_c)                                   # [B, c, V] float32
         m, e, s = _max_exp_sum(logits)
@@ -111,12 +112,16 @@ def _ce_sum_fwd(h_BTE, head_VE, targets_BT, weights_BT, chunk_rows):
         # scatter of E-rows
         dlogits = (e * (w_c[..., None] / s)).astype(dt)
         dh_c = jnp.einsum("btv,ve->bte", dlogits, head_c, preferred_element_type=jnp.float32)
-        dhead = dhead + jnp.einsum("btv,bte->ve", dlogits, h_c, preferred_element_type=jnp.float32)
-        return dhead, (lse, dh_c)
+        # d head transposed, [E, V]: XLA then transposes the [B, c, E] chunk of h for this dot,
+        # not the [B, c, V] dlogits (bf16 step 1.456 -> 1.388 s, f32 3.133 -> 3.070 s; bench.md)
+        dhead_EV = dhead_EV + jnp.einsum("bte,btv->ev", h_c, dlogits,
+                                         preferred_element_type=jnp.float32)
+        return dhead_EV, (lse, dh_c)
 
-    dhead0 = jnp.zeros(head_VE.shape, jnp.float32)
-    dhead, (lse, dh) = jax.lax.scan(body, dhead0, (_split(h_BTE, c), _split(targets_BT, c),
-                                                   _split(w32, c)))
+    dhead0 = jnp.zeros(head_VE.shape[::-1], jnp.float32)
+    dhead_EV, (lse, dh) = jax.lax.scan(body, dhead0, (_split(h_BTE, c), _split(targets_BT, c),
+                                                      _split(w32, c)))
+    dhead = dhead_EV.T
     lse, dh = _unsplit(lse), _unsplit(dh)
     picked = _picked(h_BTE, head_VE, targets_BT)
     ce = lse - picked
