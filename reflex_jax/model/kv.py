@@ -42,12 +42,21 @@ def borrowed_kv(earlier: Sequence[KV], group: CrossGroup, axis: int = HEAD_AXIS)
 
 
 def mixed_kv(earlier: Sequence[KV], mixture, weights_NJ, axis: int = HEAD_AXIS) -> KV:
-    """K/V of N routed heads: head n reads sum_j weights[n, j] * (K, V) of candidate j."""
-    k_J = jnp.stack([jnp.take(earlier[layer][0], head, axis=axis) for layer, head in mixture], axis)
-    v_J = jnp.stack([jnp.take(earlier[layer][1], head, axis=axis) for layer, head in mixture], axis)
-    w = weights_NJ.astype(k_J.dtype)
-    mix = "bsjd,nj->bsnd" if axis == HEAD_AXIS else "bjsd,nj->bnsd"
-    return jnp.einsum(mix, k_J, w), jnp.einsum(mix, v_J, w)
+    """K/V of N routed heads: head n reads sum_j weights[n, j] * (K, V) of candidate j.
+
+    A sum of J broadcast products, which XLA fuses into one pass over the candidates: stacking
+    them first for one einsum copied every candidate's K/V (in decoding, its whole cache) on
+    every call."""
+    shape = [1] * 4
+    shape[axis] = weights_NJ.shape[0]
+
+    def mix(which: int):
+        out = 0.0
+        for j, (layer, head) in enumerate(mixture):
+            x = jax.lax.slice_in_dim(earlier[layer][which], head, head + 1, axis=axis)
+            out = out + x * weights_NJ[:, j].astype(x.dtype).reshape(shape)
+        return out
+    return mix(0), mix(1)
 
 
 def self_kv(own: KV, plan: LayerPlan, axis: int = HEAD_AXIS) -> KV:
