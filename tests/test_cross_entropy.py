@@ -68,11 +68,13 @@ def test_fused_loss_under_a_model_gradient():
 
 
 @pytest.mark.parametrize("chunk_rows", [512, 8])
-def test_bf16_gradient_compiles_and_matches_with_one_chunk_or_many(chunk_rows):
-    """Under jit in bf16, one chunk (B*T <= chunk_rows: no loop left for XLA) and several: every
-    dot of the d head path stays one XLA:CPU can run in bf16 (a folded transpose once made it
-    fail with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")."""
-    h, head, targets, weights = _inputs(jnp.bfloat16, B=2, T=16, E=32, V=97)
+@pytest.mark.parametrize("B, T, E", [(2, 16, 32), (2, 8, 9), (3, 21, 33)])
+def test_bf16_gradient_compiles_and_matches_with_one_chunk_or_many(chunk_rows, B, T, E):
+    """Under jit in bf16, one chunk (B*T <= chunk_rows: no loop left for XLA) and several, with
+    even and odd token / embedding sizes (each branch of the row-major copy): every dot of the
+    d head path stays one XLA:CPU can run in bf16 (a folded transpose once made it fail with
+    "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")."""
+    h, head, targets, weights = _inputs(jnp.bfloat16, B=B, T=T, E=E, V=97)
 
     def grads(loss):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(h, head)
