@@ -256,6 +256,36 @@ def test_run_grid_trains_only_what_is_not_finished(tmp_path, monkeypatch):
     assert trained == []
 
 
+def test_a_lost_run_directory_keeps_its_recorded_numbers_and_curves(tmp_path, monkeypatch):
+    import shutil
+
+    from reflex_lab.compare.plots import _curves
+    from reflex_lab.compare.runs import read_recorded
+
+    runs = fabricated_grid(tmp_path)
+    out = str(tmp_path / "out")
+    before = collect(runs)
+    write_report(out, runs, before, aggregate(before))
+    shutil.rmtree(runs[1].run_dir)  # none-s1: its checkpoints and metrics are gone
+    assert collect(runs)[1]["status"] == "missing"  # without the record it would drop out
+    recorded = read_recorded(out)
+    after = collect(runs, recorded)
+    assert after[1]["source"] == "recorded" and after[1]["status"] == "finished"
+    assert {k: v for k, v in after[1].items() if k != "source"} == before[1]
+    assert aggregate(after) == aggregate(before)
+    assert _curves(runs, after, "val_loss", "step")["none"][4] == 3  # its curve still drawn
+    trained = []
+    monkeypatch.setattr(compare_runs, "train_run", lambda run, log=print: trained.append(run.name))
+    outcome = run_grid(runs, recorded=recorded, log=lambda s: None)
+    assert trained == [] and outcome["none-s1"] == "recorded" and outcome["none-s0"] == "reused"
+    write_report(out, runs, after, aggregate(after))
+    assert "| `none-s1` | 1 | finished (recorded) |" in (tmp_path / "out" / "results.md").read_text()
+    # the record of a run trained with another config is not taken for this grid's run
+    other = plan_grid(small_config(max_steps=40), ["none", "all"], [0, 1, 2], str(tmp_path / "runs"))
+    with pytest.raises(CompareError, match="records a finished run 'none-s1' trained with a different config"):
+        collect(other, recorded)
+
+
 def test_grid_stops_when_a_run_is_interrupted(tmp_path, monkeypatch):
     runs = plan_grid(small_config(), ["none", "all"], [0], str(tmp_path / "runs"))
     monkeypatch.setattr(compare_runs, "train_run",
@@ -411,6 +441,15 @@ def test_cli_trains_reports_and_reuses_a_finished_run(tmp_path, capsys):
     assert data["groups"][0]["layout"] == "recent:1 2x2: 2 | 1+1"
     assert compare_cli.main(args) == 0  # again: nothing is trained
     assert "finished before (step 2), reused" in capsys.readouterr().out
+    import shutil
+    shutil.rmtree(run_dir)  # runs/ lost: the report's record stands for the run
+    assert compare_cli.main(args) == 0
+    assert "recorded in the report (run directory gone), reused" in capsys.readouterr().out
+    again = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
+    assert again["final_val_loss"] == run["final_val_loss"] and again["source"] == "recorded"
+    assert not run_dir.exists()
+    assert compare_cli.main(args + ["--config.optim.lr=0.01"]) == 2  # another grid, same --out
+    assert "records a finished run 'recent-1-s0' trained with a different config" in capsys.readouterr().err
 
 
 def test_paired_differences_against_controls_and_the_summary_plots(tmp_path, capsys):

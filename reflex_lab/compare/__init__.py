@@ -13,7 +13,9 @@ data is generated from the seed).
 
 Resumable: a run whose metrics reached `max_steps` (with its final checkpoint, if it wrote
 checkpoints) is not trained again; a run that stopped half-way resumes from its latest checkpoint; a
-run directory trained with a different config is an error, never silently mixed in.
+run directory trained with a different config is an error, never silently mixed in; a finished run
+whose directory is gone counts as finished when `<out>/results.json` records it with the same config
+fingerprint (the report keeps each run's eval curve for that).
 
 `<out>/results.md`, `<out>/results.json` and PNG plots hold the results: mean ± sample std over
 seeds of the final and best validation loss, the final exact match (built-in tasks; by recall

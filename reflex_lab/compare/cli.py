@@ -15,7 +15,7 @@ from reflex_jax.run_config import load_config, split_overrides
 from .grid import (CompareError, Run, check_grid_overrides, parse_schedules, parse_seeds, parse_variant,
                    plan_grid)
 from .report import fmt_stat, write_report
-from .runs import run_grid, run_state
+from .runs import grid_states, read_recorded, run_grid
 from .stats import aggregate, collect
 
 PROG = "compare.py"
@@ -58,22 +58,25 @@ def plan_from_args(args: argparse.Namespace, rest: Sequence[str]) -> list[Run]:
     return plan_grid(config, schedules, seeds, runs_dir, variants)
 
 
-def _print_plan(runs: Sequence[Run]) -> None:
+def _print_plan(runs: Sequence[Run], recorded: dict) -> None:
+    states = grid_states(runs, recorded)
     for run in runs:
-        st = run_state(run.run_dir, run.config)
+        st = states[run.name]
         print(f"{run.name:28s} {st.kind:9s} {st.detail}  ({run.run_dir})")
 
 
 def _compare(argv: list[str]) -> int:
     args, rest = build_parser().parse_known_args(argv)
     runs = plan_from_args(args, rest)
+    # the finished runs an earlier report recorded stand for run directories that are gone
+    recorded = read_recorded(args.out)
     if args.plan:
-        _print_plan(runs)
+        _print_plan(runs, recorded)
         return 0
     t0 = time.perf_counter()
     controls = _controls(args.controls, runs)
-    outcome = {} if args.report_only else run_grid(runs, retry_failed=args.retry_failed)
-    summaries = collect(runs)
+    outcome = {} if args.report_only else run_grid(runs, retry_failed=args.retry_failed, recorded=recorded)
+    summaries = collect(runs, recorded)
     command = " ".join(["python compare.py"] + [_quote(a) for a in argv])
     results = write_report(args.out, runs, summaries, aggregate(summaries, also_against=controls),
                            command=command, title=args.title, outcome=outcome)

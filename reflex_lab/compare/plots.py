@@ -6,7 +6,6 @@ import os
 from typing import Sequence
 
 from .grid import Run
-from .runs import read_metrics
 from .stats import distance_keys
 
 # (metric, x, file name, y label, x label)
@@ -18,12 +17,13 @@ PLOTS = [("val_loss", "step", "val_loss_vs_step.png", "validation loss", "step")
 def _curves(runs: Sequence[Run], summaries: Sequence[dict], key: str, x: str):
     """{group: (xs, mean, lo, hi, n)} over the finished runs, at the x values all of them logged."""
     import numpy as np
-    finished = {s["name"] for s in summaries if s["status"] == "finished"}
+    finished = {s["name"]: s for s in summaries if s["status"] == "finished"}
     per_group: dict[str, list[dict]] = {}
     for run in runs:
         if run.name not in finished:
             continue
-        rows = read_metrics(os.path.join(run.run_dir, "metrics.jsonl"))
+        # a summary recorded before curves were kept has none: that run is left out of the curves
+        rows = finished[run.name].get("curve", [])
         pts = {r[x]: r[key] for r in rows if r.get(key) is not None and x in r}
         if pts:
             per_group.setdefault(run.group, []).append(pts)

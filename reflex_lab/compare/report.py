@@ -239,7 +239,8 @@ def _run_table(runs: Sequence[dict], has_em: bool) -> list[str]:
     for r in runs:
         fv = "—" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f} ({r['final_val_step']})"
         bv = "—" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} ({r['best_val_step']})"
-        row = [f"`{r['name']}`", str(r["seed"]), r["status"], fv, bv]
+        status = r["status"] + (" (recorded)" if r.get("source") == "recorded" else "")
+        row = [f"`{r['name']}`", str(r["seed"]), status, fv, bv]
         if has_em:
             row.append("—" if r["final_exact_match"] is None else f"{100 * r['final_exact_match']:.1f}%")
         row += [_run_cell(r, key, rate) for _, key, rate in extra]

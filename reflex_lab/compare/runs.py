@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import time
@@ -74,6 +75,17 @@ def _normalised(config_dict: dict) -> dict:
     return {k: v for k, v in flat.items() if k.split(".")[0] not in IGNORED_FIELDS}
 
 
+def config_fingerprint(config_dict: dict) -> str:
+    """A short hash of what a run computes (its config without IGNORED_FIELDS): a recorded result
+    counts for a run of the grid only when the fingerprints agree. The data directory counts by its
+    name, not its location, so a checkout elsewhere (or a relative path) keeps its records."""
+    flat = _normalised(config_dict)
+    if flat.get("data.dir"):
+        flat["data.dir"] = os.path.basename(os.path.normpath(str(flat["data.dir"])))
+    text = json.dumps(flat, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def config_difference(stored: dict, wanted: dict) -> Optional[str]:
     """'max_steps=100 there, 200 here' for the first field that differs, or None."""
     a, b = _normalised(stored), _normalised(wanted)
@@ -83,9 +95,32 @@ def config_difference(stored: dict, wanted: dict) -> Optional[str]:
     return None
 
 
+def read_recorded(out_dir: str) -> dict[str, dict]:
+    """{run name: summary} of the finished runs an earlier report in `out_dir` recorded: what
+    stands for a run whose directory is gone (run directories hold checkpoints and are not kept in
+    git; the report is)."""
+    results = read_json(os.path.join(out_dir, "results.json")) or {}
+    return {r["name"]: r for r in results.get("runs", [])
+            if isinstance(r, dict) and r.get("status") == "finished" and "name" in r}
+
+
+def recorded_summary(run: Run, recorded: dict[str, dict]) -> Optional[dict]:
+    """The recorded summary of `run` (see read_recorded), or None when there is none; a record of
+    the same name trained with another config raises CompareError: it belongs to another grid."""
+    record = recorded.get(run.name)
+    if record is None:
+        return None
+    if record.get("config_sha") != config_fingerprint(run.config.to_dict()):
+        raise CompareError(f"the report in --out records a finished run {run.name!r} trained with a "
+                           "different config (or before configs were fingerprinted), and its run "
+                           "directory is gone; use another --out, or delete that results.json to drop "
+                           "its runs.")
+    return dict(record, status="finished", source="recorded")
+
+
 @dataclasses.dataclass
 class RunState:
-    kind: str                 # new | partial | finished | failed
+    kind: str                 # new | partial | finished | failed | recorded (see grid_states)
     step: int = 0             # last step logged in metrics.jsonl
     detail: str = ""          # why (partial and failed runs)
 
@@ -165,12 +200,26 @@ def _train_one(run: Run, st: RunState, head: str, log: Callable[[str], None]) ->
     return "trained" if st.kind == "new" else "resumed"
 
 
-def run_grid(runs: Sequence[Run], *, retry_failed: bool = False,
+def grid_states(runs: Sequence[Run], recorded: dict[str, dict]) -> dict[str, RunState]:
+    """run_state of every run, where a new run (no directory) that the report recorded as finished
+    is 'recorded': finished, its numbers taken from the report."""
+    states = {}
+    for r in runs:
+        st = run_state(r.run_dir, r.config)
+        if st.kind == "new" and recorded_summary(r, recorded) is not None:
+            st = RunState("recorded", int(r.config.max_steps), "run directory gone; numbers from the report")
+        states[r.name] = st
+    return states
+
+
+def run_grid(runs: Sequence[Run], *, retry_failed: bool = False, recorded: Optional[dict] = None,
              log: Callable[[str], None] = print) -> dict[str, str]:
-    """Train what is not finished; returns {run name: 'trained' | 'resumed' | 'reused' | 'failed' |
-    'stopped'}. A run stopped by SIGINT/SIGTERM stops the grid (the report is still written)."""
+    """Train what is not finished; returns {run name: 'trained' | 'resumed' | 'reused' | 'recorded'
+    | 'failed' | 'stopped'}. A run stopped by SIGINT/SIGTERM stops the grid (the report is still
+    written). `recorded` (read_recorded of --out) keeps runs whose directory is gone from training
+    again."""
     # check every run directory before any training: a config mismatch found after an hour is worse
-    states = {r.name: run_state(r.run_dir, r.config) for r in runs}
+    states = grid_states(runs, recorded or {})
     outcome: dict[str, str] = {}
     for i, run in enumerate(runs, 1):
         st = states[run.name]
@@ -178,6 +227,9 @@ def run_grid(runs: Sequence[Run], *, retry_failed: bool = False,
         if st.kind == "finished":
             log(f"{head}: finished before (step {st.step}), reused")
             outcome[run.name] = "reused"
+        elif st.kind == "recorded":
+            log(f"{head}: finished before, recorded in the report (run directory gone), reused")
+            outcome[run.name] = "recorded"
         elif st.kind == "failed" and not retry_failed:
             log(f"{head}: failed before ({st.detail}); not retried (pass --retry_failed to retry)")
             outcome[run.name] = "failed"

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Sequence
 from ml_collections import ConfigDict
 
 from .grid import Run
-from .runs import read_marker, read_metrics
+from .runs import config_fingerprint, read_marker, read_metrics, recorded_summary
 
 METRICS = ("final_val_loss", "best_val_loss", "final_exact_match", "best_exact_match",
            "final_val_bpb", "final_val_answer_loss", "final_loss", "tokens_per_s", "wall_s")
@@ -57,7 +57,13 @@ def summarize_run(rows: Sequence[dict], max_steps: int) -> dict:
     for key in ("val_bpb", "val_answer_loss") + distance_keys(rows):
         out[f"final_{key}"] = _last_value(rows, key)
     out["tokens_per_s"] = _steady_tokens_per_s(rows)
+    out["curve"] = [{k: r[k] for k in CURVE_KEYS if r.get(k) is not None} for r in rows
+                    if r.get("val_loss") is not None or r.get("exact_match") is not None]
     return out
+
+
+# what a summary keeps of each eval row: enough to draw the report's curves without the run directory
+CURVE_KEYS = ("step", "tokens", "val_loss", "exact_match")
 
 
 def _last_value(rows: Sequence[dict], key: str) -> Optional[float]:
@@ -112,15 +118,21 @@ def _status(summary: dict, marker: dict, has_rows: bool) -> str:
     return f"unfinished (step {summary['step']} of {summary['max_steps']})"
 
 
-def collect(runs: Sequence[Run]) -> list[dict]:
-    """One summary per run of the grid (status 'missing' when it has no metrics)."""
+def collect(runs: Sequence[Run], recorded: Optional[dict] = None) -> list[dict]:
+    """One summary per run of the grid: from its metrics.jsonl; for a run with no metrics on disk,
+    the summary `recorded` (read_recorded of --out) holds for it, else status 'missing'."""
     out = []
     for run in runs:
         rows = read_metrics(os.path.join(run.run_dir, "metrics.jsonl"))
+        kept = None if rows else recorded_summary(run, recorded or {})
+        if kept is not None:
+            out.append(kept)
+            continue
         s = summarize_run(rows, int(run.config.max_steps))
         marker = read_marker(run.run_dir)
         s.update(name=run.name, group=run.group, schedule=run.schedule, variant=run.variant,
-                 seed=run.seed, run_dir=run.run_dir, wall_s=marker.get("wall_s"))
+                 seed=run.seed, run_dir=run.run_dir, wall_s=marker.get("wall_s"),
+                 config_sha=config_fingerprint(run.config.to_dict()))
         s["status"] = _status(s, marker, bool(rows))
         out.append(s)
     return out
