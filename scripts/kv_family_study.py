@@ -134,7 +134,8 @@ def main() -> int:
     args.log = sys.stdout
     if args.plan:
         for t in tasks:
-            compare(t, args, SCHEDULES, seeds, "/tmp/kv_family_plan", "--plan")
+            compare(t, args, SCHEDULES, seeds, "/tmp/kv_family_plan", "--plan",
+                    "--recorded_from", os.path.join(args.results_root, t))
         return 0
     lock = threading.Lock()
     if args.report:
@@ -166,7 +167,10 @@ def main() -> int:
                 return
             t0 = time.time()
             scratch = os.path.join(args.runs_root, "_single", f"w{core}")
-            rc = compare(t, args, [s], [seed], scratch, core=core)
+            # a run the task's report records as finished is not trained again (its directory
+            # may be gone: run directories are not kept in git)
+            rc = compare(t, args, [s], [seed], scratch, "--recorded_from",
+                         os.path.join(args.results_root, t), core=core)
             print(f"[{time.strftime('%H:%M:%S')}] {t} {s} s{seed}: exit {rc} in {time.time() - t0:.0f} s",
                   flush=True)
             report(t, args, lock, f"{s} seed {seed} ({'finished' if rc == 0 else f'exit {rc}'})")

@@ -448,6 +448,11 @@ def test_cli_trains_reports_and_reuses_a_finished_run(tmp_path, capsys):
     again = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
     assert again["final_val_loss"] == run["final_val_loss"] and again["source"] == "recorded"
     assert not run_dir.exists()
+    # a driver training one run into a scratch --out reads the records of the full report
+    scratch = [a if a != str(tmp_path / "out") else str(tmp_path / "scratch") for a in args]
+    assert compare_cli.main(scratch + ["--recorded_from", str(tmp_path / "out")]) == 0
+    assert "recorded in the report (run directory gone), reused" in capsys.readouterr().out
+    assert not run_dir.exists()
     assert compare_cli.main(args + ["--config.optim.lr=0.01"]) == 2  # another grid, same --out
     assert "records a finished run 'recent-1-s0' trained with a different config" in capsys.readouterr().err
 

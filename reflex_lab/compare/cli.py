@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="", help="heading of results.md (default: the --out name)")
     p.add_argument("--report_only", action="store_true", help="do not train; report the runs on disk")
     p.add_argument("--plan", action="store_true", help="print each run and what would happen, then exit")
+    p.add_argument("--recorded_from", default="",
+                   help="the report directory whose recorded finished runs stand for run directories "
+                        "that are gone (default --out; a driver training one run at a time into a "
+                        "scratch --out points this at the full report)")
     p.add_argument("--retry_failed", action="store_true",
                    help="train again runs that failed before (e.g. a non-finite loss)")
     return p
@@ -69,7 +73,7 @@ def _compare(argv: list[str]) -> int:
     args, rest = build_parser().parse_known_args(argv)
     runs = plan_from_args(args, rest)
     # the finished runs an earlier report recorded stand for run directories that are gone
-    recorded = read_recorded(args.out)
+    recorded = read_recorded(args.recorded_from or args.out)
     if args.plan:
         _print_plan(runs, recorded)
         return 0
