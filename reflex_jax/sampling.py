@@ -22,6 +22,7 @@ import numpy as np
 from .errors import GenerationError
 from .kernels import DEFAULT, KernelChoices
 from .model import Decoder, ModelConfig, head_matrix, init_cache, logits_from_hidden
+from .model.kv import squeezed_cache_shape
 
 
 # ---- the two model calls: prefill a left-padded prompt batch, then one token at a time ------------
@@ -134,21 +135,24 @@ class Generator:
 
         done = ~active_B | stops(tok)
         prompt_len_B = P - pad_B
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), cache)
 
         def cond(state):
             n, _, _, done, _ = state
             return (n < max_new) & ~jnp.all(done)
 
         def body(state):
-            n, cache, tok, done, out = state
+            n, carried, tok, done, out = state
             # Token n-1 goes to slot P+n-1 at row position prompt_len+n-1; its logits give token n.
-            logits, cache = decode_step(cfg, params, cache, tok, P + n - 1, prompt_len_B + n - 1,
-                                        key_mask)
+            logits, cache = decode_step(cfg, params, _unsqueezed(carried, shapes), tok, P + n - 1,
+                                        prompt_len_B + n - 1, key_mask)
+            cache = _squeezed(cache)
             nxt = jnp.where(done, pad_id, sample(logits, keys_at(n)))
             out = jax.lax.dynamic_update_slice(out, nxt[:, None], (jnp.int32(0), n))
             return n + 1, cache, nxt, done | stops(nxt), out
 
-        n, _, _, _, out_BN = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out_BN))
+        n, _, _, _, out_BN = jax.lax.while_loop(
+            cond, body, (jnp.int32(1), _squeezed(cache), tok, done, out_BN))
         return out_BN, n
 
     def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -208,6 +212,16 @@ class Generator:
                             np.int32(row0), **settings)
         self.last_steps = max(self.last_steps, int(n))
         return [row.tolist() for row in np.asarray(out)[:len(prompts), :int(n)]]
+
+
+def _squeezed(cache):
+    """The cache as the decode loop carries it: every array without its unit batch/head axes, so
+    that XLA updates it in place (see model.kv.squeezed_cache_shape)."""
+    return jax.tree.map(lambda a: a.reshape(squeezed_cache_shape(a.shape)), cache)
+
+
+def _unsqueezed(carried, like):
+    return jax.tree.map(lambda a, full: a.reshape(full.shape), carried, like)
 
 
 def _cut_at(row: list[int], stops: frozenset) -> list[int]:

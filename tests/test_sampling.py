@@ -95,6 +95,35 @@ def test_cache_holds_only_self_heads(reflex):
     assert ratio == pytest.approx(cfg.kv_heads_total / (cfg.n_layer * cfg.n_head))
 
 
+def loop_body_copies(hlo_text: str, min_elements: int) -> list[str]:
+    """The copy instructions of at least `min_elements` elements in the bodies of the module's
+    while loops (the decode loop)."""
+    copies = []
+    for body in re.findall(r"body=%([\w.\-]+)", hlo_text):
+        block = re.search(rf"^%{re.escape(body)} .*?\{{\n(.*?)\n\}}", hlo_text, re.S | re.M).group(1)
+        for line in block.splitlines():
+            m = re.search(r"= \w+\[([\d,]*)\]\S* copy\(", line)
+            if m and np.prod([int(d) for d in m.group(1).split(",") if d]) >= min_elements:
+                copies.append(line.strip())
+    return copies
+
+
+@pytest.mark.parametrize("reflex,batch", [("all", 1), ("gqa:8", 4)], ids=str)
+def test_decode_loop_updates_the_cache_in_place(reflex, batch):
+    """No decode step copies a cache array: at batch 1 or with one K/V head XLA used to copy every
+    layer's K and V cache four times per token (the cache is carried without its unit axes)."""
+    cfg = tiny(reflex)
+    g, P, S = gen(cfg), 8, 32
+    settings = dict(max_new=np.int32(S - P), temperature=np.float32(1e-6), top_k=np.int32(0),
+                    top_p=np.float32(1.0), seed=np.uint32(0), stop_K=np.full((1,), -1, np.int32),
+                    pad_id=np.int32(0), greedy=True, filtered=False)
+    text = g._loop.lower(tiny_params(cfg), np.ones((batch, P), np.int32), np.zeros((batch,), np.int32),
+                         np.ones((batch,), bool), np.zeros((batch, S - P), np.int32), np.int32(0),
+                         **settings).compile().as_text()
+    assert "while" in text
+    assert loop_body_copies(text, S * cfg.head_dim) == []
+
+
 def greedy_reference(cfg, params, prompt, n):
     """Greedy decoding without a cache: the full forward pass over the whole prefix every token."""
     seq = list(prompt)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ..kernels import DEFAULT, KernelChoices
 from ..kernels.linear import linear
 from .config import ModelConfig
-from .kv import KV, reflex_attention
+from .kv import KV, reflex_attention, write_cache
 from .route import route_init_logits, softmax_weights
 
 
@@ -169,11 +169,8 @@ class Attention(nn.Module):
         offset = 0
         own = (k_BSKD, v_BSKD)
         if cache is not None:  # write this step's K/V into the head-major cache; attend over it all
-            at = (0, 0, cache_index, 0)
-            own = tuple(
-                jax.lax.dynamic_update_slice(old, jnp.swapaxes(new, 1, 2).astype(old.dtype), at)
-                if n else old
-                for old, new, n in ((cache[0], k_BSKD, plan.n_k), (cache[1], v_BSKD, plan.n_v)))
+            own = tuple(write_cache(old, new, cache_index) if n else old
+                        for old, new, n in ((cache[0], k_BSKD, plan.n_k), (cache[1], v_BSKD, plan.n_v)))
             offset = cache_index
         route_w = None
         if plan.routed:
