@@ -90,6 +90,22 @@ def test_bench_smoke_run_writes_the_json(tmp_path):
         assert res["generation"]["rows"][0]["hf_greedy_token_agreement"] >= 0.5
     for row in res["train"].values():
         assert row["step_s"] > 0 and np.isfinite(row["loss_last"])
+    if res["env"]["cpu_generation"]:  # x86 Linux: the header names the CPU generation too
+        assert f"{res['env']['cpu']} ({res['env']['cpu_generation']})" in proc.stdout
+
+
+def test_cpu_generation_reads_family_model_and_stepping():
+    from reflex_lab import machine
+    try:
+        info = open("/proc/cpuinfo").read().split("\n\n")[0]
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()))
+    if "cpu family" not in fields:
+        pytest.skip("this CPU's /proc/cpuinfo has no family")
+    assert machine.cpu_generation() == (f"family {fields['cpu family']}, model {fields['model']}, "
+                                        f"stepping {fields['stepping']}")
+    assert machine.cpu_model() == fields["model name"]  # not the 'model' line above it
 
 
 def test_profile_budget_adds_up_and_counts_every_matmul_flop():

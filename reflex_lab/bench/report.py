@@ -87,7 +87,8 @@ def _f(x, fmt="{:.2f}") -> str:
 
 def _header(s: dict, env: dict) -> list[str]:
     return [f"# bench.py ({s['name']}) — {env['date']}",
-            f"{env['cpu']} ({' '.join(env.get('cpu_flags', [])) or 'flags unknown'}), "
+            f"{env['cpu']}{' (' + env['cpu_generation'] + ')' if env.get('cpu_generation') else ''} "
+            f"({' '.join(env.get('cpu_flags', [])) or 'flags unknown'}), "
             f"{env['cores']} cores, load avg {env['load_avg_start']:.2f} -> "
             f"{env.get('load_avg_end', float('nan')):.2f}; jax {env['jax']} ({env['backend']}), "
             f"torch {env.get('torch')} ({env.get('torch_threads')} threads); "
