@@ -286,6 +286,38 @@ def test_a_lost_run_directory_keeps_its_recorded_numbers_and_curves(tmp_path, mo
         collect(other, recorded)
 
 
+def test_a_record_counts_only_for_the_data_it_was_trained_on(tmp_path):
+    """Records name their data by its fingerprint: the same data prepared elsewhere (a fresh
+    checkout) keeps them; other data in a directory of the same name does not."""
+    import shutil
+
+    from reflex_jax.data.prepare import prepare_task
+    from reflex_lab.compare.runs import read_recorded
+
+    def grid(data_dir):
+        config = small_config(**{"data.task": "", "data.dir": data_dir})
+        return plan_grid(config, ["none"], [0], str(tmp_path / "runs"))
+
+    here = str(tmp_path / "a" / "arith")
+    prepare_task("arith", here, n_train=200, n_val=8, verbose=False, max_operand=20)
+    runs = grid(here)
+    fabricate(runs[0].run_dir, [3.0, 2.8, 2.5])
+    before = collect(runs)
+    assert before[0]["data_sha"] and before[0]["status"] == "finished"
+    out = str(tmp_path / "out")
+    write_report(out, runs, before, aggregate(before))
+    shutil.rmtree(runs[0].run_dir)
+    recorded = read_recorded(out)
+    elsewhere = str(tmp_path / "b" / "arith")  # the same data, prepared into another checkout
+    prepare_task("arith", elsewhere, n_train=200, n_val=8, verbose=False, max_operand=20)
+    (kept,) = collect(grid(elsewhere), recorded)
+    assert kept["source"] == "recorded" and kept["final_val_loss"] == before[0]["final_val_loss"]
+    shutil.rmtree(elsewhere)
+    prepare_task("arith", elsewhere, n_train=300, n_val=8, verbose=False, max_operand=20)
+    with pytest.raises(CompareError, match="trained on other data than .* holds now"):
+        collect(grid(elsewhere), recorded)
+
+
 def test_grid_stops_when_a_run_is_interrupted(tmp_path, monkeypatch):
     runs = plan_grid(small_config(), ["none", "all"], [0], str(tmp_path / "runs"))
     monkeypatch.setattr(compare_runs, "train_run",

@@ -78,12 +78,27 @@ def _normalised(config_dict: dict) -> dict:
 def config_fingerprint(config_dict: dict) -> str:
     """A short hash of what a run computes (its config without IGNORED_FIELDS): a recorded result
     counts for a run of the grid only when the fingerprints agree. The data directory counts by its
-    name, not its location, so a checkout elsewhere (or a relative path) keeps its records."""
+    name, not its location, so a checkout elsewhere (or a relative path) keeps its records; what
+    it holds is checked apart (data_identity), where it is there to read."""
     flat = _normalised(config_dict)
     if flat.get("data.dir"):
         flat["data.dir"] = os.path.basename(os.path.normpath(str(flat["data.dir"])))
     text = json.dumps(flat, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def data_identity(config_dict: dict) -> Optional[str]:
+    """reflex_jax.data.verify.data_fingerprint of the run's prepared data directory (which data,
+    wherever it lies), or None without one (a built-in task is named by the config itself) or
+    where it is not there to read."""
+    path = (config_dict.get("data") or {}).get("dir")
+    if not path or not os.path.isfile(os.path.join(str(path), "meta.json")):
+        return None
+    from reflex_jax.data.verify import data_fingerprint
+    try:
+        return data_fingerprint(str(path))
+    except (ReflexError, OSError, ValueError, KeyError):
+        return None
 
 
 def config_difference(stored: dict, wanted: dict) -> Optional[str]:
@@ -115,7 +130,14 @@ def recorded_summary(run: Run, recorded: dict[str, dict]) -> Optional[dict]:
                            "different config (or before configs were fingerprinted), and its run "
                            "directory is gone; use another --out, or delete that results.json to drop "
                            "its runs.")
-    return dict(record, status="finished", source="recorded")
+    data_sha = data_identity(run.config.to_dict())
+    if data_sha and record.get("data_sha") not in (None, data_sha):
+        raise CompareError(f"the report in --out records a finished run {run.name!r} trained on other "
+                           f"data than {run.config.data.dir} holds now (same directory name, another "
+                           "fingerprint), and its run directory is gone; prepare the data it was "
+                           "trained on, or use another --out.")
+    # a record from before data fingerprints takes the data its directory name names on trust
+    return dict(record, status="finished", source="recorded", data_sha=record.get("data_sha") or data_sha)
 
 
 @dataclasses.dataclass

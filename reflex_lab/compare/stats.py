@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Sequence
 from ml_collections import ConfigDict
 
 from .grid import Run
-from .runs import config_fingerprint, read_marker, read_metrics, recorded_summary
+from .runs import config_fingerprint, data_identity, read_marker, read_metrics, recorded_summary
 
 METRICS = ("final_val_loss", "best_val_loss", "final_exact_match", "best_exact_match",
            "final_val_bpb", "final_val_answer_loss", "final_loss", "tokens_per_s", "wall_s")
@@ -132,7 +132,8 @@ def collect(runs: Sequence[Run], recorded: Optional[dict] = None) -> list[dict]:
         marker = read_marker(run.run_dir)
         s.update(name=run.name, group=run.group, schedule=run.schedule, variant=run.variant,
                  seed=run.seed, run_dir=run.run_dir, wall_s=marker.get("wall_s"),
-                 config_sha=config_fingerprint(run.config.to_dict()))
+                 config_sha=config_fingerprint(run.config.to_dict()),
+                 data_sha=data_identity(run.config.to_dict()))
         s["status"] = _status(s, marker, bool(rows))
         out.append(s)
     return out
