@@ -38,7 +38,8 @@ def cpu_model() -> str:
 def cpu_generation() -> str:
     """'family 26, model 2, stepping 1' from /proc/cpuinfo ('' where it does not say): VMs of
     different CPU generations report the same model name (e.g. "AMD EPYC")."""
-    parts = [(k, _cpuinfo_field(k if k != "family" else "cpu family")) for k in ("family", "model", "stepping")]
+    parts = [("family", _cpuinfo_field("cpu family")), ("model", _cpuinfo_field("model")),
+             ("stepping", _cpuinfo_field("stepping"))]
     return ", ".join(f"{k} {v.strip()}" for k, v in parts if v is not None)
 
 
@@ -57,7 +58,8 @@ def default_dtypes() -> tuple[str, ...]:
 def environment() -> dict:
     """Date, CPU, load, versions and the settings every contender shares (XLA flags, malloc)."""
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
-           "cpu_generation": cpu_generation(), "cores": cpu_count(), "load_avg_start": os.getloadavg()[0],
+           "cpu_generation": cpu_generation(), "cores": cpu_count(),
+           "load_avg_start": os.getloadavg()[0],
            "jax": jax.__version__, "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "avx512_bf16": "avx512_bf16" in cpu_flags(),

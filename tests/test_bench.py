@@ -100,7 +100,7 @@ def test_cpu_generation_reads_family_model_and_stepping():
         info = open("/proc/cpuinfo").read().split("\n\n")[0]
     except OSError:
         pytest.skip("no /proc/cpuinfo")
-    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()))
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
     if "cpu family" not in fields:
         pytest.skip("this CPU's /proc/cpuinfo has no family")
     assert machine.cpu_generation() == (f"family {fields['cpu family']}, model {fields['model']}, "

@@ -137,7 +137,8 @@ def recorded_summary(run: Run, recorded: dict[str, dict]) -> Optional[dict]:
                            "fingerprint), and its run directory is gone; prepare the data it was "
                            "trained on, or use another --out.")
     # a record from before data fingerprints takes the data its directory name names on trust
-    return dict(record, status="finished", source="recorded", data_sha=record.get("data_sha") or data_sha)
+    return dict(record, status="finished", source="recorded",
+                data_sha=record.get("data_sha") or data_sha)
 
 
 @dataclasses.dataclass
