@@ -153,6 +153,8 @@ def main() -> int:
             print(f"{name}{' (answer tokens)' if answer_only else ''}: unigram level {level:.4f} nats/token "
                   f"= {level / math.log(2):.4f} bits/token")
         return 0
+    from reflex_lab.compare.grid import schedule_slug
+    from reflex_lab.compare.runs import read_recorded
     jobs: queue.Queue = queue.Queue()
     for t in tasks:
         for seed in seeds:
@@ -166,6 +168,8 @@ def main() -> int:
             except queue.Empty:
                 return
             t0 = time.time()
+            report_dir = os.path.join(ROOT, args.results_root, t)  # unchanged when absolute
+            recorded = f"{schedule_slug(s)}-s{seed}" in read_recorded(report_dir)
             scratch = os.path.join(args.runs_root, "_single", f"w{core}")
             # a run the task's report records as finished is not trained again (its directory
             # may be gone: run directories are not kept in git)
@@ -173,7 +177,8 @@ def main() -> int:
                          os.path.join(args.results_root, t), core=core)
             print(f"[{time.strftime('%H:%M:%S')}] {t} {s} s{seed}: exit {rc} in {time.time() - t0:.0f} s",
                   flush=True)
-            report(t, args, lock, f"{s} seed {seed} ({'finished' if rc == 0 else f'exit {rc}'})")
+            if not (recorded and rc == 0):  # a recorded run changes nothing in the report
+                report(t, args, lock, f"{s} seed {seed} ({'finished' if rc == 0 else f'exit {rc}'})")
 
     threads = [threading.Thread(target=worker, args=(i % os.cpu_count(),)) for i in range(args.workers)]
     for th in threads:
