@@ -153,7 +153,7 @@ def main() -> int:
             print(f"{name}{' (answer tokens)' if answer_only else ''}: unigram level {level:.4f} nats/token "
                   f"= {level / math.log(2):.4f} bits/token")
         return 0
-    from reflex_lab.compare.grid import schedule_slug
+    from reflex_lab.compare.grid import run_name
     from reflex_lab.compare.runs import read_recorded
     jobs: queue.Queue = queue.Queue()
     for t in tasks:
@@ -169,12 +169,11 @@ def main() -> int:
                 return
             t0 = time.time()
             report_dir = os.path.join(ROOT, args.results_root, t)  # unchanged when absolute
-            recorded = f"{schedule_slug(s)}-s{seed}" in read_recorded(report_dir)
+            recorded = run_name(s, seed) in read_recorded(report_dir)
             scratch = os.path.join(args.runs_root, "_single", f"w{core}")
             # a run the task's report records as finished is not trained again (its directory
             # may be gone: run directories are not kept in git)
-            rc = compare(t, args, [s], [seed], scratch, "--recorded_from",
-                         os.path.join(args.results_root, t), core=core)
+            rc = compare(t, args, [s], [seed], scratch, "--recorded_from", report_dir, core=core)
             print(f"[{time.strftime('%H:%M:%S')}] {t} {s} s{seed}: exit {rc} in {time.time() - t0:.0f} s",
                   flush=True)
             if not (recorded and rc == 0):  # a recorded run changes nothing in the report

@@ -167,19 +167,24 @@ def init_cache(cfg, batch: int, length: int, dtype=None) -> Cache:
                   jnp.zeros((batch, p.n_v, length, cfg.head_dim), dtype)) for p in cfg.layers)
 
 
+def _kept_axes(shape_BKSD) -> list[int]:
+    """The axes of a [B, K, S, D] cache that are not unit batch or head axes (slots always stay)."""
+    return [a for a, d in enumerate(shape_BKSD) if d != 1 or a == 2]
+
+
 def squeezed_cache_shape(shape_BKSD) -> tuple:
     """A cache array's shape without its unit batch or head axes: the shape XLA's dots read it in
     (they drop unit axes). A decode loop that carries and updates the cache in this shape updates
     it in place; in the [B, K, S, D] shape, at batch 1 or with one K/V head, XLA copies the whole
     cache several times per token (4 copies of every layer's K and V: 3-4 ms of a 10 ms step)."""
-    return tuple(d for a, d in enumerate(shape_BKSD) if d != 1 or a == 2)
+    return tuple(shape_BKSD[a] for a in _kept_axes(shape_BKSD))
 
 
 def write_cache(cache_BKSD, new_BTKD, index):
     """The head-major cache [B, K, S, D] with this step's K or V [B, T, K, D] written at slots
     index..index+T-1, updated in its squeezed shape (see squeezed_cache_shape)."""
     full = cache_BKSD.shape
-    keep = [a for a, d in enumerate(full) if d != 1 or a == 2]
+    keep = _kept_axes(full)
     new_BKTD = jnp.swapaxes(new_BTKD, 1, 2).astype(cache_BKSD.dtype)
     updated = jax.lax.dynamic_update_slice(
         cache_BKSD.reshape(squeezed_cache_shape(full)),

@@ -135,6 +135,12 @@ def _with_schedule(config: ConfigDict, schedule: str) -> ConfigDict:
     return c
 
 
+def run_name(schedule: str, seed: int, variant: str = "") -> str:
+    """The run directory name of (variant, schedule, seed) in a grid: 'recent-2-1-s0'."""
+    slug = f"{schedule_slug(schedule)}-s{seed}"
+    return f"{variant}-{slug}" if variant else slug
+
+
 def plan_grid(config: ConfigDict, schedules: Sequence[str], seeds: Sequence[int], runs_dir: str,
               variants: Sequence[Variant] = ()) -> list[Run]:
     """One run per (variant, schedule, seed), each config validated (schedules fit the model)."""
@@ -146,12 +152,11 @@ def plan_grid(config: ConfigDict, schedules: Sequence[str], seeds: Sequence[int]
             apply_override(base, key, raw)
         for schedule in schedules:
             c = _with_schedule(base, schedule)
-            slug = schedule_slug(schedule)
             group = f"{variant.name} {schedule}" if variant.name else schedule
             for seed in seeds:
                 rc = copy.deepcopy(c)
                 rc.seed = int(seed)
-                name = f"{variant.name}-{slug}-s{seed}" if variant.name else f"{slug}-s{seed}"
+                name = run_name(schedule, seed, variant.name)
                 rc.run_dir = os.path.join(runs_dir, name)
                 runs.append(Run(name, group, schedule, variant.name, int(seed), rc.run_dir, rc))
     return runs

@@ -130,10 +130,10 @@ def collect(runs: Sequence[Run], recorded: Optional[dict] = None) -> list[dict]:
             continue
         s = summarize_run(rows, int(run.config.max_steps))
         marker = read_marker(run.run_dir)
+        config = run.config.to_dict()
         s.update(name=run.name, group=run.group, schedule=run.schedule, variant=run.variant,
                  seed=run.seed, run_dir=run.run_dir, wall_s=marker.get("wall_s"),
-                 config_sha=config_fingerprint(run.config.to_dict()),
-                 data_sha=data_identity(run.config.to_dict()))
+                 config_sha=config_fingerprint(config), data_sha=data_identity(config))
         s["status"] = _status(s, marker, bool(rows))
         out.append(s)
     return out
