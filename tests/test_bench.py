@@ -135,3 +135,30 @@ def test_profile_budget_adds_up_and_counts_every_matmul_flop():
     for site in ("matmul q/k/v/o", "matmul MLP", "matmul LM head + loss"):
         assert gflop["torch"][site] == pytest.approx(gflop["jax"][site]), site
     assert "| matmul MLP |" in profile.markdown(res)
+    split = res["wall_split"]["float32"]
+    assert set(split) == {"jax all", "torch eager all"}  # the smoke preset skips torch.compile
+    for sp in split.values():
+        assert sum(sp["parts"].values()) == pytest.approx(sp["step_s"])
+        assert sp["parts"]["decoder fwd+bwd"] == sp["decoder_s"] > 0
+    assert "| LM head + loss |" in profile.markdown(res)
+
+
+def test_wall_split_calls_compute_the_step_loss_and_the_decoder_alone(tmp_path):
+    """The split's 'gradients' call is the train step's loss and gradient without the update (same
+    loss as the first step, params unchanged); its 'decoder' call has no LM head or loss in it."""
+    pytest.importorskip("torch")
+    from reflex_lab.bench import wall_split
+    from reflex_lab.bench.settings import BenchSettings
+    from reflex_lab.bench.train import JaxTrain
+    from reflex_lab.bench.torch_peer import TorchTrain
+    s = BenchSettings.preset("smoke")
+    tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1))
+    j = JaxTrain(s, "all", "float32", tokens.astype(np.int32), str(tmp_path))
+    t = TorchTrain(j.cfg, j.init_params, tokens, "float32", compiled=False)
+    jc, tc = wall_split.calls_of(j), wall_split.calls_of(t)
+    grad_losses = (jc["gradients"](), jc["gradients"](), tc["gradients"]())
+    dec_losses = (jc["decoder"](), tc["decoder"]())
+    first = (j.step(), t.step())
+    np.testing.assert_allclose(grad_losses, [first[0], first[0], first[1]], rtol=1e-5)
+    np.testing.assert_allclose(dec_losses[0], dec_losses[1], rtol=1e-4)   # same projection
+    assert abs(dec_losses[0] - first[0]) > 1e-3

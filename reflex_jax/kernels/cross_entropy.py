@@ -16,8 +16,8 @@ sum_t weights[t] * ce[t], but works on sequence chunks of at most `chunk_rows` t
 * without differentiation (eval) only the chunked logsumexp runs.
 
 Chunks run along the sequence axis (the batch axis stays whole), so a batch sharded over devices
-stays sharded. Inside the loss the head's rows are padded to a multiple of `VOCAB_ALIGN` (see
-`_aligned_head`); the pad columns never reach the result. The d head accumulator is float32 and held transposed ([E, V], transposed once at
+stays sharded. In a 16-bit compute dtype the head's rows are padded to a multiple of
+`VOCAB_ALIGN` inside the loss (see `_aligned_head`); the pad columns never reach the result. The d head accumulator is float32 and held transposed ([E, V], transposed once at
 the end). Matmuls take the compute dtype of `h` with float32 accumulation, exactly like
 `model.decoder.logits_from_hidden`; in bfloat16 the softmax gradient is rounded to bfloat16 before
 its two matmuls (what a bfloat16 autocast backward does too).
@@ -85,7 +85,8 @@ def _row_major_transpose(x):
 
 
 def _aligned_head(head_VE):
-    """(head with its rows padded to a multiple of VOCAB_ALIGN, number of pad rows).
+    """(head with its rows padded to a multiple of VOCAB_ALIGN, number of pad rows), for a
+    16-bit head (the compute dtype).
 
     A 50257-wide vocabulary axis leaves every logits row misaligned, and XLA:CPU's bf16 matmuls
     then run far below their speed: the loss (forward + backward, bf16, 2,048 tokens) takes 0.87 s
@@ -93,7 +94,9 @@ def _aligned_head(head_VE):
     0, not zeros: the row max then stays a real logit, and the pads' share of the exp sum is
     exactly n_pad * exp(logits[:, 0] - max), which `_max_exp_sum` takes out again without
     cancellation (it is at most n_pad times one of the sum's own terms)."""
-    n_pad = -head_VE.shape[0] % VOCAB_ALIGN
+    # float32 is left as it is: there the padding neither helps nor hurts the step (AMX Xeon) and
+    # its float32 copies of the head add 190 MiB of temporaries
+    n_pad = -head_VE.shape[0] % VOCAB_ALIGN if jnp.dtype(head_VE.dtype).itemsize < 4 else 0
     if n_pad:
         head_VE = jnp.concatenate(
             [head_VE, jnp.broadcast_to(head_VE[:1], (n_pad, head_VE.shape[1]))], axis=0)

@@ -11,17 +11,19 @@ from typing import Callable
 import numpy as np
 
 from ..machine import environment
-from . import budget
+from . import budget, wall_split
 from .settings import BenchSettings
 from .timing import interleaved, median
 from .train import contenders
 
 
 def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bool = True) -> dict:
-    """{"settings", "env", "budgets": {"<contender> <dtype>": budget}, "matmul_floor_s"}."""
+    """{"settings", "env", "budgets": {"<contender> <dtype>": budget},
+    "wall_split": {dtype: wall_split.wall_split(...)}, "notes"}."""
     tmp = tempfile.mkdtemp(prefix="reflex_profile_")
     tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
-    out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "budgets": {}, "notes": []}
+    out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "budgets": {},
+                 "wall_split": {}, "notes": []}
     for dtype in s.dtypes:
         cs = contenders(s, dtype, tokens, tmp, with_torch, out["notes"], log, schedules=("all",))
         times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2)
@@ -34,6 +36,8 @@ def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bo
                 b = budget.torch_budget(c.step, wall, c.cfg, s.batch * s.block_size)
             b["step_s_all"] = times[name]
             out["budgets"][f"{name} {dtype}"] = b
+        log(f"## wall split {dtype}: step, gradients, decoder of every contender, interleaved")
+        out["wall_split"][dtype] = wall_split.wall_split(cs, s.train_reps, log)
     out["env"]["load_avg_end"] = os.getloadavg()[0]
     return out
 
@@ -58,6 +62,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {cat} | " + " | ".join(cells) + " |")
         lines.append("| **step (median)** | " + " | ".join(f"**{bs[n]['wall_s']:.3f}**"
                                                          for n in names) + " |")
+        if dtype in res.get("wall_split", {}):
+            lines += wall_split.markdown(res["wall_split"][dtype], dtype)
     return "\n".join(lines)
 
 

@@ -97,14 +97,18 @@ class TorchGPT(tnn.Module):
         self.lm_head = tnn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
 
-    def forward(self, idx_BT, targets_BT):
+    def hidden(self, idx_BT):
+        """The final normed hidden states [B, T, E]."""
         T = idx_BT.shape[1]
         x = self.wte(idx_BT) + self.wpe(torch.arange(T, device=idx_BT.device))
         earlier = []
         for block in self.h:
             x, own = block(x, tuple(earlier))
             earlier.append(own)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx_BT, targets_BT):
+        logits = self.lm_head(self.hidden(idx_BT))
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1))
 
 
