@@ -17,8 +17,9 @@ sum_t weights[t] * ce[t], but works on sequence chunks of at most `chunk_rows` t
 
 Chunks run along the sequence axis (the batch axis stays whole), so a batch sharded over devices
 stays sharded. In a 16-bit compute dtype the head's rows are padded to a multiple of
-`VOCAB_ALIGN` inside the loss (see `_aligned_head`); the pad columns never reach the result. The d head accumulator is float32 and held transposed ([E, V], transposed once at
-the end). Matmuls take the compute dtype of `h` with float32 accumulation, exactly like
+`VOCAB_ALIGN` inside the loss (see `_aligned_head`); the pad columns never reach the result. The
+d head accumulator is float32 and held transposed ([E, V], transposed once at the end). Matmuls
+take the compute dtype of `h` with float32 accumulation, exactly like
 `model.decoder.logits_from_hidden`; in bfloat16 the softmax gradient is rounded to bfloat16 before
 its two matmuls (what a bfloat16 autocast backward does too).
 """

@@ -72,7 +72,8 @@ def wall_split(cs: dict, reps: int, log: Callable[[str], None] = print) -> dict:
     times = interleaved(calls, reps, log, warmup_rounds=1)
     out = {}
     for name in cs:
-        step, grads, dec = (median(times[f"{name} | {k}"]) for k in ("step", "gradients", "decoder"))
+        step, grads, dec = (median(times[f"{name} | {k}"])
+                            for k in ("step", "gradients", "decoder"))
         out[name] = {"step_s": step, "gradients_s": grads, "decoder_s": dec,
                      "parts": dict(zip(PARTS, (dec, grads - dec, step - grads)))}
     return out
@@ -85,5 +86,6 @@ def markdown(split: dict, dtype: str) -> list[str]:
     for part in PARTS:
         lines.append(f"| {part} | " + " | ".join(f"{split[n]['parts'][part]:.3f}" for n in names)
                      + " |")
-    lines.append("| **step** | " + " | ".join(f"**{split[n]['step_s']:.3f}**" for n in names) + " |")
+    lines.append("| **step** | " + " | ".join(f"**{split[n]['step_s']:.3f}**" for n in names)
+                 + " |")
     return lines
