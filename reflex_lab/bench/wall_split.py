@@ -25,7 +25,8 @@ def _jax_calls(c) -> dict[str, Callable[[], float]]:
     s, tokens = c.trainer.step_settings, c.tokens
     params = jax.tree.map(jnp.copy, c.state.params)  # the step donates (deletes) its state
     B, S = tokens.shape
-    w = jnp.ones((B, S - 1), jnp.float32)
+    w = st.loss_weights(c.mask, s.loss_on)                # the weights the train step uses
+    total = max(float(jnp.sum(w)), 1.0)
     r = jnp.asarray(np.random.default_rng(1).standard_normal((B, S - 1, c.cfg.n_embd)), jnp.float32)
     grads = jax.jit(jax.value_and_grad(
         lambda p, t: st.loss_sum(s, p, t, w, None, True))).lower(params, tokens).compile()
@@ -33,7 +34,7 @@ def _jax_calls(c) -> dict[str, Callable[[], float]]:
         lambda p, t: jnp.sum(st.hidden_states(s, p, t).astype(jnp.float32) * r))
     ).lower(params, tokens).compile()
     # each call returns its loss (float() waits for the result)
-    return {"gradients": lambda: float(grads(params, tokens)[0]) / w.size,
+    return {"gradients": lambda: float(grads(params, tokens)[0]) / total,
             "decoder": lambda: float(decoder(params, tokens)[0])}
 
 
