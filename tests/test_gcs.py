@@ -213,11 +213,13 @@ def _metrics(run: str) -> list[dict]:
 
 
 def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
-    run, n = f"gs://{BUCKET}/run", 10
+    # a step takes milliseconds and a save about 0.3 s, so on a busy machine the kill can land
+    # several saves late: 16 steps leave room for that, and only the last 3 saves are kept
+    run, n = f"gs://{BUCKET}/run", 16
     first = _train(run, gcs, n)
     checkpoints = storage.join(run, ckpt.CHECKPOINTS)
     # killed as soon as step 4's save has begun: in a bucket orbax writes the step in place and
-    # adds commit_success.txt last, so an unfinished step 4 is there but is not a step
+    # adds commit_success.txt last, so an unfinished step is there but is not a step
     deadline = time.time() + 120
     while (first.poll() is None and not storage.isdir(storage.join(checkpoints, "4"))
            and time.time() < deadline):
@@ -228,7 +230,8 @@ def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
     finished = [int(s) for s in storage.listdir(checkpoints) if s.isdigit()
                 and storage.exists(storage.join(checkpoints, s, "commit_success.txt"))]
     steps = ckpt.RunCheckpoints(run, create=False).all_steps()
-    assert steps == sorted(finished) and steps[0] == 2 and steps[-1] < n, (steps, finished)
+    assert steps and steps == sorted(finished) and steps[-1] < n, (steps, finished)
+    assert all(s % 2 == 0 for s in steps) and len(steps) <= 3, steps
     killed_rows = _metrics(run)
     assert [r["step"] for r in killed_rows] == list(range(1, len(killed_rows) + 1))
     assert len(killed_rows) > steps[-1], "the killed run logged steps after its last checkpoint"
