@@ -158,7 +158,7 @@ def _ce_sum_fwd(h_BTE, head_VE, targets_BT, weights_BT, chunk_rows):
     w32 = weights_BT.astype(jnp.float32)
 
     def body(dhead_EV, xs):
-        h_c, t_c, w_c = xs  # [B, c, E], [B, c], [B, c]
+        h_c, w_c = xs  # [B, c, E], [B, c]
         logits = _logits(h_c, head_c)                                   # [B, c, Vp] float32
         m, e, s = _max_exp_sum(logits, n_pad)
         lse = (m + jnp.log(s))[..., 0]                                  # [B, c]
@@ -175,8 +175,7 @@ def _ce_sum_fwd(h_BTE, head_VE, targets_BT, weights_BT, chunk_rows):
         return dhead_EV, (lse, dh_c)
 
     dhead0 = jnp.zeros(head_c.shape[::-1], jnp.float32)
-    dhead_EV, (lse, dh) = jax.lax.scan(body, dhead0, (_split(h_BTE, c), _split(targets_BT, c),
-                                                      _split(w32, c)))
+    dhead_EV, (lse, dh) = jax.lax.scan(body, dhead0, (_split(h_BTE, c), _split(w32, c)))
     # the barrier keeps XLA from folding this transpose into the dot (non-canonical: see above)
     dhead = jax.lax.optimization_barrier(dhead_EV).T[:V]
     lse, dh = _unsplit(lse), _unsplit(dh)
