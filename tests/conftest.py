@@ -8,9 +8,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# One persistent compilation cache per test session, inherited by the train.py subprocesses the
+import jax  # noqa: E402,F401 - imported before the cache settings below, so they miss this process
+
+# One persistent compilation cache per test session for the train.py / sample.py subprocesses the
 # tests start (they copy os.environ): a resumed or repeated run loads the step an earlier process
-# compiled instead of compiling it again. Fresh each session, so no test sees an older build.
+# compiled instead of compiling it again. jax reads these variables at import, so this process
+# (already importing jax above) does not use the cache: its many small compiles would only pay for
+# the writes. Fresh each session, so no test sees an older build.
 _CACHE = tempfile.mkdtemp(prefix="reflex-jax-test-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
