@@ -16,7 +16,7 @@ def get_config():
     m.norm, m.mlp, m.pos_emb, m.bias = "rmsnorm", "swiglu", "learned", False
     m.dropout = 0.0
     m.dtype = "bfloat16"                       # parameters stay float32
-    m.reflex = "all"
+    m.head_plan = "all"
     c.data.tokenizer = "bytes"
     c.data.loss_on = "all"
     c.data.task_rows = 50000                   # built-in tasks: fresh rows for all 2,000 steps

@@ -14,7 +14,7 @@ def get_config():
     m.n_layer, m.n_head, m.n_embd = 4, 8, 128
     m.norm, m.mlp, m.pos_emb, m.bias = "rmsnorm", "swiglu", "learned", False
     m.dropout = 0.0
-    m.reflex = "all"
+    m.head_plan = "all"
     c.data.task = "arith"
     c.data.task_options.ops = "plus"
     c.data.task_options.max_operand = 20       # 441 questions; 64 held out for exact match

@@ -45,7 +45,7 @@ def read_model_config(directory: str) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(storage.read_text(path)))
 
 
-def read_meta(directory: str) -> dict:
+def read_checkpoint_meta(directory: str) -> dict:
     path = storage.join(directory, META)
     if not storage.exists(path):
         return {}
@@ -195,7 +195,8 @@ class RunCheckpoints:
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, params, opt_state, val_loss: Optional[float] = None) -> None:
         self._finish_pending()
-        self._check_space(step, (params, opt_state))
+        if not storage.is_remote(self.directory):
+            _check_space(self.directory, step, (params, opt_state), self._intact_text)
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
         try:
             self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
@@ -204,19 +205,6 @@ class RunCheckpoints:
         except Exception as e:  # noqa: BLE001 - storage errors of every kind, named below
             raise self._save_failed(step, e) from None
         self._unsealed.append(step)
-
-    def _check_space(self, step: int, trees) -> None:
-        """Refuse a save that cannot fit on a local disk, before writing anything."""
-        if storage.is_remote(self.directory):
-            return
-        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(trees)) // max(jax.process_count(), 1)
-        os.makedirs(self.directory, exist_ok=True)
-        free = shutil.disk_usage(self.directory).free
-        if free < need:
-            raise CheckpointError(
-                f"not enough disk space to save step {step} in {self.directory}: it needs about "
-                f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; "
-                f"{self._intact_text()}; free space or use another --config.run_dir.")
 
     def _intact_text(self) -> str:
         try:
@@ -297,51 +285,25 @@ class RunCheckpoints:
                 problem = _reason(e)
         raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({problem})")
 
-    def _first_intact(self, candidates: list[int], restore: Callable, log: Callable):
-        damaged = []
-        for step in candidates:
-            try:
-                out = self._restore_checked(step, lambda: restore(step))
-            except CheckpointError as e:
-                if len(candidates) == 1:
-                    raise CheckpointError(f"{e}; restore another step or remove it.") from None
-                damaged.append(step)
-                log(f"{e}; trying the next older step")
-                continue
-            if damaged:
-                log(f"restored step {step} instead of the damaged step(s) "
-                    f"{', '.join(map(str, damaged))}")
-            return step, out
-        raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps "
-                              f"{', '.join(map(str, damaged))}); start a new --config.run_dir or "
-                              "restore the files.")
-
     def restore_intact(self, abstract_params, abstract_opt_state, log: Callable = _note):
         """(step, params, opt_state) of the newest intact step (see the class docstring)."""
-        step, (params, opt) = self._first_intact(
-            list(reversed(self.all_steps())),
-            lambda s: self.restore(s, abstract_params, abstract_opt_state), log)
-        self._set_aside([s for s in self.all_steps() if s > step], log)
+        step, (params, opt) = _first_intact(
+            self.directory, list(reversed(self.all_steps())),
+            lambda s: self._restore_checked(s, lambda: self.restore(s, abstract_params,
+                                                                    abstract_opt_state)), log)
+        newer = [s for s in self.all_steps() if s > step]
+        if newer and not storage.is_remote(self.directory):
+            _set_aside(self.directory, newer, log)
+            self.manager.reload()
         return step, params, opt
-
-    def _set_aside(self, steps: list[int], log: Callable) -> None:
-        """Move damaged steps newer than the one resumed from out of orbax's directory (training
-        would save those steps again), to <run_dir>/damaged_checkpoints/: nothing is deleted."""
-        if not steps or storage.is_remote(self.directory):
-            return
-        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
-        os.makedirs(aside, exist_ok=True)
-        for step in steps:
-            target = os.path.join(aside, f"{step}-{int(time.time())}")
-            shutil.move(os.path.join(self.directory, str(step)), target)
-            log(f"moved the damaged step {step} to {target}")
-        self.manager.reload()
 
     def restore_params_intact(self, step: Optional[int] = None, which: str = "best",
                               log: Callable = _note, abstract_params=None):
         """(step, params): the step asked for, else best/latest, else the newest intact one."""
-        return self._first_intact(self._candidates(step, which),
-                                  lambda s: self.restore_params(s, abstract_params), log)
+        return _first_intact(
+            self.directory, self._candidates(step, which),
+            lambda s: self._restore_checked(s, lambda: self.restore_params(s, abstract_params)),
+            log)
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """(params, opt_state) at `step`, placed like the abstract trees' shardings."""
@@ -367,3 +329,49 @@ class RunCheckpoints:
             if await_cleanup is not None:
                 await_cleanup()
             self.manager.close()
+
+
+def _check_space(directory: str, step: int, trees, intact_text: Callable[[], str]) -> None:
+    """Refuse a save that cannot fit on a local disk, before writing anything."""
+    need = sum(x.nbytes for x in jax.tree_util.tree_leaves(trees)) // max(jax.process_count(), 1)
+    os.makedirs(directory, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough disk space to save step {step} in {directory}: it needs about "
+            f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free; "
+            f"{intact_text()}; free space or use another --config.run_dir.")
+
+
+def _first_intact(directory: str, candidates: list[int], restore: Callable, log: Callable):
+    """(step, restore(step)) of the first candidate whose restore raises no CheckpointError,
+    saying which damaged steps were passed over."""
+    damaged = []
+    for step in candidates:
+        try:
+            out = restore(step)
+        except CheckpointError as e:
+            if len(candidates) == 1:
+                raise CheckpointError(f"{e}; restore another step or remove it.") from None
+            damaged.append(step)
+            log(f"{e}; trying the next older step")
+            continue
+        if damaged:
+            log(f"restored step {step} instead of the damaged step(s) "
+                f"{', '.join(map(str, damaged))}")
+        return step, out
+    raise CheckpointError(f"every checkpoint in {directory} is damaged (steps "
+                          f"{', '.join(map(str, damaged))}); start a new --config.run_dir or "
+                          "restore the files.")
+
+
+def _set_aside(directory: str, steps: list[int], log: Callable) -> None:
+    """Move damaged steps newer than the one resumed from out of orbax's (local) directory
+    (training would save those steps again), to <run_dir>/damaged_checkpoints/: nothing is
+    deleted."""
+    aside = os.path.join(os.path.dirname(directory), "damaged_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        shutil.move(os.path.join(directory, str(step)), target)
+        log(f"moved the damaged step {step} to {target}")

@@ -20,15 +20,17 @@ from .errors import ConfigError, ReflexError, UsageError
 from .model.config import ModelConfig
 
 
-REFLEX_TYPES = (str, tuple, list)  # model.reflex: a preset name or explicit per-layer tuples
+HEAD_PLAN_TYPES = (str, tuple, list)  # model.head_plan: a preset name or explicit per-layer tuples
 
 
 def model_config_dict(**overrides) -> ConfigDict:
     d = ModelConfig().to_dict()
+    d["reflex"] = None  # model.head_plan's old name; when set, it is the head plan
     d.update(overrides)
     # the field takes either form; a command line gives the tuples as text, ModelConfig parses it
-    if not isinstance(d["reflex"], config_dict.FieldReference):
-        d["reflex"] = config_dict.FieldReference(d["reflex"], field_type=REFLEX_TYPES)
+    for name in ("head_plan", "reflex"):
+        if not isinstance(d[name], config_dict.FieldReference):
+            d[name] = config_dict.FieldReference(d[name], field_type=HEAD_PLAN_TYPES)
     m = ConfigDict(d)
     for name, kind in (("mlp_hidden", int), ("reflex_window", int)):
         if m[name] is None:
@@ -90,29 +92,18 @@ def base_config() -> ConfigDict:
 
 def model_config_from(config: ConfigDict) -> ModelConfig:
     """The validated ModelConfig of an ml_collections config (errors name the field)."""
-    return ModelConfig.from_dict(config.model.to_dict())
+    return ModelConfig.from_dict(model_fields(config.model.to_dict()))
 
 
-def reference_config(reflex: str = "all"):
-    """The reference run (docs/training.md) with the given schedule (configs/reflex.py, vanilla.py)."""
-    c = base_config()
-    m = c.model
-    m.vocab_size, m.block_size = 50257, 2048
-    m.n_layer, m.n_head, m.n_embd = 6, 8, 1536
-    m.norm, m.mlp, m.bias, m.pos_emb = "rmsnorm", "swiglu", True, "learned"
-    m.norm_eps = 1e-6  # the original code's RMSNorm eps
-    m.dropout = 0.1
-    m.dtype = "bfloat16"
-    m.reflex = reflex
-    c.data.dir = "data/ru_instructions"
-    name = "reflex" if reflex == "all" else "vanilla" if reflex == "none" else "custom"
-    c.init_from = f"weights/rugpt3large_{name}"
-    c.run_dir = f"runs/{name}"
-    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 400
-    c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.clip = 0.9, 0.98, 0.1, 1.0
-    c.batch_size, c.grad_accum = 16, 2   # 8 sequences x 2 accumulation steps
-    c.max_steps = 10000
-    return c
+def model_fields(model: dict) -> dict:
+    """A config's model section (or a stored run's config.json "model") with model.reflex, the
+    old name of model.head_plan, folded in: when set (a config built in code, an older run's
+    config.json), it is the head plan."""
+    d = dict(model)
+    alias = d.pop("reflex", None)
+    if alias is not None:
+        d["head_plan"] = alias
+    return d
 
 
 # ---- config file + `--config.a.b=v` overrides ------------------------------------------------------
@@ -144,9 +135,18 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigD
     except Exception as e:  # noqa: BLE001 - e.g. a value of the wrong type for a field
         raise ConfigError(f"get_config() of {file!r} failed ({type(e).__name__}: {e}); fix the "
                            "file.") from None
+    _fold_reflex(config)  # an older file's model.reflex
     for key, raw in overrides:
         apply_override(config, key, raw)
     return config
+
+
+def _fold_reflex(config: ConfigDict) -> None:
+    """model.reflex (head_plan's old name), when set, moves to model.head_plan: what the config's
+    readers see is model.head_plan."""
+    model = config.get("model")
+    if isinstance(model, ConfigDict) and model.get("reflex") is not None:
+        model.head_plan, model.reflex = model.reflex, None
 
 
 def split_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
@@ -177,6 +177,7 @@ def model_overrides(args: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--config.{key}: only --config.model.<field> overrides apply here "
                              "(the rest of the config is for training).")
         apply_override(config, key, raw)
+        key = _ALIASES.get(key, key)
         out[key[len("model."):]] = _field(config, key)[0][key.rsplit(".", 1)[1]]
     return out
 
@@ -198,7 +199,11 @@ def _field(config: ConfigDict, key: str):
     return parent, leaf
 
 
+_ALIASES = {"model.reflex": "model.head_plan"}  # old name -> the field it sets
+
+
 def apply_override(config: ConfigDict, key: str, raw: str) -> None:
+    key = _ALIASES.get(key, key)
     parent, leaf = _field(config, key)
     if isinstance(parent[leaf], ConfigDict):
         raise ConfigError(f"config field '{key}' is a group, not a value; set one of its fields, "
@@ -213,7 +218,7 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 def _parse_value(key: str, raw: str, kind) -> Any:
     raw = str(raw)
-    if isinstance(kind, tuple) and str in kind:  # a field of several types (model.reflex): the
+    if isinstance(kind, tuple) and str in kind:  # a field of several types (model.head_plan): the
         return raw                               # text as typed, its consumer parses it
     try:
         if kind is bool:
@@ -239,3 +244,13 @@ def _parse_value(key: str, raw: str, kind) -> Any:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
+
+
+def flatten_config(d, prefix: str = "") -> dict:
+    """Nested dicts (a config's to_dict(), a config.json) -> {'a.b': leaf}."""
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}

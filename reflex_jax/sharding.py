@@ -342,3 +342,10 @@ def _initialize(kwargs: dict) -> None:
         raise UsageError(f"could not join the multi-host job at {where} ({first[:200]}); start every "
                          "process with the same --coordinator and --num_processes and a distinct "
                          "--process_id.") from e
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process of a multi-host job reaches this point (a no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

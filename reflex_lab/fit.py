@@ -5,7 +5,7 @@
 For each depth the search walks n_embd on a grid of `--step` (heads of `--head_dim`, so n_head =
 n_embd / head_dim), compiling the config's train step (default configs/reflex.py: block 2048,
 bf16, reflex 'all', batch 16 x grad_accum 2) with fsdp over all the target's chips, for the
-target's deviceless devices (reflex_jax.targets). A point fits when the compiled train step's
+target's deviceless devices (reflex_jax.hardware). A point fits when the compiled train step's
 per-device total (memory_analysis) is within the chip's HBM; a point XLA:TPU refuses to compile
 does not. The train step is the largest of the dry run's functions (docs/accelerators.md shows
 it for the reference config), so a probe compiles only it; the largest fitting point is then
@@ -40,7 +40,7 @@ FIRST_GUESS_ACT = 225.0
 def parse_args(argv: Optional[Sequence[str]]):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--target", required=True, help="compile target: v5e:2x4, v5p:2x2x1, "
-                   "v5p:2x2x2, v6e:2x4, gpu:h100x8, ... (reflex_jax/targets.py)")
+                   "v5p:2x2x2, v6e:2x4, gpu:h100x8, ... (reflex_jax/hardware.py)")
     p.add_argument("--config", default="configs/reflex.py", help="config file (default "
                    "configs/reflex.py); --config.<field>=<value> words override its fields")
     p.add_argument("--n_layer", type=int, nargs="+", default=[6], help="depths to search")
@@ -71,11 +71,11 @@ def check_args(args) -> None:
 # ---- one point of the grid ----------------------------------------------------------------------
 
 class Prober:
-    """Builds the Trainer of one (n_layer, n_embd) point for the target and compiles it."""
+    """Builds the TrainProgram of one (n_layer, n_embd) point for the target and compiles it."""
 
     def __init__(self, base_config, target, head_dim: int, log: Callable[[str], None]):
         self.base, self.target, self.head_dim, self.log = base_config, target, head_dim, log
-        self._trainers: dict = {}  # (n_layer, n_embd) -> Trainer, see keep()
+        self._programs: dict = {}  # (n_layer, n_embd) -> TrainProgram, see keep()
         self._state: dict = {}
 
     def config(self, n_layer: int, n_embd: int):
@@ -85,33 +85,32 @@ class Prober:
         # 'all' borrows from every earlier layer unless windowed; each layer keeps reflex_min_self
         # self heads, so a window of n_head - reflex_min_self keeps the schedule valid
         widest = m.n_head - m.reflex_min_self
-        m.reflex_window = widest if m.reflex == "all" and n_layer - 1 > widest else None
+        m.reflex_window = widest if m.head_plan == "all" and n_layer - 1 > widest else None
         return c
 
-    def trainer(self, n_layer: int, n_embd: int):
-        """The point's Trainer, built from shapes."""
+    def program(self, n_layer: int, n_embd: int):
+        """The point's TrainProgram, built from shapes."""
         key = (n_layer, n_embd)
-        if key not in self._trainers:
-            self._trainers[key] = self._build(n_layer, n_embd)
-        return self._trainers[key]
+        if key not in self._programs:
+            self._programs[key] = self._build(n_layer, n_embd)
+        return self._programs[key]
 
     def _build(self, n_layer: int, n_embd: int):
-        from reflex_jax.train.trainer import Trainer
-        return Trainer(self.config(n_layer, n_embd), log=lambda s: None,
-                       devices=self.target.devices, compile_only=True)
+        from reflex_jax.train.program import TrainProgram
+        return TrainProgram(self.config(n_layer, n_embd), devices=self.target.devices)
 
     def keep(self, *keys) -> None:
-        """Drop every Trainer but those of `keys`. A kept Trainer keeps its compiled train step
+        """Drop every TrainProgram but those of `keys`. A kept one keeps its compiled train step
         in JAX's in-memory cache, so that the full dry run of the largest fit does not compile
         it again."""
-        self._trainers = {k: t for k, t in self._trainers.items() if k in keys}
+        self._programs = {k: p for k, p in self._programs.items() if k in keys}
 
     def state_bytes(self, n_layer: int, n_embd: int) -> int:
         """Params + optimizer state per device, from shapes (nothing compiles)."""
         from reflex_jax.train.dry_run import per_device_bytes
         key = (n_layer, n_embd)
         if key not in self._state:
-            state = (self._trainers.get(key) or self._build(n_layer, n_embd)).abstract_state
+            state = (self._programs.get(key) or self._build(n_layer, n_embd)).abstract_state
             self._state[key] = (per_device_bytes(state.params)
                                 + per_device_bytes(state.opt_state))
         return self._state[key]
@@ -120,9 +119,9 @@ class Prober:
         """The train step's compiled memory at this point, and whether it fits the chip."""
         from reflex_jax.model import count_params
         from reflex_jax.train.dry_run import compile_all, per_device_bytes
-        t = self.trainer(n_layer, n_embd)
-        step = compile_all(t, names=("train_step",))["train_step"]
-        state = t.abstract_state
+        program = self.program(n_layer, n_embd)
+        step = compile_all(program, names=("train_step",))["train_step"]
+        state = program.abstract_state
         per_device = {"params": per_device_bytes(state.params),
                       "opt_state": per_device_bytes(state.opt_state),
                       **{k: step["memory"].get(k) for k in ("temp", "arguments", "outputs",
@@ -130,8 +129,9 @@ class Prober:
         oom = step.get("out_of_memory")
         total = (oom["needs"] + per_device["params"] + per_device["opt_state"] if oom
                  else per_device["total"])
-        rec = {"n_layer": n_layer, "n_embd": n_embd, "n_head": t.cfg.n_head,
-               "reflex_window": t.cfg.reflex_window, "params": count_params(t.abstract_params),
+        model = program.model_config
+        rec = {"n_layer": n_layer, "n_embd": n_embd, "n_head": model.n_head,
+               "reflex_window": model.reflex_window, "params": count_params(state.params),
                "per_device_bytes": per_device, "peak_total_bytes": total,
                "fits": oom is None and total <= self.target.chip.hbm_bytes,
                "compile_s": step["compile_s"], "flops": step["flops"],
@@ -147,7 +147,7 @@ class Prober:
     def confirm(self, n_layer: int, n_embd: int) -> dict:
         """The full dry run (train and eval steps, prefill, decode) of one point."""
         from reflex_jax.train.dry_run import report
-        rep = report(self.trainer(n_layer, n_embd), self.target)
+        rep = report(self.program(n_layer, n_embd), self.target)
         keep = ("fits", "peak_total_bytes", "per_device_bytes", "flops_per_step", "bytes_per_step",
                 "model_flops_per_step", "roofline_step_s", "roofline_mfu", "compile_s")
         out = {k: rep.get(k) for k in keep}
@@ -247,12 +247,12 @@ def search(prober: Prober, n_layer: int, args, hbm: int, save: Callable[[], None
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = parse_args(argv)
-    from reflex_jax.targets import quiet_environment
+    from reflex_jax.hardware import quiet_environment
     quiet_environment()  # before JAX starts its backends
     with exit_on_user_error(PROG):
         check_args(args)
         from reflex_jax.run_config import apply_override, load_config, split_overrides
-        from reflex_jax.targets import resolve_target
+        from reflex_jax.hardware import resolve_target
         overrides = split_overrides(rest)
         target = resolve_target(args.target)
         config = load_config(args.config)
@@ -275,7 +275,7 @@ def run(args, config, target, overrides: Sequence[str]) -> int:
            "config": args.config, "overrides": list(overrides), "head_dim": args.head_dim,
            "step": args.step, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
            "block_size": config.model.block_size, "dtype": config.model.dtype,
-           "reflex": config.model.reflex, "command": "python -m reflex_lab.fit " +
+           "head_plan": config.model.head_plan, "command": "python -m reflex_lab.fit " +
            " ".join(sys.argv[1:]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "cpu": cpu_model(), "cores": cpu_count(), "searches": []}
     save = (lambda: _write(args.out, doc)) if args.out else (lambda: None)

@@ -154,7 +154,7 @@ def plot_schedule(cfg: ModelConfig, path: Optional[str] = None, *, title: Option
     ax.set_xlabel("query head (self heads first, then cross heads in schedule order)", fontsize=8)
     for l, plan in enumerate(cfg.layers):
         ax.text(H - 0.4, l, f" {plan.short()}", ha="left", va="center", fontsize=9)
-    name = cfg.reflex if isinstance(cfg.reflex, str) else "explicit"
+    name = cfg.head_plan if isinstance(cfg.head_plan, str) else "explicit"
     kv = cfg.kv_heads_total
     share = kv_bytes_per_token(cfg) / (2 * L * H * cfg.head_dim * np.dtype(cfg.compute_dtype).itemsize)
     fig.suptitle(title or f"reflex schedule '{name}'{' + value residual' if cfg.value_residual else ''}, "
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
                                 description="Draw a reflex head schedule as a PNG (layers x heads).")
     p.add_argument("--config", default="configs/reflex.py", help="config file (default configs/reflex.py)")
-    p.add_argument("--schedule", default="", help="override model.reflex, e.g. all, none, recent:2,1")
+    p.add_argument("--schedule", default="", help="override model.head_plan, e.g. all, none, recent:2,1")
     p.add_argument("--out", required=True, help="PNG path to write")
     p.add_argument("--title", default="", help="figure title (default: schedule and KV-cache share)")
     return p
@@ -215,7 +215,7 @@ def _draw(argv: Optional[Sequence[str]]) -> int:
         raise UsageError(f"--out {args.out!r} must be a .png file path.")
     config = load_config(args.config, split_overrides(rest))
     if args.schedule:
-        config.model.reflex = args.schedule
+        config.model.head_plan = args.schedule
     cfg = model_config_from(config)
     pic = plot_schedule(cfg, args.out, title=args.title or None)
     print(cfg.schedule_table())

@@ -1,7 +1,8 @@
 """Check `prepare` against a direct `transformers` tokenisation of the same rows.
 
     python scripts/check_token_count.py \
-        --source ../shared/data/ru_instructions/ru_qa_combined.jsonl --tokenizer ../shared/data/rugpt3_tokenizer
+        --source ../shared/data/ru_instructions/ru_qa_combined.jsonl \
+        --tokenizer ../shared/data/rugpt3_tokenizer
 
 Prepares the .jsonl file into a temporary directory (timed), then tokenises every row independently:
 bos + AutoTokenizer(template.format(**row))["input_ids"] + eos, and compares the total token count and

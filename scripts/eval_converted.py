@@ -106,15 +106,15 @@ def main() -> None:
     torch_fn = torch_loss_fn(hf)
     record("original (torch, HF transformers)", None, "-", torch_fn)
     variants = [("converted vanilla", dict()),
-                ("converted reflex all", dict(reflex="all")),
+                ("converted reflex all", dict(head_plan="all")),
                 # recent:2,1 is invalid with 4 heads (layer 3 would want 2 of layer 2's single self
                 # head); recent:1,1 is its 4-head analogue.
-                ("converted reflex recent:1,1", dict(reflex="recent:1,1")),
+                ("converted reflex recent:1,1", dict(head_plan="recent:1,1")),
                 ("converted vanilla", dict(mlp="swiglu")),
                 ("converted vanilla", dict(norm="rmsnorm", mlp="swiglu")),
-                ("converted reflex all", dict(reflex="all", norm="rmsnorm", mlp="swiglu")),
-                ("converted reflex recent:1,1", dict(reflex="recent:1,1", norm="rmsnorm",
-                                                     mlp="swiglu"))]
+                ("converted reflex all", dict(head_plan="all", norm="rmsnorm", mlp="swiglu")),
+                ("converted reflex recent:1,1", dict(head_plan="recent:1,1", norm="rmsnorm",
+                                                        mlp="swiglu"))]
     max_delta = None
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(variants):

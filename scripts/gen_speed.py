@@ -49,12 +49,12 @@ def main(argv=None):
     p.add_argument("--n_head", type=int, default=8)
     p.add_argument("--n_embd", type=int, default=256)
     p.add_argument("--vocab_size", type=int, default=50257)
-    p.add_argument("--reflex", default="all")
+    p.add_argument("--head_plan", "--reflex", default="all", help="model.head_plan (--reflex: its old name)")
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=max(lengths) + args.new_tokens,
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                      reflex=args.reflex, dtype="float32")
+                      head_plan=args.head_plan, dtype="float32")
     params = init_params(cfg, jax.random.PRNGKey(0))
     gen, uncached = Generator(cfg), make_uncached(cfg)
     n = args.new_tokens
@@ -67,9 +67,14 @@ def main(argv=None):
     print("|---:|---:|---:|---:|---:|:---:|")
     for length in lengths:
         prompt = np.random.default_rng(length).integers(0, cfg.vocab_size, length).tolist()
-        run_cached = lambda: gen.generate(params, [prompt], max_new_tokens=n)[0]
-        run_first = lambda: gen.generate(params, [prompt], max_new_tokens=1)[0]  # same buckets
-        run_uncached = lambda: uncached(params, prompt, n)
+        def run_cached(prompt=prompt):
+            return gen.generate(params, [prompt], max_new_tokens=n)[0]
+
+        def run_first(prompt=prompt):  # the same buckets
+            return gen.generate(params, [prompt], max_new_tokens=1)[0]
+
+        def run_uncached(prompt=prompt):
+            return uncached(params, prompt, n)
         same = run_cached() == run_uncached()  # also compiles both sides
         run_first()
         t_cached, t_first, t_uncached = [], [], []

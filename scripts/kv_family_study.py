@@ -1,11 +1,12 @@
 """The KV-sharing study (docs/study.md): every head plan x 3 seeds on four tasks, one compare.py grid
 per task, `--workers` runs at a time (each pinned to its own core), and after every finished run the
 task's report is rebuilt and, with --commit, committed, so a stopped study loses at most the runs in
-flight (and those resume from their last checkpoint). The same command resumes it.
+flight (and those resume from their last checkpoint). The same command resumes it. Run it as a
+module from the checkout's root, so that this checkout's reflex_jax is the one imported:
 
-    python scripts/kv_family_study.py --plan                  # every run and its state
-    python scripts/kv_family_study.py --commit                # all tasks, seed-major order
-    python scripts/kv_family_study.py --tasks lit --seeds 0   # a part of it
+    python -m scripts.kv_family_study --plan                  # every run and its state
+    python -m scripts.kv_family_study --commit                # all tasks, seed-major order
+    python -m scripts.kv_family_study --tasks lit --seeds 0   # a part of it
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # this checkout's reflex_jax, also when another one is installed
 SCHEDULES = ["none", "all", "recent:2,1", "kv:8,7,6,5,4,3", "fewer:all", "cla:2", "route",
              "all+value_residual"]
 SEEDS = [0, 1, 2]
@@ -85,7 +85,7 @@ def compare(task: str, args, schedules, seeds, out: str, *extra: str, core=None)
            "--schedules", ";".join(schedules), "--seeds", ",".join(map(str, seeds)), "--out", out, *extra]
     if core is not None:
         cmd = ["taskset", "-c", str(core)] + cmd
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # compare.py imports the reflex_jax beside it
     return subprocess.call(cmd, env=env, cwd=ROOT, stdout=args.log, stderr=subprocess.STDOUT)
 
 

@@ -21,7 +21,7 @@ STEPS = 2
 # 8 heads, reflex `all`: self heads 8, 7, 6 -> layer 1's K/V heads never divide tensor=2 or 8,
 # layer 2's divide 2 but not 8. Vocab 259 is odd, so the vocab axis never splits.
 MODEL = {"model.n_layer": 3, "model.n_head": 8, "model.n_embd": 64, "model.block_size": 32,
-         "model.reflex": "all"}
+         "model.head_plan": "all"}
 
 
 def config(run_dir, data_dir, mesh):
@@ -43,12 +43,12 @@ def _with(c, **kw):
 def run_steps(trainer, params=None):
     """STEPS train steps from `params` (host arrays) or from a fresh, directly sharded init.
     Returns (init params, params after each step, losses), all on the host."""
-    state = trainer.init_state(params)
+    state = trainer.program.init_state(params)
     init = jax.device_get(state.params)
     after, losses = [], []
     for step in range(STEPS):
-        tokens, mask = trainer.put_batch(trainer.train_loader.batch(step))
-        state, m = trainer.train_step(state, tokens, mask)
+        tokens, mask = trainer.program.put_batch(trainer.train_loader.batch(step))
+        state, m = trainer.program.train_step(state, tokens, mask)
         losses.append(float(m["loss"]))
         after.append(jax.device_get(state.params))
     return state, init, after, losses
@@ -81,7 +81,7 @@ def main(out_path, tmp):
     data_dir = ref_trainer.data_dir
     ref_state, ref_init, ref_after, ref_losses = run_steps(ref_trainer)
     ref_opt = jax.device_get(ref_state.opt_state)
-    result = {"reference": {"losses": ref_losses, "devices": ref_trainer.mesh.devices.size}}
+    result = {"reference": {"losses": ref_losses, "devices": ref_trainer.program.mesh.devices.size}}
 
     for mesh in MESHES:
         t = Trainer(config(os.path.join(tmp, "m%d%d%d" % mesh), data_dir, mesh), log=log)
@@ -90,7 +90,7 @@ def main(out_path, tmp):
         fresh = mesh == (2, 2, 2)
         state, init, after, losses = run_steps(t, None if fresh else ref_init)
         result["x".join(map(str, mesh))] = {
-            "mesh": dict(t.mesh.shape), "losses": losses, "fresh_init": fresh,
+            "mesh": dict(t.program.mesh.shape), "losses": losses, "fresh_init": fresh,
             "init_diff": max_diff(init, ref_init),
             "param_diffs": [max_diff(a, b) for a, b in zip(after, ref_after)],
             "param_frac_over_1e-6": [frac_over(a, b) for a, b in zip(after, ref_after)],
@@ -118,7 +118,7 @@ def main(out_path, tmp):
     for name, (c, devices) in targets.items():
         t = Trainer(c, log=log, devices=devices)
         ck = ckpt.RunCheckpoints(saved, create=False)
-        params, opt = ck.restore(STEPS, t.abstract_state.params, t.abstract_state.opt_state)
+        params, opt = ck.restore(STEPS, t.program.abstract_state.params, t.program.abstract_state.opt_state)
         ck.close()
         result["restore " + name] = {
             "param_diff": max_diff(jax.device_get(params), saved_params),
@@ -126,7 +126,7 @@ def main(out_path, tmp):
             "devices": sorted({len(x.sharding.device_set) for x in jax.tree_util.tree_leaves(params)}),
             "matches_target_shardings": all(
                 x.sharding == s for x, s in zip(jax.tree_util.tree_leaves(params),
-                                                jax.tree_util.tree_leaves(t.param_shardings))),
+                                                jax.tree_util.tree_leaves(t.program.param_shardings))),
             "params": describe(params),
         }
     with open(out_path, "w") as f:

@@ -23,7 +23,7 @@ def test_torch_peer_is_the_same_model(reflex, norm, mlp):
     torch = pytest.importorskip("torch")
     from reflex_jax.model import Decoder, head_matrix, init_params
     from reflex_lab.bench import torch_peer
-    cfg = ModelConfig(vocab_size=71, block_size=12, n_layer=4, n_head=4, n_embd=32, reflex=reflex,
+    cfg = ModelConfig(vocab_size=71, block_size=12, n_layer=4, n_head=4, n_embd=32, head_plan=reflex,
                       norm=norm, mlp=mlp)
     params = jax.device_get(init_params(cfg, jax.random.PRNGKey(3)))
     tokens = np.random.default_rng(0).integers(0, 71, (2, 13))
@@ -153,7 +153,7 @@ def test_wall_split_calls_compute_the_step_loss_and_the_decoder_alone(tmp_path):
     from reflex_lab.bench.torch_peer import TorchTrain
     s = BenchSettings.preset("smoke")
     tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1))
-    j = JaxTrain(s, "all", "float32", tokens.astype(np.int32), str(tmp_path))
+    j = JaxTrain(s, "all", "float32", tokens.astype(np.int32))
     t = TorchTrain(j.cfg, j.init_params, tokens, "float32", compiled=False)
     jc, tc = wall_split.calls_of(j), wall_split.calls_of(t)
     grad_losses = (jc["gradients"](), jc["gradients"](), tc["gradients"]())

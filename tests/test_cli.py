@@ -85,7 +85,7 @@ def test_convert_sample_and_data_mistakes_are_one_sentence(capsys, tmp_path):
 
 def test_train_runs_an_explicit_schedule_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "explicit"
-    train.main(["--config", TINY, "--config.model.reflex=((),((0,1),),((1,1),(0,1)),((2,2),))",
+    train.main(["--config", TINY, "--config.model.head_plan=((),((0,1),),((1,1),(0,1)),((2,2),))",
                 "--config.model.n_head=4", "--config.model.n_embd=32", "--config.model.block_size=32",
                 f"--config.run_dir={run}", "--config.max_steps=2", "--config.batch_size=4",
                 "--config.data.task_rows=64", "--config.data.task_val_rows=8",
@@ -94,7 +94,7 @@ def test_train_runs_an_explicit_schedule_from_the_command_line(tmp_path, capsys)
     assert "finished at step 2" in capsys.readouterr().out
     from reflex_jax.checkpoint import load_params
     cfg, params = load_params(str(run))
-    assert cfg.reflex == ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 2),))
+    assert cfg.head_plan == ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 2),))
     assert [p.n_self for p in cfg.layers] == [4, 3, 2, 2]
     assert params["h_3"]["attn"]["k"]["kernel"].shape == (32, 2, 8)  # only the 2 self heads' K
 
@@ -105,6 +105,6 @@ def test_reference_configs_build_the_original_architecture(name, reflex):
     embeddings, learned positions, biases."""
     from reflex_jax.run_config import load_config, model_config_from
     m = model_config_from(load_config(os.path.join(ROOT, "configs", name)))
-    assert (m.reflex, m.norm, m.norm_eps, m.mlp, m.tie_embeddings, m.pos_emb, m.bias) == (
+    assert (m.head_plan, m.norm, m.norm_eps, m.mlp, m.tie_embeddings, m.pos_emb, m.bias) == (
         reflex, "rmsnorm", 1e-6, "swiglu", True, "learned", True)
     assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size) == (6, 8, 1536, 50257)

@@ -282,7 +282,8 @@ def test_a_lost_run_directory_keeps_its_recorded_numbers_and_curves(tmp_path, mo
     assert "| `none-s1` | 1 | finished (recorded) |" in (tmp_path / "out" / "results.md").read_text()
     # the record of a run trained with another config is not taken for this grid's run
     other = plan_grid(small_config(max_steps=40), ["none", "all"], [0, 1, 2], str(tmp_path / "runs"))
-    with pytest.raises(CompareError, match="records a finished run 'none-s1' trained with a different config"):
+    with pytest.raises(CompareError,
+                       match="records a finished run 'none-s1' trained with a different config"):
         collect(other, recorded)
 
 
@@ -335,7 +336,8 @@ def test_schedules_seeds_variants_and_run_names(tmp_path):
     assert parse_schedules("all,recent:2,1+value_residual,all+value_residual") == [
         "all", "recent:2,1+value_residual", "all+value_residual"]
     plain, vr = plan_grid(small_config(), ["all", "all+value_residual"], [0], str(tmp_path))
-    assert (vr.name, vr.group, vr.config.model.reflex) == ("all-value_residual-s0", "all+value_residual", "all")
+    assert (vr.name, vr.group, vr.config.model.head_plan) == ("all-value_residual-s0",
+                                                              "all+value_residual", "all")
     assert vr.config.model.value_residual and not plain.config.model.value_residual
     # two mixing scalars per layer after the first
     assert model_facts(vr.config)["params"] == model_facts(plain.config)["params"] + 2 * (
@@ -348,7 +350,7 @@ def test_schedules_seeds_variants_and_run_names(tmp_path):
     assert [r.name for r in runs] == ["pre-recent-2-1-s3", "random-recent-2-1-s3"]
     assert runs[0].config.optim.lr == 1e-4 and runs[0].config.init_from == "weights/x"
     assert runs[1].config.optim.lr == small_config().optim.lr
-    assert runs[0].config.seed == 3 and runs[0].config.model.reflex == "recent:2,1"
+    assert runs[0].config.seed == 3 and runs[0].config.model.head_plan == "recent:2,1"
     assert runs[0].group == "pre recent:2,1"
     assert variant_differences(runs) == {
         "pre": {"init_from": "weights/x", "optim.lr": 1e-4},
@@ -364,12 +366,14 @@ def test_schedules_seeds_variants_and_run_names(tmp_path):
     (lambda: plan_grid(small_config(), ["alll"], [0], "r"), CompareError,
      r"schedule 'alll' does not fit .*'alll' is unknown"),
     (lambda: plan_grid(load_config(TINY, [("model.n_head", "4")]), ["recent:2,1"], [0], "r"), CompareError,
-     r"schedule 'recent:2,1' does not fit this model \(4 layers x 4 heads\).*layer 3 wants 2 heads of layer 2"),
+     r"schedule 'recent:2,1' does not fit this model \(4 layers x 4 heads\)"
+     r".*layer 3 wants 2 heads of layer 2"),
     (lambda: plan_grid(small_config(), ["all"], [0], "r", [parse_variant("x:seed=3")]), CompareError,
      r"sets seed, which the grid sets itself; use --seeds"),
     (lambda: load_config("configs/nope.py"), ConfigError, r"config file 'configs/nope.py' does not exist"),
     (lambda: load_config(TINY, [("model.n_layr", "2")]), ConfigError, r"did you mean 'model.n_layer'"),
-    (lambda: load_config(TINY, [("model.n_layer", "two")]), ConfigError, r"'model.n_layer' takes an integer, got 'two'"),
+    (lambda: load_config(TINY, [("model.n_layer", "two")]), ConfigError,
+     r"'model.n_layer' takes an integer, got 'two'"),
     (lambda: load_config(TINY, [("model", "2")]), ConfigError, r"is a group, not a value"),
     (lambda: split_overrides(["--max_steps=3"]), UsageError, r"unknown argument '--max_steps=3'"),
 ])
@@ -380,7 +384,7 @@ def test_user_mistakes_are_one_sentence(call, error, message):
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
-    code = compare_cli.main(["--out", str(tmp_path / "o"), "--config.model.reflex=all"])
+    code = compare_cli.main(["--out", str(tmp_path / "o"), "--config.model.head_plan=all"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "set per run by the grid; use --schedules" in err
@@ -409,14 +413,14 @@ def test_plan_prints_each_run(tmp_path, capsys):
 # ---- schedule picture ----------------------------------------------------------------------------------
 
 def test_schedule_matrices_follow_the_design():
-    all68 = ModelConfig(n_layer=6, n_head=8, n_embd=64, reflex="all")
+    all68 = ModelConfig(n_layer=6, n_head=8, n_embd=64, head_plan="all")
     m = source_matrix(all68)
     assert m[0].tolist() == [0] * 8
     assert m[5].tolist() == [5, 5, 5, 4, 3, 2, 1, 0]   # 3 self, then newest source first
     assert (m <= np.arange(6)[:, None]).all()
     # cross heads read the source layer's *last* self heads
     assert source_head_matrix(all68)[5].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
-    r21 = ModelConfig(n_layer=6, n_head=8, n_embd=64, reflex="recent:2,1")
+    r21 = ModelConfig(n_layer=6, n_head=8, n_embd=64, head_plan="recent:2,1")
     assert source_matrix(r21)[2].tolist() == [2] * 5 + [1, 1, 0]
     assert source_head_matrix(r21)[2].tolist() == [0, 1, 2, 3, 4, 4, 5, 7]  # L1 keeps 6 self heads
 
@@ -425,7 +429,7 @@ def test_schedule_matrices_follow_the_design():
 def test_schedule_png_cells_have_the_source_layer_colour(tmp_path, reflex):
     import matplotlib.image as mpimg
 
-    cfg = ModelConfig(n_layer=6, n_head=8, n_embd=64, reflex=reflex)
+    cfg = ModelConfig(n_layer=6, n_head=8, n_embd=64, head_plan=reflex)
     pic = plot_schedule(cfg, str(tmp_path / "s.png"))
     img = mpimg.imread(tmp_path / "s.png")
     assert img.shape[:2] == (pic.size[1], pic.size[0]) == (500, 800)
@@ -450,7 +454,7 @@ def test_schedule_plot_cli(tmp_path, capsys):
     assert schedule_plot.main(["--config", TINY, "--schedule", "recent:1", "--out", str(out)]) == 0
     assert out.exists() and "recent:1 4x8: 8 | 7+1 | 7+1 | 7+1" in capsys.readouterr().out
     assert schedule_plot.main(["--config", TINY, "--schedule", "bogus", "--out", str(out)]) == 2
-    assert "model.reflex='bogus' is unknown" in capsys.readouterr().err
+    assert "model.head_plan='bogus' is unknown" in capsys.readouterr().err
 
 
 # ---- one real (tiny) run through the command line ----------------------------------------------------
@@ -535,4 +539,5 @@ def test_paired_differences_against_controls_and_the_summary_plots(tmp_path, cap
     # --controls must name a group of the grid
     assert compare_cli.main(["--config", TINY, "--schedules", "none,all", "--seeds", "0", "--out",
                              str(tmp_path / "x"), "--controls", "gqa:2", "--report_only"]) == 2
-    assert "--controls names 'gqa:2', which is not a group of this grid (none, all)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--controls names 'gqa:2', which is not a group of this grid (none, all)" in err

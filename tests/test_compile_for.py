@@ -2,7 +2,6 @@
 a small reflex model compile deviceless for TPU slices (one host and two hosts, fsdp and tensor
 parallel, an uneven schedule) and GPU hosts; the report's figures are the compiler's; a model
 that does not fit says so with exit status 3; mistakes are one sentence."""
-import importlib.util
 import json
 import os
 
@@ -10,20 +9,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from reflex_jax import targets
+from reflex_jax import hardware
 from reflex_jax.cli import train as train_cli
 from reflex_jax.run_config import load_config
-from reflex_jax.train.trainer import Trainer
+from reflex_jax.train.program import TrainProgram
 
-targets.quiet_environment()
+from plugins import HAVE_LIBTPU, needs_cuda, needs_libtpu  # skips, naming the plugin
+
+hardware.quiet_environment()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not importable: " + targets.install_line("tpu"))
-needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
-                                reason="the JAX CUDA plugin is not importable: "
-                                + targets.install_line("cuda12"))
 
 # small and uneven: 3 layers x 4 heads, `all` -> self heads 4, 3, 2 (tensor=2 cannot split 3)
 MODEL = {"model.n_layer": 3, "model.n_head": 4, "model.n_embd": 64, "model.block_size": 64,
@@ -55,7 +51,7 @@ def test_every_function_compiles_for_tpu_slices(tmp_path, capsys, target, mesh, 
     assert rep["target"] == target and rep["device_kind"] == "TPU v5" and rep["n_hosts"] == hosts
     assert rep["mesh"] == {"data": mesh["mesh.data"], "fsdp": mesh["mesh.fsdp"],
                            "tensor": mesh["mesh.tensor"]}
-    assert rep["fits"] is True and rep["hbm_bytes"] == targets.CHIPS["v5p"].hbm_bytes
+    assert rep["fits"] is True and rep["hbm_bytes"] == hardware.CHIPS["v5p"].hbm_bytes
     assert set(rep["functions"]) == {"train_step", "eval_step", "prefill", "decode"}
     for name, f in rep["functions"].items():
         assert f["flops"] > 0 and f["memory"]["total"] > 0, name
@@ -68,21 +64,20 @@ def test_every_function_compiles_for_tpu_slices(tmp_path, capsys, target, mesh, 
 
 @needs_libtpu
 def test_reported_memory_is_the_compilers(tmp_path):
-    target = targets.resolve_target("v5p:2x2x1")
-    trainer = Trainer(_config(**{"mesh.fsdp": 4}), devices=target.devices, compile_only=True,
-                      log=lambda s: None)
-    _, rep = trainer.dry_run(target)
+    target = hardware.resolve_target("v5p:2x2x1")
+    program = TrainProgram(_config(**{"mesh.fsdp": 4}), devices=target.devices)
+    _, rep = program.dry_run(target)
     B, T = 16, 64
     sds = lambda dtype: jax.ShapeDtypeStruct((B, T + 1), dtype,  # noqa: E731
-                                             sharding=trainer.batch_sharding)
-    mem = trainer.train_step.lower(trainer.abstract_state, sds(jnp.int32),
+                                             sharding=program.batch_sharding)
+    mem = program.train_step.lower(program.abstract_state, sds(jnp.int32),
                                    sds(jnp.float32)).compile().memory_analysis()
     got = rep["per_device_bytes"]
     assert (got["temp"], got["arguments"], got["outputs"]) == (
         mem.temp_size_in_bytes, mem.argument_size_in_bytes, mem.output_size_in_bytes)
     assert got["total"] == (mem.argument_size_in_bytes + mem.output_size_in_bytes
                             - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-    assert trainer.kernels.platform == "tpu"
+    assert program.kernels.platform == "tpu"
 
 
 @needs_libtpu
@@ -100,7 +95,8 @@ def test_a_model_too_big_for_the_chip_exits_3(tmp_path, capsys):
 def test_mistakes_are_one_sentence(capsys):
     for target, said in (("v9z:2x2", "unknown compile target 'v9z:2x2'; use a TPU topology"),
                          ("gpu:h100x12", "asks for 12 GPUs"),
-                         ("v5p:3x3x3", "libtpu rejects the TPU topology 'v5p:3x3x3'")):
+                         ("v5p:3x3x3", "libtpu rejects the TPU topology 'v5p:3x3x3'" if HAVE_LIBTPU
+                          else "libtpu is not installed, so there is no compiler for TPU targets")):
         with pytest.raises(SystemExit) as exit_:
             train_cli.main(["--config", TINY, f"--compile_for={target}"])
         err = capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from reflex_jax.checkpoint import load_params, read_meta
+from reflex_jax.checkpoint import load_params, read_checkpoint_meta
 from reflex_jax.interop.hf_gpt2 import (SWIGLU_ALPHA, ConvertError, convert_gpt2, load_gpt2,
                                 matching_config, parse_layers)
 from reflex_jax.model import Decoder, init_params
@@ -97,7 +97,7 @@ def test_vanilla_conversion_reproduces_gpt2_logits(tmp_path, shape, fmt):
         model = model.float()  # the reference is the fp16-rounded weights in float32
     source = load_gpt2(directory)
     cfg = matching_config(source, block_size=block or P)
-    assert (cfg.reflex, cfg.norm, cfg.mlp, cfg.pos_emb, cfg.bias, cfg.tie_embeddings) == \
+    assert (cfg.head_plan, cfg.norm, cfg.mlp, cfg.pos_emb, cfg.bias, cfg.tie_embeddings) == \
         ("none", "layernorm", "gelu", "learned", True, True)
     params, report = convert_gpt2(cfg, source)
     totals = report.totals()
@@ -116,7 +116,7 @@ def test_vanilla_conversion_reproduces_gpt2_logits(tmp_path, shape, fmt):
                                            ("recent:2", None)])
 def test_reflex_target_takes_documented_slices(gpt2, reflex, layers):
     model, source = gpt2
-    cfg = matching_config(source, reflex=reflex)
+    cfg = matching_config(source, head_plan=reflex)
     params, report = convert_gpt2(cfg, source, layers=layers)
     E, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     picked = layers or list(range(cfg.n_layer))
@@ -152,7 +152,7 @@ def test_reflex_target_takes_documented_slices(gpt2, reflex, layers):
 
 def test_target_head_count_recuts_q_columns(gpt2):
     _, source = gpt2
-    cfg = matching_config(source, n_head=2, reflex="recent:1")  # head_dim 16 instead of 8
+    cfg = matching_config(source, n_head=2, head_plan="recent:1")  # head_dim 16 instead of 8
     params, report = convert_gpt2(cfg, source)
     W = source.tensors["h.1.attn.c_attn.weight"]
     np.testing.assert_array_equal(params["h_1"]["attn"]["q"]["kernel"][:, 1], W[:, 16:32])
@@ -371,7 +371,7 @@ def get_config():
     c = base_config()
     m = c.model
     m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd = 50, 16, 4, 4, 32
-    m.norm, m.mlp, m.bias, m.pos_emb, m.reflex = "layernorm", "gelu", True, "learned", "all"
+    m.norm, m.mlp, m.bias, m.pos_emb, m.head_plan = "layernorm", "gelu", True, "learned", "all"
     return c
 """
 
@@ -390,15 +390,15 @@ def test_cli_writes_a_loadable_params_dir_with_provenance(tmp_path, gpt2):
     config.write_text(CONFIG_FILE)
     out = tmp_path / "out"
     run = _cli("--hf", source.directory, f"--config={config}", "--config.model.n_layer=2",
-               "--config.model.reflex=recent:1", "--layers", "2,0", "--out", str(out))
+               "--config.model.head_plan=recent:1", "--layers", "2,0", "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert "| sliced |" in run.stdout and "h_0 <- h.2, h_1 <- h.0" in run.stdout
     cfg, params = load_params(str(out))
-    assert (cfg.n_layer, cfg.reflex) == (2, "recent:1")
+    assert (cfg.n_layer, cfg.head_plan) == (2, "recent:1")
     expected, _ = convert_gpt2(cfg, source, layers=[2, 0])
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)
-    meta = read_meta(str(out))
+    meta = read_checkpoint_meta(str(out))
     assert meta["tokenizer"] == source.directory and meta["layers"] == [2, 0]
     assert meta["source"] == source.directory and meta["source_files"] == ["model.safetensors"]
     json.dumps(meta)

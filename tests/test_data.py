@@ -186,7 +186,8 @@ def test_bad_and_long_rows_are_counted(tmp_path, capsys, policy):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0] == meta["summary"]
     assert "malformed_json 2" in out[0] and "non_string_field(answer) 1" in out[0]
-    assert f"1 rows over 110 tokens ({ {'keep': 'kept', 'split': 'split', 'drop': 'dropped'}[policy] })" in out[0]
+    done = {'keep': 'kept', 'split': 'split', 'drop': 'dropped'}[policy]
+    assert f"1 rows over 110 tokens ({done})" in out[0]
     # kept and split rows are reached whole by the loader's windows; only a dropped row is lost
     dropped = len(long_row["answer"].encode()) + 1 if policy == "drop" else 0
     assert meta["row_lengths"] == {"longest": len(full), "dropped_answer_tokens": dropped}
@@ -276,7 +277,8 @@ def test_txt_documents(tmp_path):
     assert meta["kind"] == "text" and meta["template"] is None and meta["long_rows"] is None
     assert meta["skipped"] == {"empty_document": 1}  # long docs are streamed, never dropped
     d = TokenData.open(str(tmp_path / "out"))
-    texts = [(docs / "a.txt").read_text(encoding="utf-8"), (docs / "sub" / "b.txt").read_text(encoding="utf-8")]
+    texts = [(docs / "a.txt").read_text(encoding="utf-8"),
+             (docs / "sub" / "b.txt").read_text(encoding="utf-8")]
     for (ids, mask), text in zip(all_rows(d), texts):
         assert ids == [257] + list(text.encode()) + [258] and all(mask)
 
@@ -370,13 +372,15 @@ def test_val_source_is_the_whole_val_split(tmp_path, capsys):
     # e.g. one author held out: every document of --val_source is val, every one of --source train
     train_docs, val_docs = tmp_path / "train", tmp_path / "held_out"
     train_docs.mkdir(), val_docs.mkdir()
-    texts = {train_docs / "a.txt": "Первый.", train_docs / "b.txt": "Второй " * 5, val_docs / "c.txt": "Третий!"}
+    texts = {train_docs / "a.txt": "Первый.", train_docs / "b.txt": "Второй " * 5,
+             val_docs / "c.txt": "Третий!"}
     for path, text in texts.items():
         path.write_text(text, encoding="utf-8")
     out = str(tmp_path / "out")
     meta = prepare(str(train_docs), "bytes", out, val_source=str(val_docs), progress=False, verbose=False)
     d = TokenData.open(out)
-    as_ids = lambda t: [257] + list(t.encode()) + [258]
+    def as_ids(t):
+        return [257] + list(t.encode()) + [258]
     assert [ids.tolist() for ids, _ in d.rows("train")] == [as_ids("Первый."), as_ids("Второй " * 5)]
     assert [ids.tolist() for ids, _ in d.rows("val")] == [as_ids("Третий!")]
     assert meta["val_fraction"] is None and meta["seed"] is None
@@ -452,7 +456,8 @@ def test_loader_is_a_pure_function_of_seed_and_step(qa_dir):
     starts = loader.global_starts(0)
     assert set(starts.tolist()) <= allowed
     at_row_start = np.isin(starts, off[:-1])
-    assert (b0["tokens"][at_row_start, 0] == d.bos_id).all() and (b0["tokens"][~at_row_start, 0] != d.bos_id).all()
+    assert (b0["tokens"][at_row_start, 0] == d.bos_id).all()
+    assert (b0["tokens"][~at_row_start, 0] != d.bos_id).all()
     for row, s in enumerate(starts):
         assert b0["tokens"][row].tolist() == stream[s:s + 65].tolist()
         assert b0["mask"][row].tolist() == mask[s:s + 65].tolist()

@@ -7,6 +7,8 @@ import pytest
 
 from reflex_lab import fit
 
+from plugins import needs_cuda  # skips, naming the plugin
+
 GiB = 2**30
 
 
@@ -74,10 +76,10 @@ def test_search_reports_when_nothing_or_everything_fits():
     assert "everything" in rec["note"]
 
 
+@needs_cuda
 def test_fit_compiles_for_a_deviceless_gpu(tmp_path, capsys):
     """A tiny config on one deviceless H100 fits at every grid point; the full dry run of the
     largest reuses the train step the search compiled."""
-    pytest.importorskip("jax_plugins.xla_cuda12")
     out = tmp_path / "fit.json"
     status = fit.main(["--target", "gpu:h100x1", "--config", "configs/tiny.py", "--n_layer", "2",
                        "--head_dim", "16", "--step", "64", "--min_embd", "64",
@@ -93,6 +95,7 @@ def test_fit_compiles_for_a_deviceless_gpu(tmp_path, capsys):
     assert search["largest_fit"]["params"] > 0 and doc["mesh"]["fsdp"] == 1
 
 
+@needs_cuda  # the target resolves before the overrides are checked
 def test_fit_refuses_what_the_search_sets(capsys):
     with pytest.raises(SystemExit) as e:
         fit.main(["--target", "gpu:h100x1", "--config.model.n_embd=256"])

@@ -1,5 +1,6 @@
 """Run directories in a bucket: train.py into gs://bucket/run on a local GCS emulator (loopback
-only), killed after a checkpoint and resumed; load_params, read_meta and sample.py read it back.
+only), killed after a checkpoint and resumed; load_params, read_checkpoint_meta and sample.py read
+it back.
 
 gcsfs carries the small run files and orbax/tensorstore the checkpoints, each pointed at the
 emulator by its environment variable (see reflex_jax/storage.py)."""
@@ -178,7 +179,7 @@ def test_storage_paths_on_the_emulator(gcs):
         storage.write_text_atomic("gs://no-such-bucket/run/a.json", "{}")
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.load_params(f"gs://{BUCKET}/no/run")
-    assert ckpt.read_meta(f"gs://{BUCKET}/no/run") == {}
+    assert ckpt.read_checkpoint_meta(f"gs://{BUCKET}/no/run") == {}
 
 
 def test_params_directory_in_a_bucket(gcs):
@@ -194,7 +195,7 @@ def test_params_directory_in_a_bucket(gcs):
     params = init_params(cfg, jax.random.PRNGKey(1))
     assert ckpt.save_params(out + "/", cfg, params, {"tokenizer": "bytes", "v": 2}) == out
     got_cfg, got = ckpt.load_params(out)
-    assert got_cfg == cfg and ckpt.read_meta(out) == {"tokenizer": "bytes", "v": 2}
+    assert got_cfg == cfg and ckpt.read_checkpoint_meta(out) == {"tokenizer": "bytes", "v": 2}
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, got)
 
 
@@ -254,7 +255,7 @@ def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
 
     cfg, params = ckpt.load_params(run)  # no eval ran: best is the latest step
     assert cfg.n_embd == 32 and params["wte"].shape == (259, 32)
-    assert ckpt.read_meta(run)["tokenizer"] == "bytes"
+    assert ckpt.read_checkpoint_meta(run)["tokenizer"] == "bytes"
     from reflex_jax.data import load_tokenizer
     from reflex_jax.sampling import generate
     tok = load_tokenizer("bytes")

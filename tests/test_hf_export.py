@@ -27,19 +27,19 @@ EXPLICIT = ((), ((0, 2),), ((1, 1), (0, 2)))  # layer 2 reads L1's head 1 and L0
 # explicit, rope and learned positions, rmsnorm+swiglu and layernorm+gelu, tied and untied head,
 # biases on and off.
 CONFIGS = {
-    "all-rope-rms-swiglu-tied-bias": dict(reflex="all", pos_emb="rope"),
-    "recent21-learned-ln-gelu-untied-nobias": dict(reflex="recent:2,1", norm="layernorm",
+    "all-rope-rms-swiglu-tied-bias": dict(head_plan="all", pos_emb="rope"),
+    "recent21-learned-ln-gelu-untied-nobias": dict(head_plan="recent:2,1", norm="layernorm",
                                                    mlp="gelu", tie_embeddings=False, bias=False),
-    "none-learned-ln-gelu-tied-bias": dict(reflex="none", norm="layernorm", mlp="gelu"),
-    "explicit-rope-ln-swiglu-untied-bias": dict(reflex=EXPLICIT, pos_emb="rope", norm="layernorm",
+    "none-learned-ln-gelu-tied-bias": dict(head_plan="none", norm="layernorm", mlp="gelu"),
+    "explicit-rope-ln-swiglu-untied-bias": dict(head_plan=EXPLICIT, pos_emb="rope", norm="layernorm",
                                                 tie_embeddings=False),
-    "all-learned-rms-gelu-tied-nobias": dict(reflex="all", mlp="gelu", bias=False),
+    "all-learned-rms-gelu-tied-nobias": dict(head_plan="all", mlp="gelu", bias=False),
     # the head plans of the KV-sharing family (model/plans.py)
-    "kv-4-2-1-rope": dict(reflex="kv:4,2,1", pos_emb="rope"),
-    "cla2-value-residual": dict(reflex="cla:2", value_residual=True),
-    "fewer-all-untied": dict(reflex="fewer:all", tie_embeddings=False),
-    "sharev-all-rope": dict(reflex="sharev:all", pos_emb="rope"),
-    "route-value-residual-rope": dict(reflex="route", value_residual=True, pos_emb="rope"),
+    "kv-4-2-1-rope": dict(head_plan="kv:4,2,1", pos_emb="rope"),
+    "cla2-value-residual": dict(head_plan="cla:2", value_residual=True),
+    "fewer-all-untied": dict(head_plan="fewer:all", tie_embeddings=False),
+    "sharev-all-rope": dict(head_plan="sharev:all", pos_emb="rope"),
+    "route-value-residual-rope": dict(head_plan="route", value_residual=True, pos_emb="rope"),
 }
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -193,15 +193,15 @@ class WindowedPlan(LayerPlan):
 
 
 def test_unsupported_configs_are_refused_in_one_sentence(tmp_path):
-    cfg = tiny(reflex="all")
+    cfg = tiny(head_plan="all")
     params = random_params(cfg)
-    odd = tiny(reflex="all")
+    odd = tiny(head_plan="all")
     object.__setattr__(odd, "norm", "scalenorm")
     with pytest.raises(ConvertError, match=r"does not support model.norm='scalenorm'; it ports "
                                            r"rmsnorm \| layernorm only\."):
         write_hf(odd, params, str(tmp_path / "a"))
-    windowed = _with_plan(tiny(reflex="all"), 2, WindowedPlan(2, 2, cfg.layers[2].cross, window=4))
-    with pytest.raises(ConvertError, match=r"model.reflex='all': layer 2 sets window=4; the "
+    windowed = _with_plan(tiny(head_plan="all"), 2, WindowedPlan(2, 2, cfg.layers[2].cross, window=4))
+    with pytest.raises(ConvertError, match=r"model.head_plan='all': layer 2 sets window=4; the "
                                            r"PyTorch port covers the head plans of "
                                            r"docs/attention.md#head-plans only\.$"):
         write_hf(windowed, params, str(tmp_path / "c"))
@@ -227,7 +227,7 @@ def test_convert_weights_exports_a_params_directory(tmp_path, capsys):
     in meta.json) leaves in both formats, and a model the original cannot express is one sentence."""
     from reflex_jax.checkpoint import save_params
     from reflex_jax.cli import convert
-    cfg = tiny(vocab_size=259, reflex="all", norm_eps=1e-6, mlp_hidden=None)
+    cfg = tiny(vocab_size=259, head_plan="all", norm_eps=1e-6, mlp_hidden=None)
     params = random_params(cfg)
     run = str(tmp_path / "params")
     save_params(run, cfg, params, meta={"tokenizer": "bytes"})

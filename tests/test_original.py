@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reflex_jax.checkpoint import load_params, read_meta
+from reflex_jax.checkpoint import load_params, read_checkpoint_meta
 from reflex_jax.errors import ConvertError
 from reflex_jax.interop.original import (convert_original_to_dir, load_original,
                                          original_to_params, write_original)
@@ -209,7 +209,7 @@ def test_original_checkpoint_converts_to_the_same_logits(original, tmp_path, fmt
            else save_ckpt(model, c, tmp_path / "ckpt_250.pt"))
     report = convert_original_to_dir(src, str(tmp_path / "out"))
     cfg, params = load_params(str(tmp_path / "out"))
-    assert (cfg.reflex, cfg.norm, cfg.norm_eps, cfg.mlp, cfg.hidden, cfg.bias, cfg.tie_embeddings,
+    assert (cfg.head_plan, cfg.norm, cfg.norm_eps, cfg.mlp, cfg.hidden, cfg.bias, cfg.tie_embeddings,
             cfg.pos_emb) == ("all", "rmsnorm", 1e-6, "swiglu", 128, True, True, "learned")
     got = jax_logits(cfg, params, tokens)
     assert np.abs(want).max() > 1.0  # logits far from zero, so the bound means something
@@ -220,7 +220,7 @@ def test_original_checkpoint_converts_to_the_same_logits(original, tmp_path, fmt
     assert totals["new"] == 0 and totals["constant"] == 0
     # dropped: the 9 unused RMSNorm biases and the cross heads' K and V rows (weights + biases)
     assert totals["dropped"] == (2 * L + 1) * E + cross_heads * 2 * D * (E + 1)
-    meta = read_meta(str(tmp_path / "out"))
+    meta = read_checkpoint_meta(str(tmp_path / "out"))
     assert meta["source_config"]["n_layer"] == 4 and meta["source_format"] == f"original {fmt}"
     if fmt == "ckpt":
         assert meta["iter_num"] == 250 and meta["best_val_loss"] == 2.5
@@ -251,7 +251,7 @@ def test_bias_free_original_with_a_biased_act_proj(original, tmp_path):
 def test_schedule_is_the_originals():
     """Layer i: H-i self heads, then one head per earlier layer i-1, ..., 0, each reading that
     layer's last self head (the one the original exports)."""
-    cfg = ModelConfig(n_layer=4, n_head=4, n_embd=32, vocab_size=50, block_size=16, reflex="all")
+    cfg = ModelConfig(n_layer=4, n_head=4, n_embd=32, vocab_size=50, block_size=16, head_plan="all")
     for i, plan in enumerate(cfg.layers):
         assert plan.n_self == 4 - i
         assert [(g.source, g.n_heads, g.source_heads) for g in plan.cross] == \
@@ -308,7 +308,7 @@ def random_reflex_params(cfg, seed=0):
 
 EXPORTABLE = dict(n_layer=4, n_head=4, n_embd=32, vocab_size=50, block_size=16, mlp_hidden=128,
                   norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=True, pos_emb="learned",
-                  tie_embeddings=True, reflex="all")
+                  tie_embeddings=True, head_plan="all")
 
 
 def test_export_round_trip_through_the_original(original, tmp_path):
@@ -332,12 +332,12 @@ def test_export_round_trip_through_the_original(original, tmp_path):
 
 @pytest.mark.parametrize("change,match", [
     ({"mlp": "gelu"}, r"model\.mlp='gelu': the original's MLP is c_fc -> SwiGLU"),
-    ({"reflex": "none"}, r"model\.reflex='none' gives the plan none 4x4: 4 \| 4 \| 4 \| 4, but "
-                         r"the original code always runs all 4x4"),
+    ({"head_plan": "none"}, r"model\.head_plan='none' gives the plan none 4x4: 4 \| 4 \| 4 \| 4, "
+                            r"but the original code always runs all 4x4"),
     ({"reflex_window": 1}, r"model\.reflex_window=1 gives the plan"),
     ({"norm_eps": 1e-5}, r"model\.norm_eps=1e-05: the original's RMSNorm adds eps 1e-06"),
     ({"tie_embeddings": False}, r"model\.tie_embeddings=False: the original ties lm_head to wte"),
-    ({"n_layer": 5, "reflex": "recent:1"}, r"model\.n_layer=5 > n_head=4"),
+    ({"n_layer": 5, "head_plan": "recent:1"}, r"model\.n_layer=5 > n_head=4"),
 ])
 def test_export_refuses_what_the_original_cannot_compute(tmp_path, change, match):
     cfg = ModelConfig(**{**EXPORTABLE, **change})

@@ -25,6 +25,8 @@ from reflex_jax import checkpoint as ckpt
 from reflex_jax import sharding
 from reflex_jax.model import abstract_params
 
+from plugins import needs_libtpu  # skips, naming the plugin
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,6 +116,7 @@ PODS = [("v5p:2x2x2", [(-1, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)]),
         ("v5p:2x4x4", [(1, 32, 1), (4, 8, 1), (1, 8, 4), (8, 2, 2)])]
 
 
+@needs_libtpu
 @pytest.mark.parametrize("topology,meshes", PODS, ids=[t for t, _ in PODS])
 def test_pod_meshes_give_every_host_one_block_of_rows(topology, meshes):
     devices = _tpu(topology)
@@ -130,6 +133,7 @@ def test_pod_meshes_give_every_host_one_block_of_rows(topology, meshes):
     assert _host_blocks(whole) == {0: (0, 1), 1: (0, 1)}
 
 
+@needs_libtpu
 def test_physical_order_interleaves_hosts_and_make_mesh_does_not():
     devices = _tpu("v5p:2x2x2")
     physical = Mesh(mesh_utils.create_device_mesh((8, 1, 1), devices), sharding.MESH_AXES)
@@ -151,6 +155,7 @@ def test_physical_order_interleaves_hosts_and_make_mesh_does_not():
                 == mesh_utils.create_device_mesh(sharding.mesh_shape(*sizes, 4), one_host)).all()
 
 
+@needs_libtpu
 def test_shapes_the_topology_cannot_map_and_multislice_keep_hosts_together():
     # 3 hosts x 4 chips, batch 6 = 2x3: no per-host box, so hosts in order, devices by coords
     three = _tpu("v5p:2x2x3")
@@ -167,6 +172,7 @@ def test_shapes_the_topology_cannot_map_and_multislice_keep_hosts_together():
         assert (slices_BT[:half] == 0).all() and (slices_BT[half:] == 1).all(), sizes
 
 
+@needs_libtpu
 def test_meshes_no_host_layout_can_serve_are_one_sentence():
     with pytest.raises(sharding.MeshError, match=re.escape(
             "config.mesh.tensor=6 neither divides nor is a multiple of the 4 devices per process, so "
@@ -412,8 +418,8 @@ def test_two_processes_with_a_config_error_both_exit_with_one_sentence(tmp_path)
         p.wait(timeout=300)
     logs = [open(tmp_path / f"bad{i}.log").read() for i in range(2)]
     want = ("train.py: error: batch_size/grad_accum = 6 rows per micro-batch must be divisible "
-            "by config.mesh data*fsdp = 4 (every batch shard takes an equal slice); change --config.batch_size or "
-            "the mesh.")
+            "by config.mesh data*fsdp = 4 (every batch shard takes an equal slice); "
+            "change --config.batch_size or the mesh.")
     for p, log in zip(procs, logs):
         assert p.returncode == 2 and want in log.splitlines(), log[-3000:]
     assert time.time() - start < 120  # nobody waits minutes in the shutdown barrier

@@ -2,7 +2,6 @@
 the Pallas TPU kernel in interpret mode against XLA on this CPU, and steps compiled deviceless for a
 TPU (v5p:2x2x1) and a GPU (8 x H100) target, checked for the kernel's custom call in the HLO."""
 import dataclasses
-import importlib.util
 import logging
 import os
 import subprocess
@@ -15,18 +14,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from reflex_jax import sharding, targets
+from reflex_jax import hardware, sharding
 from reflex_jax.kernels import KernelChoices, attention
 from reflex_jax.model import Decoder, ModelConfig, abstract_params, kv
 
-targets.quiet_environment()  # before any test here starts libtpu (conftest already chose cpu)
+from plugins import needs_cuda, needs_libtpu  # skips, naming the plugin
+
+hardware.quiet_environment()  # before any test here starts libtpu (conftest already chose cpu)
 
 INTERPRET = KernelChoices(platform="tpu", pallas_interpret=True)
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not importable: " + targets.install_line("tpu"))
-needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
-                                reason="the JAX CUDA plugin is not importable: "
-                                + targets.install_line("cuda12"))
 
 
 def _layer_inputs(cfg, layer, B, T, seed=0):
@@ -43,7 +39,7 @@ def test_pallas_kernel_equals_xla_on_a_reflex_layer(n_embd, n_head, T):
     cross heads: output and the gradients of q, the layer's own K/V and the borrowed earlier K/V
     equal XLA's causal attention, for head size 64 and 192 (not a multiple of 128: not padded)."""
     cfg = ModelConfig(n_layer=3, n_head=n_head, n_embd=n_embd, vocab_size=16, block_size=T,
-                      reflex="all")
+                      head_plan="all")
     layer = 2
     plan = cfg.layers[layer]
     assert plan.cross and cfg.head_dim in (64, 192)
@@ -145,8 +141,8 @@ def test_decoder_compiles_the_pallas_kernel_for_a_tpu_target():
     """A Decoder train step compiled deviceless for v5p:2x2x1 (data 2 x tensor 2) with the default
     attention='auto' runs each layer's causal attention as Mosaic kernels (forward, dq, dkv per
     layer; the forward again under remat); with 'xla' or a key mask there are none."""
-    mesh = sharding.make_mesh(2, 1, 2, devices=targets.resolve_target("v5p:2x2x1").devices)
-    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=256, vocab_size=64, block_size=256, reflex="all",
+    mesh = sharding.make_mesh(2, 1, 2, devices=hardware.resolve_target("v5p:2x2x1").devices)
+    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=256, vocab_size=64, block_size=256, head_plan="all",
                       dtype="bfloat16")
     assert cfg.attention == "auto" and KernelChoices(mesh=mesh).resolved_platform() == "tpu"
     mosaic = 'custom_call_target="tpu_custom_call"'
@@ -162,9 +158,9 @@ def test_decoder_compiles_cudnn_attention_for_a_gpu_target(caplog):
     """For 8 x H100 (deviceless), attention='cudnn' and 'auto' compile the causal attention of a
     bfloat16 Decoder to cuDNN's fused kernel; in float32 (which cuDNN does not take) 'cudnn'
     refuses in one sentence and 'auto' logs the reason and uses XLA."""
-    mesh = sharding.make_mesh(8, 1, 1, devices=targets.resolve_target("gpu:h100x8").devices)
+    mesh = sharding.make_mesh(8, 1, 1, devices=hardware.resolve_target("gpu:h100x8").devices)
     assert KernelChoices(mesh=mesh).resolved_platform() == "gpu"
-    base = dict(n_layer=2, n_head=4, n_embd=256, vocab_size=64, block_size=128, reflex="all")
+    base = dict(n_layer=2, n_head=4, n_embd=256, vocab_size=64, block_size=128, head_plan="all")
     for name in ("cudnn", "auto"):
         hlo = _compiled_train_hlo(ModelConfig(**base, dtype="bfloat16", attention=name), mesh)
         assert "__cudnn$fmha" in hlo, name

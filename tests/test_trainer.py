@@ -94,9 +94,9 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     for accum in (1, 4):
         c = small_config(tmp_path / f"a{accum}", max_steps=1, grad_accum=accum)
         t = Trainer(c, log=lambda s: None)
-        state = t.init_state()
-        tokens, mask = t.put_batch(t.train_loader.batch(0))
-        states[accum], m = t.train_step(state, tokens, mask)
+        state = t.program.init_state()
+        tokens, mask = t.program.put_batch(t.train_loader.batch(0))
+        states[accum], m = t.program.train_step(state, tokens, mask)
         states[accum] = (jax.device_get(states[accum].params), float(m["loss"]))
     assert abs(states[1][1] - states[4][1]) < 1e-5
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),
@@ -290,6 +290,10 @@ def test_resume_logs_changed_settings_keeps_every_config_and_refuses_changed_dat
     Trainer(small_config(run, max_steps=2), log=lambda s: None).train()
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 1.2')  # a kill in the middle of writing a row: dropped
+    # the run's config.json as a run from before model.reflex was renamed model.head_plan wrote it
+    stored = json.load(open(run / "config.json"))
+    stored["model"]["reflex"] = stored["model"].pop("head_plan")
+    json.dump(stored, open(run / "config.json", "w"))
     said = []
     c = small_config(run, max_steps=4)
     c.optim.lr = 1e-3  # configs/tiny.py says 3e-3
@@ -301,6 +305,7 @@ def test_resume_logs_changed_settings_keeps_every_config_and_refuses_changed_dat
     assert [h["start_step"] for h in history] == [0, 2]
     assert history[0]["config"]["optim"]["lr"] == 3e-3 and history[1]["config"]["optim"]["lr"] == 1e-3
     assert history[1]["changed"]["max_steps"] == [2, 4]
+    assert not [k for k in history[1]["changed"] if k.startswith("model.")]  # a rename is no change
     # other data under the same run: refused in one sentence, unless asked
     other = small_config(run, max_steps=6, **{"data.task_rows": 300})
     with pytest.raises(TrainingError, match=r"was trained on data with fingerprint \w+ but .* now "

@@ -105,11 +105,12 @@ def _cut_text(text: str, stops: list[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def _instruct(texts: list[str], template: str) -> list[str]:
-    """Each prompt as a question in the run's training template, up to where the answer goes."""
-    from ..data import render_prompt
+def _instruct(tok, texts: list[str], template: str) -> list[list[int]]:
+    """Each prompt's tokens as a question in the run's training template: bos and the template
+    up to where the answer goes."""
+    from ..data import prompt_tokens
     try:
-        return [render_prompt(t, template) for t in texts]
+        return [prompt_tokens(tok, t, template) for t in texts]
     except ValueError:
         raise UsageError(f"the run's template {template!r} has no {{question}} and {{answer}} to "
                          "fill; use --template none and write the whole prompt.") from None
@@ -117,7 +118,7 @@ def _instruct(texts: list[str], template: str) -> list[str]:
 
 def generate_lines(args) -> list[str]:
     """The lines sample.py prints."""
-    from ..checkpoint import load_params, read_meta
+    from ..checkpoint import load_params, read_checkpoint_meta
     from ..data import DEFAULT_TEMPLATE, load_tokenizer
     from ..sampling import generate
     texts, token_rows = _text_prompts(args), _token_prompts(args)
@@ -133,7 +134,7 @@ def generate_lines(args) -> list[str]:
         raise UsageError("--template applies to text prompts only; drop it when using "
                          "--prompt_tokens.")
     cfg, params = load_params(args.run, step=args.step, which=args.which)
-    meta = read_meta(args.run)
+    meta = read_checkpoint_meta(args.run)
     tok_name = args.tokenizer or meta.get("tokenizer")
     tok = None
     if tok_name:
@@ -146,10 +147,9 @@ def generate_lines(args) -> list[str]:
         raise UsageError(f"{args.run!r} names no tokenizer in meta.json; pass --tokenizer (e.g. "
                          "bytes or a tokenizer directory) or give --prompt_tokens.")
     if texts and args.template == "instruct":
-        texts = _instruct(texts, meta.get("template") or DEFAULT_TEMPLATE)
-    if texts:
-        bos = [tok.bos_id] if args.template == "instruct" else []  # training rows start with bos
-        token_rows = [bos + tok.encode(t) for t in texts]
+        token_rows = _instruct(tok, texts, meta.get("template") or DEFAULT_TEMPLATE)
+    elif texts:
+        token_rows = [tok.encode(t) for t in texts]
     stop_ids, stop_texts = _stops(args, tok)
     max_new = args.max_new_tokens
     if max_new is None:  # the default fits the block; an explicit value that does not is an error

@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args, rest = parse_args(argv)
     dry_run = args.dry_run or bool(args.compile_for) or bool(args.dry_run_json)
     if args.compile_for:  # before JAX starts its backends
-        from ..targets import quiet_environment
+        from ..hardware import quiet_environment
         quiet_environment()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
@@ -79,17 +79,19 @@ def _dry_run(config, args) -> int:
     """Compile from shapes (for `--compile_for`'s deviceless devices, or this machine's), print
     the report (process 0), write the JSON; DOES_NOT_FIT when the chip's memory is too small."""
     from .. import sharding
-    from ..train.trainer import Trainer
+    from ..train.program import TrainProgram
     target = None
     if args.compile_for:
-        from ..targets import resolve_target
+        from ..hardware import resolve_target
         target = resolve_target(args.compile_for)
     else:  # every process of a multi-host job compiles its part of the same program
         sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
                                               args.process_id, auto=args.multihost)
-    trainer = Trainer(config, devices=target.devices if target else None, compile_only=True)
-    text, rep = trainer.dry_run(target)
-    if trainer.is_main:
+    import jax
+    program = TrainProgram(config, devices=target.devices if target else None)
+    is_main = jax.process_index() == 0
+    text, rep = program.dry_run(target, print if is_main else (lambda s: None))
+    if is_main:
         print(text)
         if args.dry_run_json:
             from ..checkpoint import write_json
@@ -109,11 +111,14 @@ def _summary_lines(summary: dict) -> str:
 def _exit_after_error(status: int):
     """Exit. Multi-host: when every process failed alike (config errors do) they leave together;
     otherwise don't wait in JAX's shutdown barrier for peers that are still running (minutes)."""
-    from jax._src import distributed  # the client's barrier takes a timeout; the public one does not
-    client = distributed.global_state.client
-    if client is not None:
+    import jax
+    if jax.distributed.is_initialized():
         try:
-            client.wait_at_barrier("reflex_jax_user_error", 30_000)
+            # JAX has no public barrier with a timeout (jax.distributed has initialize,
+            # is_initialized and shutdown); the coordination client's is the one way to wait 30 s
+            # at most. Should a JAX release move it, this exits at once, as when a peer is running.
+            from jax._src.distributed import global_state
+            global_state.client.wait_at_barrier("reflex_jax_user_error", 30_000)
         except Exception:  # noqa: BLE001 - some peer did not fail
             sys.stdout.flush()
             sys.stderr.flush()

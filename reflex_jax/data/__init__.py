@@ -5,7 +5,8 @@
     python -m reflex_jax.data info DIR
 
 The modules, in the order data flows through them:
-    templates   Template (a row's text, the answer last), DEFAULT_TEMPLATE, render_prompt
+    templates   Template (a row's text, the answer last), DEFAULT_TEMPLATE, render_prompt,
+                prompt_tokens (bos + the template up to the answer: how a question is asked)
     sources     resolving a source; rows of .jsonl/.json/.parquet/.csv/.txt files and hub datasets
     tokenizer   `bytes` or an HF tokenizer behind one small interface
     encode      tokenising rendered rows and marking their answer tokens
@@ -25,9 +26,9 @@ from .encode import token_dtype
 from .loader import BatchLoader, val_batches
 from .prepare import prepare, prepare_task
 from .sources import DEFAULT_SOURCE, ROW_SUFFIXES
-from .store import FORMAT_VERSION, TokenData, read_meta, task_val_rows
+from .store import FORMAT_VERSION, TokenData, read_data_meta, task_val_rows
 from .tasks import TASK_VERSION, TASKS, Task, get_task
-from .templates import DEFAULT_TEMPLATE, Template, render_prompt
+from .templates import DEFAULT_TEMPLATE, Template, prompt_tokens, render_prompt
 from .tokenizer import DEFAULT_TOKENIZER, ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 from .verify import check_token_range, data_fingerprint
 from .windows import reach_summary, train_starts, window_reach
@@ -36,6 +37,6 @@ __all__ = [
     "BatchLoader", "ByteTokenizer", "DEFAULT_SOURCE", "DEFAULT_TEMPLATE", "DEFAULT_TOKENIZER",
     "FORMAT_VERSION", "HFTokenizer", "LONG_ROWS", "ROW_SUFFIXES", "TASKS", "TASK_VERSION", "Task",
     "Template", "TokenData", "TokenizerError", "check_token_range", "data_fingerprint", "get_task",
-    "load_tokenizer", "prepare", "prepare_task", "reach_summary", "read_meta", "render_prompt",
-    "task_val_rows", "token_dtype", "train_starts", "val_batches", "window_reach",
+    "load_tokenizer", "prepare", "prepare_task", "prompt_tokens", "reach_summary", "read_data_meta",
+    "render_prompt", "task_val_rows", "token_dtype", "train_starts", "val_batches", "window_reach",
 ]

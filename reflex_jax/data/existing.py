@@ -9,7 +9,7 @@ import os
 from typing import Optional
 
 from ..errors import DataError
-from .store import TokenData, read_meta
+from .store import TokenData, read_data_meta
 
 _OPTION_KEYS = ("format_version", "kind", "tokenizer", "template", "fields", "source",
                 "val_fraction", "seed", "long_rows", "val_source")
@@ -33,7 +33,7 @@ def _inputs_of(meta: dict) -> dict:
 
 def up_to_date(out_dir: str, inputs: dict, verbose: bool) -> Optional[dict]:
     """out_dir's meta when it already holds this preparation, intact; else None."""
-    old = read_meta(out_dir)
+    old = read_data_meta(out_dir)
     if old is None or _inputs_of(old) != inputs:
         return None
     try:
@@ -47,7 +47,7 @@ def up_to_date(out_dir: str, inputs: dict, verbose: bool) -> Optional[dict]:
 
 def check_replace(out_dir: str, inputs: dict, overwrite: bool) -> None:
     """Raise one sentence when out_dir holds another preparation that may not be replaced."""
-    old = read_meta(out_dir)
+    old = read_data_meta(out_dir)
     if old is None or overwrite or _inputs_of(old) == inputs:
         return  # nothing there, asked to replace, or the same preparation (damaged): rebuild
     if old.get("task") and "task_fingerprint" in inputs:

@@ -18,7 +18,7 @@ from .checks import check_int, check_prepare_options
 from .encode import max_token_id, token_dtype, tokenise_into
 from .existing import check_replace, preparation_inputs, up_to_date
 from .sources import Source, open_source, resolve_source
-from .store import FORMAT_VERSION, read_meta, split_path
+from .store import FORMAT_VERSION, read_data_meta, split_path
 from .tasks import TASK_VERSION, Task, get_task
 from .templates import DEFAULT_TEMPLATE, Template
 from .windows import share
@@ -104,7 +104,7 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
 def _temporary_dir(out_dir: str):
     """A temporary directory beside out_dir, removed on exit; a failed write (full disk, quota,
     read-only or size-limited file system) ends in one sentence saying out_dir was not published."""
-    had_data = read_meta(out_dir) is not None
+    had_data = read_data_meta(out_dir) is not None
     tmp = None
     try:
         tmp = make_tmp_dir(out_dir)

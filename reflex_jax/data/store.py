@@ -29,7 +29,7 @@ def split_path(directory: str, split: str, what: str) -> str:
     return os.path.join(directory, f"{split}.{what}")
 
 
-def read_meta(directory: str) -> Optional[dict]:
+def read_data_meta(directory: str) -> Optional[dict]:
     """meta.json of a prepared directory, or None where there is none (or it is unreadable)."""
     try:
         with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
@@ -58,7 +58,7 @@ class TokenData:
         if not os.path.exists(os.path.join(directory, "meta.json")):
             raise MissingFileError(f"{directory!r} is not a prepared data directory (no meta.json); "
                                    f"{hint}.")
-        meta = read_meta(directory)
+        meta = read_data_meta(directory)
         if meta is None or meta.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{directory!r} has an unreadable meta.json or one from another format "
                             f"version (want {FORMAT_VERSION}); {hint} again.")

@@ -97,3 +97,9 @@ def render_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
         raise DataError(f"template {template!r} must use exactly the placeholders {{question}} and "
                         f"{{answer}} to render task prompts; got {sorted(set(t.placeholders))}.")
     return t.prompt({"question": question})
+
+
+def prompt_tokens(tok, question: str, template: str = DEFAULT_TEMPLATE) -> list[int]:
+    """The token ids that ask a model trained on `template` rows `question`: bos, then the
+    template up to the answer, as every training row starts (bos + template(row) + eos)."""
+    return [tok.bos_id] + tok.encode(render_prompt(question, template))

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
-from .store import SPLIT_FILES, read_meta, split_path
+from .store import SPLIT_FILES, read_data_meta, split_path
 
 _COPY_CHUNK = 1 << 22  # tokens per read when copying rows into the train/val files
 
@@ -170,7 +170,7 @@ def publish(tmp_dir: str, out_dir: str, meta: dict) -> None:
     touched = False
     try:
         os.makedirs(out_dir, exist_ok=True)
-        old = read_meta(out_dir)
+        old = read_data_meta(out_dir)
         touched = True
         if old is not None and old.get("fingerprint") != meta.get("fingerprint"):
             os.remove(os.path.join(out_dir, "meta.json"))  # never pair an old meta with new token files

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..checkpoint import load_params, read_meta
+from ..checkpoint import load_params, read_checkpoint_meta
 from ..errors import UsageError
 
 KINDS = ("hf", "original")
@@ -16,7 +16,7 @@ def export_run(kind: str, run: str, out: str, *, step: Optional[int] = None) -> 
     if kind not in KINDS:
         raise UsageError(f"export kind {kind!r} is unknown; use one of {', '.join(KINDS)}.")
     cfg, params = load_params(run, step=step)
-    meta = read_meta(run)
+    meta = read_checkpoint_meta(run)
     if kind == "hf":
         from .hf_export import write_hf
         write_hf(cfg, params, out, tokenizer=meta.get("tokenizer"), meta=meta)

@@ -31,7 +31,7 @@ SUPPORTED = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"),
              "pos_emb": ("learned", "rope")}
 KNOWN_FIELDS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "norm",
                 "norm_eps", "mlp", "bias", "pos_emb", "rope_theta", "tie_embeddings", "dropout",
-                "dtype", "param_dtype", "reflex", "reflex_window", "reflex_min_self", "attention",
+                "dtype", "param_dtype", "head_plan", "reflex_window", "reflex_min_self", "attention",
                 "value_residual"}
 # Plan fields the port reads (every head plan of model/plans.py); a plan field it does not know
 # must keep its default.
@@ -54,7 +54,7 @@ def check_supported(cfg: ModelConfig) -> None:
     for plan in cfg.layers:
         problem = _plan_problem(cfg, plan)
         if problem:
-            raise ConvertError(f"the HF export does not support model.reflex={cfg.reflex!r}: "
+            raise ConvertError(f"the HF export does not support model.head_plan={cfg.head_plan!r}: "
                                f"layer {plan.layer} {problem}; the PyTorch port covers the head "
                                "plans of docs/attention.md#head-plans only.")
 

@@ -241,6 +241,6 @@ def matching_config(source: Source, **overrides) -> ModelConfig:
                   norm="layernorm", norm_eps=float(source.config.get("layer_norm_epsilon", 1e-5)),
                   mlp="gelu", bias=True, pos_emb="learned",
                   tie_embeddings=bool(source.config.get("tie_word_embeddings", True)),
-                  dropout=0.0, reflex="none")
+                  dropout=0.0, head_plan="none")
     fields.update(overrides)
     return ModelConfig(**fields)

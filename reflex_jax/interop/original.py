@@ -255,7 +255,7 @@ def target_config(source: OriginalSource, overrides: Optional[Mapping[str, Any]]
             "n_layer <= n_head convert.")
     sizes = ModelConfig(vocab_size=c["vocab_size"], block_size=c["block_size"],
                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                        bias=_has_biases(source), dropout=c["dropout"], reflex="none")
+                        bias=_has_biases(source), dropout=c["dropout"], head_plan="none")
     base = original_config(sizes)
     overrides = dict(overrides or {})
     for name, value in overrides.items():
@@ -450,7 +450,7 @@ def export_refusal(cfg: ModelConfig) -> Optional[str]:
                 f"schedule leaves layer {cfg.n_head} without a self head, {fix}")
     reference = original_config(cfg)
     if cfg.layers != reference.layers:
-        field = "reflex_window" if cfg.reflex == "all" else "reflex"
+        field = "reflex_window" if cfg.head_plan == "all" else "head_plan"
         return (f"model.{field}={getattr(cfg, field)!r} gives the plan {cfg.schedule_table()}, but "
                 f"the original code always runs {reference.schedule_table()} (every earlier layer, "
                 f"newest first), {fix}")
@@ -473,7 +473,7 @@ def export_refusal(cfg: ModelConfig) -> Optional[str]:
 
 # fields an export keeps as they are (sizes, runtime) or checks above; bias=False exports as zeros
 _EXPORT_FREE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "bias",
-                "rope_theta", "dropout", "dtype", "param_dtype", "reflex", "reflex_window",
+                "rope_theta", "dropout", "dtype", "param_dtype", "head_plan", "reflex_window",
                 "reflex_min_self", "attention")
 
 
@@ -483,7 +483,7 @@ def original_config(cfg: ModelConfig) -> ModelConfig:
                        n_head=cfg.n_head, n_embd=cfg.n_embd, mlp_hidden=4 * cfg.n_embd,
                        norm="rmsnorm", norm_eps=NORM_EPS, mlp="swiglu", bias=cfg.bias,
                        pos_emb="learned", tie_embeddings=True, dropout=cfg.dropout,
-                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, reflex="all",
+                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, head_plan="all",
                        attention=cfg.attention)
 
 

@@ -65,9 +65,8 @@ def blockwise_causal_attention(q_BTHD, k_BTHD, v_BTHD, block: int):
     """Causal self-attention (T queries over the same T slots) computed in query blocks that
     skip the fully masked keys, with the backward written out FlashAttention-style (scores
     recomputed from the saved log-sum-exp; rowsum(dP * P) taken as rowsum(dO * O)). XLA:CPU
-    autodiff of the blocked dense call fuses the softmax-backward reduction into a slow matmul;
-    measured at batch 8, T 256, 8 heads of 64, bf16, forward + backward: 24-26 ms against 42-56
-    (3-13% of the train step, bench.py --ablation). Operands in q's dtype, accumulation f32."""
+    autodiff of the blocked dense call fuses the softmax-backward reduction into a slow matmul
+    (docs/bench.md has the op and step times). Operands in q's dtype, accumulation f32."""
     return _blockwise_forward(q_BTHD, k_BTHD, v_BTHD, block)[0]
 
 

@@ -90,13 +90,13 @@ def _aligned_head(head_VE):
     16-bit head (the compute dtype).
 
     A 50257-wide vocabulary axis leaves every logits row misaligned, and XLA:CPU's bf16 matmuls
-    then run far below their speed: the loss (forward + backward, bf16, 2,048 tokens) takes 0.87 s
-    with 50257 columns and 0.64 s with 50304 (AMX Xeon, bench.md). The pad rows are copies of row
-    0, not zeros: the row max then stays a real logit, and the pads' share of the exp sum is
-    exactly n_pad * exp(logits[:, 0] - max), which `_max_exp_sum` takes out again without
-    cancellation (it is at most n_pad times one of the sum's own terms)."""
-    # float32 is left as it is: there the padding neither helps nor hurts the step (AMX Xeon) and
-    # its float32 copies of the head add 190 MiB of temporaries
+    then run far below their speed (docs/bench.md has the loss and step times with and without
+    the padding). The pad rows are copies of row 0, not zeros: the row max then stays a real
+    logit, and the pads' share of the exp sum is exactly n_pad * exp(logits[:, 0] - max), which
+    `_max_exp_sum` takes out again without cancellation (it is at most n_pad times one of the
+    sum's own terms)."""
+    # float32 is left as it is: there the padding did not change the step (docs/bench.md) and its
+    # float32 copies of the head only add temporaries
     n_pad = -head_VE.shape[0] % VOCAB_ALIGN if jnp.dtype(head_VE.dtype).itemsize < 4 else 0
     if n_pad:
         head_VE = jnp.concatenate(
@@ -107,8 +107,8 @@ def _aligned_head(head_VE):
 def _max_exp_sum(logits, n_pad: int = 0):
     """(row max, exp(logits - max), row sum of that over the real columns), keepdims, for logits
     of an `_aligned_head` with `n_pad` pad columns at the end (copies of column 0): one exp pass
-    serves both the logsumexp and the softmax (XLA:CPU runs this ~15% faster than logsumexp + a
-    second exp)."""
+    serves both the logsumexp and the softmax (faster on XLA:CPU than logsumexp and a second exp;
+    docs/bench.md)."""
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
     s = jnp.sum(e, axis=-1, keepdims=True)
@@ -167,7 +167,7 @@ def _ce_sum_fwd(h_BTE, head_VE, targets_BT, weights_BT, chunk_rows):
         dlogits = _real_columns(e * (w_c[..., None] / s), n_pad).astype(dt)
         dh_c = jnp.einsum("btv,ve->bte", dlogits, head_c, preferred_element_type=jnp.float32)
         # d head transposed, [E, V] = h_c^T . dlogits: this dot transposes the [B*c, E] chunk of
-        # h, not the [B*c, V] dlogits (bf16 step 1.460 -> 1.410 s, f32 3.338 -> 3.279 s; bench.md)
+        # h, not the [B*c, V] dlogits (faster in both dtypes; docs/bench.md has the step times)
         h_T = _row_major_transpose(h_c.reshape(-1, E))
         dhead_EV = dhead_EV + jax.lax.dot_general(
             h_T, dlogits.reshape(-1, dlogits.shape[-1]), (((1,), (0,)), ((), ())),

@@ -44,9 +44,9 @@ def _linear_bwd(n_in, res, g):
     dx = _dot_f32(g, kernel.astype(x.dtype), out, tuple(range(n_in, kernel.ndim)))
     if x.dtype == jnp.float32:
         # x as a 2-D [rows, in] array contracted on its first axis: XLA:CPU's float32 dot reads it
-        # transposed in place, where the [B, T, in] contraction makes XLA copy x transposed first
-        # (the f32 step 2.947 -> 2.732 s on the AMX Xeon; in bf16 this form is an f32 fallback
-        # matmul, 1.18 -> 1.50 s, so bf16 keeps the copy and the bf16 matmul)
+        # transposed in place, where the [B, T, in] contraction makes XLA copy x transposed first;
+        # in bf16 this form is a slower f32 fallback matmul, so bf16 keeps the copy and the bf16
+        # matmul (docs/bench.md has the step times)
         rows = math.prod(x.shape[:len(free)])
         dk = _dot_f32(x.reshape(rows, -1), g.reshape(rows, -1), (0,), (0,)).reshape(kernel.shape)
     else:

@@ -35,6 +35,16 @@ def _dtype_name(value: Any, field: str) -> str:
     return name
 
 
+def _head_plan(head_plan, reflex):
+    """The head plan from `head_plan` and its old name `reflex` (either may be None), parsed."""
+    if reflex is None:
+        return parse_schedule("all" if head_plan is None else head_plan)
+    if head_plan is not None and parse_schedule(head_plan) != parse_schedule(reflex):
+        raise ConfigError(f"model.reflex={reflex!r} is the old name of model.head_plan, which is "
+                          f"{head_plan!r}; give the head plan once, as model.head_plan.")
+    return parse_schedule(reflex)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 50257
@@ -53,17 +63,19 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: Any = "float32"                    # compute dtype
     param_dtype: Any = "float32"
-    reflex: Union[str, Sequence] = "all"      # the head plan (docs/attention.md#head-plans)
+    head_plan: Union[str, Sequence, None] = None  # docs/attention.md#head-plans; None: "all"
     reflex_window: Optional[int] = None       # `all`: at most this many (newest) source layers
     reflex_min_self: int = 1                  # `all`: every layer keeps at least this many self heads
     value_residual: bool = False              # layer l >= 1's V mixed with layer 0's (ResFormer)
     attention: str = "auto"                   # auto | xla | cudnn | flash (docs/attention.md#backends)
+    # the old name of head_plan, accepted as an alias (not stored: to_dict writes head_plan)
+    reflex: dataclasses.InitVar[Union[str, Sequence, None]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, reflex):
         set_ = functools.partial(object.__setattr__, self)
         set_("dtype", _dtype_name(self.dtype, "dtype"))
         set_("param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
-        set_("reflex", parse_schedule(self.reflex))  # explicit schedule text -> tuples
+        set_("head_plan", _head_plan(self.head_plan, reflex))  # explicit schedule text -> tuples
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -124,7 +136,7 @@ class ModelConfig:
 
     def schedule_table(self) -> str:
         """One line for humans, e.g. `all 6x8: 8 | 7+1 | 6+2 | 5+3 | 4+4 | 3+5`."""
-        name = self.reflex if isinstance(self.reflex, str) else "explicit"
+        name = self.head_plan if isinstance(self.head_plan, str) else "explicit"
         return (f"{name} {self.n_layer}x{self.n_head}: "
                 + " | ".join(p.short() for p in self.layers)
                 + (" (value residual)" if self.value_residual else ""))
@@ -148,15 +160,17 @@ class ModelConfig:
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if not isinstance(d["reflex"], str):
-            d["reflex"] = [list(map(list, layer)) for layer in d["reflex"]]
+        if not isinstance(d["head_plan"], str):
+            d["head_plan"] = [list(map(list, layer)) for layer in d["head_plan"]]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """A config from to_dict()'s dict; the model_config.json of older runs names head_plan
+        `reflex`, which is taken as its alias."""
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
-            if key not in names:
+            if key not in names and key != "reflex":
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(names)}."
                 raise ConfigError(f"unknown model config field '{key}'{hint}")

@@ -11,6 +11,7 @@ then read the *updated* caches of earlier layers, which the unrolled order has a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional
 
 import flax.linen as nn
@@ -21,7 +22,12 @@ from ..errors import ConfigError
 from ..kernels import DEFAULT, KernelChoices
 from .config import ModelConfig
 from .kv import KV, Cache
-from .layers import Block, Norm, _init
+from .layers import Block, Norm, normal_init
+
+# flax's remat marks static arguments by position only (no names; `self` is 0): find
+# Block.__call__'s `deterministic` by name, so that a change to that signature cannot mark another
+# argument static. The blocks are called with every argument positional.
+_DETERMINISTIC_ARGNUM = list(inspect.signature(Block.__call__).parameters).index("deterministic")
 
 
 def head_matrix(cfg: ModelConfig, params) -> jax.Array:
@@ -53,18 +59,18 @@ class Decoder(nn.Module):
             cache_index = 0
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T)[None] + (cache_index or 0), (B, T))
-        wte = self.param("wte", _init(0.02, ("vocab", "embed")),
+        wte = self.param("wte", normal_init(0.02, ("vocab", "embed")),
                          (cfg.vocab_size, cfg.n_embd), cfg.params_dtype)
         x = jnp.take(wte, tokens_BT, axis=0).astype(cfg.compute_dtype)
         if cfg.pos_emb == "learned":
-            wpe = self.param("wpe", _init(0.02, (None, "embed")),
+            wpe = self.param("wpe", normal_init(0.02, (None, "embed")),
                              (cfg.block_size, cfg.n_embd), cfg.params_dtype)
             x = x + jnp.take(wpe, positions_BT, axis=0).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         block_cls = Block
         if self.remat:
-            block_cls = nn.remat(Block, static_argnums=(7,), prevent_cse=True)
+            block_cls = nn.remat(Block, static_argnums=(_DETERMINISTIC_ARGNUM,), prevent_cse=True)
         earlier: list[KV] = []
         v_first = None  # layer 0's V of these tokens, for value_residual
         for layer in range(cfg.n_layer):
@@ -77,7 +83,7 @@ class Decoder(nn.Module):
         h = Norm(cfg, name="ln_f")(x)
         head = wte
         if not cfg.tie_embeddings:
-            head = self.param("lm_head", _init(0.02, ("embed", "vocab")),
+            head = self.param("lm_head", normal_init(0.02, ("embed", "vocab")),
                               (cfg.n_embd, cfg.vocab_size), cfg.params_dtype).T
         out = h if return_hidden else logits_from_hidden(h, head)
         return out if cache is None else (out, tuple(earlier))

@@ -176,7 +176,7 @@ def squeezed_cache_shape(shape_BKSD) -> tuple:
     """A cache array's shape without its unit batch or head axes: the shape XLA's dots read it in
     (they drop unit axes). A decode loop that carries and updates the cache in this shape updates
     it in place; in the [B, K, S, D] shape, at batch 1 or with one K/V head, XLA copies the whole
-    cache several times per token (4 copies of every layer's K and V: 3-4 ms of a 10 ms step)."""
+    cache several times per token (docs/bench.md has what that cost)."""
     return tuple(shape_BKSD[a] for a in _kept_axes(shape_BKSD))
 
 

@@ -20,7 +20,8 @@ from .kv import KV, reflex_attention, write_cache
 from .route import route_init_logits, softmax_weights
 
 
-def _init(std: float, axes: tuple):
+def normal_init(std: float, axes: tuple):
+    """A normal(0, std) initializer whose parameter carries the logical `axes` (for sharding)."""
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
@@ -95,7 +96,7 @@ def _dense(cfg: ModelConfig, kernels: KernelChoices, features, axes: tuple, std:
     """A linear layer over the trailing input axis (or axes); `kernels.f32_linear` picks
     kernels/linear.py, otherwise flax's nn.DenseGeneral (autodiff; same params)."""
     features = (features,) if isinstance(features, int) else tuple(features)
-    kernel_init, bias_init = _init(std, axes), _zeros(axes[-len(features):])
+    kernel_init, bias_init = normal_init(std, axes), _zeros(axes[-len(features):])
     if not kernels.f32_linear:
         return nn.DenseGeneral(features, axis=axis, use_bias=cfg.bias, dtype=cfg.compute_dtype,
                                param_dtype=cfg.params_dtype, kernel_init=kernel_init,

@@ -1,4 +1,4 @@
-"""The head plan of every `model.reflex` value: the schedules of model/schedule.py and the variants
+"""The head plan of every `model.head_plan` value: the schedules of model/schedule.py and the variants
 that change more than which layer a head reads (docs/attention.md#head-plans):
 
 * `gqa:G`, `kv:n0,n1,...`: every head is a self head, and self heads share K/V heads in groups;
@@ -20,20 +20,20 @@ PREFIXES = ("fewer", "sharev")
 
 
 def resolve_plans(cfg) -> tuple[LayerPlan, ...]:
-    plans = _resolve(cfg, cfg.reflex)
+    plans = _resolve(cfg, cfg.head_plan)
     if cfg.value_residual:
         _check_value_residual(plans)
     return plans
 
 
-def _resolve(cfg, reflex) -> tuple[LayerPlan, ...]:
-    if not isinstance(reflex, str):
-        return resolve_schedule(cfg, reflex)
-    name = reflex.strip()
+def _resolve(cfg, value) -> tuple[LayerPlan, ...]:
+    if not isinstance(value, str):
+        return resolve_schedule(cfg, value)
+    name = value.strip()
     kind, _, arg = name.partition(":")
     if kind in PREFIXES:
         if not arg.strip():
-            raise ConfigError(f"model.reflex={name!r}: '{kind}:' needs a schedule after it, e.g. "
+            raise ConfigError(f"model.head_plan={name!r}: '{kind}:' needs a schedule after it, e.g. "
                               f"'{kind}:all'.")
         base = _resolve(cfg, parse_schedule(arg))
         return _fewer(name, base) if kind == "fewer" else _share_v(name, base)
@@ -49,7 +49,7 @@ def _resolve(cfg, reflex) -> tuple[LayerPlan, ...]:
 def _gqa_kv_heads(cfg, name: str, arg: str) -> int:
     group = int(arg) if arg.strip().isdigit() else 0
     if group < 1 or cfg.n_head % group:
-        raise ConfigError(f"model.reflex={name!r}: 'gqa:G' needs G >= 1 query heads per K/V head "
+        raise ConfigError(f"model.head_plan={name!r}: 'gqa:G' needs G >= 1 query heads per K/V head "
                           f"with G dividing n_head={cfg.n_head}, e.g. 'gqa:2' (gqa:{cfg.n_head} "
                           "is multi-query attention).")
     return cfg.n_head // group
@@ -61,7 +61,7 @@ def _kv_counts(cfg, name: str, arg: str) -> list[int]:
     except ValueError:
         counts = []
     if len(counts) != cfg.n_layer or any(not 1 <= c <= cfg.n_head for c in counts):
-        raise ConfigError(f"model.reflex={name!r}: 'kv:' needs one K/V head count per layer "
+        raise ConfigError(f"model.head_plan={name!r}: 'kv:' needs one K/V head count per layer "
                           f"({cfg.n_layer} numbers, each in 1..{cfg.n_head}), e.g. "
                           f"'kv:{','.join([str(cfg.n_head)] * cfg.n_layer)}'.")
     return counts
@@ -87,7 +87,7 @@ def _fewer(name: str, base: tuple[LayerPlan, ...]) -> tuple[LayerPlan, ...]:
     """The control that drops the cross heads: each layer keeps its self heads and K/V only."""
     for plan in base:
         if not plan.n_self:
-            raise ConfigError(f"model.reflex={name!r}: layer {plan.layer} borrows all its heads, so "
+            raise ConfigError(f"model.head_plan={name!r}: layer {plan.layer} borrows all its heads, so "
                               "without its cross heads it would have no query heads; 'fewer:' needs "
                               "a schedule in which every layer keeps a self head.")
     return tuple(LayerPlan(p.layer, p.n_self, (), p.n_kv) for p in base)
@@ -96,7 +96,7 @@ def _fewer(name: str, base: tuple[LayerPlan, ...]) -> tuple[LayerPlan, ...]:
 def _share_v(name: str, base: tuple[LayerPlan, ...]) -> tuple[LayerPlan, ...]:
     """Every cross head computes its own K and borrows only its source's V."""
     if not any(p.cross for p in base):
-        raise ConfigError(f"model.reflex={name!r}: the schedule has no cross heads, so there is no V "
+        raise ConfigError(f"model.head_plan={name!r}: the schedule has no cross heads, so there is no V "
                           "to share; put a schedule with cross heads after 'sharev:', e.g. "
                           "'sharev:all'.")
     return tuple(dataclasses.replace(p, cross=tuple(dataclasses.replace(g, share="v")

@@ -1,4 +1,4 @@
-"""The learned route of `model.reflex='route'`: one logit per (cross head, candidate source layer),
+"""The learned route of `model.head_plan='route'`: one logit per (cross head, candidate source layer),
 softmax over the sources (docs/attention.md#head-plans).
 
 A routed layer's parameter `route_logits` [n_cross, n_sources] starts at ROUTE_INIT_LOGIT for the

@@ -138,7 +138,7 @@ def as_schedule_tuple(value) -> Schedule:
         return tuple(tuple((int(src), int(c)) for src, c in layer) for layer in value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"model.reflex={value!r} is neither a preset ({PRESET_NAMES}) nor a per-layer tuple of "
+            f"model.head_plan={value!r} is neither a preset ({PRESET_NAMES}) nor a per-layer tuple of "
             f"(source_layer, n_heads) pairs such as {SCHEDULE_EXAMPLE!r}."
         ) from None
 
@@ -154,7 +154,7 @@ def parse_schedule(value):
         parsed = ast.literal_eval(value.strip())
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise ConfigError(
-            f"model.reflex={value!r} is not a valid per-layer schedule; write one tuple of "
+            f"model.head_plan={value!r} is not a valid per-layer schedule; write one tuple of "
             f"(source_layer, n_heads) pairs per layer, e.g. {SCHEDULE_EXAMPLE!r} for 3 layers."
         ) from None
     if isinstance(parsed, str):  # '("all")' is just a parenthesised preset name
@@ -169,7 +169,7 @@ def _counts(name: str, prefix: str, example: str) -> list[int]:
     except ValueError:
         counts = []
     if not counts or any(c < 0 for c in counts):
-        raise ConfigError(f"model.reflex={name!r}: '{prefix}' needs non-negative head counts, "
+        raise ConfigError(f"model.head_plan={name!r}: '{prefix}' needs non-negative head counts, "
                           f"e.g. '{example}'.")
     return counts
 
@@ -198,14 +198,14 @@ def _cross_layer(cfg, name: str) -> Schedule:
     L, H = cfg.n_layer, cfg.n_head
     if name == "yoco":
         if L < 2:
-            raise ConfigError("model.reflex='yoco' needs n_layer >= 2 (a lower half to compute K/V "
+            raise ConfigError("model.head_plan='yoco' needs n_layer >= 2 (a lower half to compute K/V "
                               "and an upper half to borrow them).")
         lower = (L + 1) // 2
         return tuple(() if layer < lower else ((lower - 1, H),) for layer in range(L))
     arg = name[len("cla:"):].strip()
     group = int(arg) if arg.isdigit() else 0
     if group < 2:
-        raise ConfigError(f"model.reflex={name!r}: 'cla:' takes one group size G >= 2 (layers per "
+        raise ConfigError(f"model.head_plan={name!r}: 'cla:' takes one group size G >= 2 (layers per "
                           "shared K/V), e.g. 'cla:2'.")
     return tuple(() if layer % group == 0 else ((layer - layer % group, H),) for layer in range(L))
 
@@ -224,7 +224,7 @@ def preset_schedule(cfg, name: str) -> Schedule:
                      for layer in range(L))
     if name == "yoco" or name.startswith("cla:"):
         return _cross_layer(cfg, name)
-    raise ConfigError(f"model.reflex={name!r} is unknown; use {PRESET_NAMES} or a per-layer tuple "
+    raise ConfigError(f"model.head_plan={name!r} is unknown; use {PRESET_NAMES} or a per-layer tuple "
                       "of (source_layer, n_heads) pairs.")
 
 
@@ -245,15 +245,15 @@ def _check_group(layer: int, source: int, c: int, plans: list[LayerPlan]) -> Non
 
 
 def resolve_schedule(cfg, schedule=None) -> tuple[LayerPlan, ...]:
-    """The plans of `schedule` (a preset name or tuples; default `cfg.reflex`), validated.
+    """The plans of `schedule` (a preset name or tuples; default `cfg.head_plan`), validated.
 
     A layer that gives all its heads to cross groups is a borrowing layer: no self heads, no K/V
     projection, and it cannot be a source."""
-    schedule = cfg.reflex if schedule is None else schedule
+    schedule = cfg.head_plan if schedule is None else schedule
     if isinstance(schedule, str):
         schedule = preset_schedule(cfg, schedule)
     if len(schedule) != cfg.n_layer:
-        raise ConfigError(f"model.reflex has {len(schedule)} layer entries but n_layer="
+        raise ConfigError(f"model.head_plan has {len(schedule)} layer entries but n_layer="
                           f"{cfg.n_layer}; give exactly one tuple of (source, n_heads) per layer.")
     plans: list[LayerPlan] = []
     for layer, groups in enumerate(schedule):

@@ -1,16 +1,17 @@
 """The dry run: compile the run's functions from shapes alone and report what the compiler says.
 
 It compiles the train step, the eval step, and sampling's two model calls (prefill over a whole
-block, and one cached decode step) for the trainer's mesh, which may be made of deviceless TPU or
+block, and one cached decode step) for the program's mesh (train/program.py), which may be made of deviceless TPU or
 GPU devices (`train.py --dry_run --compile_for=v5p:2x2x2`). Every figure is the compiler's:
 `memory_analysis()` per device and `cost_analysis()` per device; the roofline bound and the MFU it
-allows follow from them and the chip's datasheet figures (reflex_jax/targets.py). They are not
+allows follow from them and the chip's datasheet figures (reflex_jax/hardware.py). They are not
 measured runs.
 """
 from __future__ import annotations
 
 import re
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,31 +36,31 @@ def _gib(n) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-def _lowerings(trainer) -> dict:
-    """name -> (jitted function, abstract arguments), all sharded over the trainer's mesh."""
+def _lowerings(program) -> dict:
+    """name -> (jitted function, abstract arguments), all sharded over the program's mesh."""
     from ..model import init_cache
     from ..sampling import decode_step, prefill
-    c, cfg = trainer.config, trainer.cfg
-    B, T = c.batch_size, trainer.seq_len
+    c, cfg = program.config, program.model_config
+    B, T = c.batch_size, program.seq_len
     rows = B // c.grad_accum  # eval and sampling run one micro-batch
     # rows split over the batch axes, whatever the rank (tokens [B, T], pads [B], caches [B, K, S, D])
-    rows_split = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec(
-        trainer.batch_sharding.spec[0]))
+    rows_split = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec(
+        program.batch_sharding.spec[0]))
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split)  # noqa: E731
-    params = trainer.abstract_state.params
-    out = {"train_step": (trainer.train_step, (trainer.abstract_state, sds((B, T + 1), jnp.int32),
+    params = program.abstract_state.params
+    out = {"train_step": (program.train_step, (program.abstract_state, sds((B, T + 1), jnp.int32),
                                                sds((B, T + 1), jnp.float32))),
-           "eval_step": (trainer.eval_step, (params, sds((rows, T + 1), jnp.int32),
+           "eval_step": (program.eval_step, (params, sds((rows, T + 1), jnp.int32),
                                              sds((rows, T + 1), jnp.float32),
                                              sds((rows, T + 1), jnp.float32)))}
-    kernels, replicated = trainer.kernels, trainer.replicated
-    prefill_fn = trainer._with_rules(
+    kernels, replicated = program.kernels, program.replicated
+    prefill_fn = program.with_rules(
         lambda p, tok, pad: prefill(cfg, p, tok, pad, T, kernels=kernels))
     out["prefill"] = (jax.jit(prefill_fn), (params, sds((rows, T), jnp.int32),
                                             sds((rows,), jnp.int32)))
     cache = jax.tree_util.tree_map(lambda x: sds(x.shape, x.dtype),
                                    jax.eval_shape(lambda: init_cache(cfg, rows, T)))
-    decode_fn = trainer._with_rules(
+    decode_fn = program.with_rules(
         lambda p, cache, tok, slot, pos, mask: decode_step(cfg, p, cache, tok, slot, pos, mask,
                                                            kernels=kernels))
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
@@ -115,11 +116,11 @@ def _compile(fn, args) -> dict:
     return {"compile_s": time.perf_counter() - t0, **_cost(compiled), "memory": _memory(compiled)}
 
 
-def compile_all(trainer, log=lambda s: None, names=FUNCTIONS) -> dict:
+def compile_all(program, log=lambda s: None, names=FUNCTIONS) -> dict:
     """Compile the functions `names` (of FUNCTIONS); per function its memory, cost and compile
     time."""
     out = {}
-    for name, (fn, args) in _lowerings(trainer).items():
+    for name, (fn, args) in _lowerings(program).items():
         if name not in names:
             continue
         out[name] = _compile(fn, args)
@@ -130,20 +131,20 @@ def compile_all(trainer, log=lambda s: None, names=FUNCTIONS) -> dict:
     return out
 
 
-def report(trainer, target=None, log=lambda s: None) -> dict:
-    """The dry run as a JSON-able dict (see docs/training.md, "Dry run")."""
-    c, cfg, mesh = trainer.config, trainer.cfg, trainer.mesh
+def report(program, target=None, log=lambda s: None) -> dict:
+    """The dry run of a TrainProgram as a JSON-able dict (see docs/training.md, "Dry run")."""
+    c, cfg, mesh = program.config, program.model_config, program.mesh
     chip = getattr(target, "chip", None)
     devices = list(mesh.devices.flat)
-    functions = compile_all(trainer, log)
+    functions = compile_all(program, log)
     step = functions["train_step"]
-    state = trainer.abstract_state
+    state = program.abstract_state
     per_device = {"params": per_device_bytes(state.params),
                   "opt_state": per_device_bytes(state.opt_state),
                   **{k: step["memory"].get(k) for k in ("temp", "arguments", "outputs", "total")}}
     n = len(devices)
-    tokens = c.batch_size * trainer.seq_len
-    model_flops = flops.train_flops_per_token(cfg, trainer.seq_len) * tokens / n
+    tokens = c.batch_size * program.seq_len
+    model_flops = flops.train_flops_per_token(cfg, program.seq_len) * tokens / n
     out = {"target": getattr(target, "name", None) or devices[0].platform,
            "device_kind": devices[0].device_kind, "n_devices": n,
            "n_hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape),
@@ -174,18 +175,18 @@ def report(trainer, target=None, log=lambda s: None) -> dict:
     return out
 
 
-def format_report(trainer, rep: dict) -> str:
+def format_report(program, rep: dict) -> str:
     """The dry run for people: mesh, batch, memory per device and per function, the verdict,
     the roofline bound, then every parameter's sharding."""
-    c, cfg = trainer.config, trainer.cfg
-    B, T = c.batch_size, trainer.seq_len
+    c, cfg = program.config, program.model_config
+    B, T = c.batch_size, program.seq_len
     hosts = rep["n_hosts"]
     pd = rep["per_device_bytes"]
     lines = [f"mesh {rep['mesh']} over {rep['n_devices']} devices "
              f"({hosts} process{'es' if hosts > 1 else ''}); {cfg.schedule_table()}",
              f"target {rep['target']} ({rep['device_kind']}); compiled in {rep['compile_s']:.1f} s",
-             f"batch {B} x {T + 1} split {sharding.format_spec(trainer.batch_sharding.spec, 2)} "
-             f"({B // sharding.batch_shards(trainer.mesh)} rows per batch shard, "
+             f"batch {B} x {T + 1} split {sharding.format_spec(program.batch_sharding.spec, 2)} "
+             f"({B // sharding.batch_shards(program.mesh)} rows per batch shard, "
              f"{B // c.grad_accum} per micro-batch x {c.grad_accum}); "
              f"remat {bool(c.remat)}; compute {cfg.dtype}, params {cfg.param_dtype}",
              f"per device: params {_mib(pd['params'])}, optimizer {_mib(pd['opt_state'])}"]
@@ -202,7 +203,7 @@ def format_report(trainer, rep: dict) -> str:
                          f"(temporaries {_mib(m['temp'])})")
     lines += _verdict_lines(rep)
     lines.append("parameter shardings:")
-    for path, x in jax.tree_util.tree_leaves_with_path(trainer.abstract_state.params):
+    for path, x in jax.tree_util.tree_leaves_with_path(program.abstract_state.params):
         lines.append(f"  {jax.tree_util.keystr(path):45s} {str(x.shape):18s} "
                      f"{sharding.format_spec(x.sharding.spec, len(x.shape))}")
     return "\n".join(lines)

@@ -16,13 +16,12 @@ class ExactMatch:
     """The held-out prompts of a task run, checked at construction to fit the block."""
 
     def __init__(self, data, cfg, task_name: str, n_rows: int):
-        from ..data import DEFAULT_TEMPLATE, get_task, load_tokenizer, render_prompt, task_val_rows
+        from ..data import DEFAULT_TEMPLATE, get_task, load_tokenizer, prompt_tokens, task_val_rows
         self.cfg, self.task = cfg, get_task(task_name)
         self.rows = task_val_rows(data.meta)[:n_rows]
         self.tok = load_tokenizer(data.meta["tokenizer"])
         template = data.meta.get("template", DEFAULT_TEMPLATE)
-        self.prompts = [[self.tok.bos_id] + self.tok.encode(render_prompt(r["question"], template))
-                        for r in self.rows]
+        self.prompts = [prompt_tokens(self.tok, r["question"], template) for r in self.rows]
         self.budget = max(len(self.tok.encode(r["answer"])) for r in self.rows) + 2
         longest = max(len(p) for p in self.prompts) + self.budget
         if longest > cfg.block_size:

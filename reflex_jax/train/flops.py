@@ -55,7 +55,7 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> f
 
 def device_peak(dtype=jnp.float32) -> tuple[float, str]:
     """(peak FLOP/s per device, where the number comes from)."""
-    from ..targets import device_kind_chip  # the one table of chip figures
+    from ..hardware import device_kind_chip  # the one table of chip figures
     device = jax.devices()[0]
     chip = device_kind_chip(device) if device.platform != "cpu" else None
     if chip is not None and jnp.dtype(dtype) == jnp.bfloat16:

@@ -1,9 +1,12 @@
-"""The loop's bookkeeping between steps: pending metrics and the non-finite check, logging,
-evaluation, and checkpoint saves (never of non-finite params)."""
+"""The loop and its bookkeeping between steps: pending metrics and the non-finite check,
+logging, evaluation, and checkpoint saves (never of non-finite params). It is given what it calls
+(the compiled step, the next batch, evaluation, whether a stop was requested); it knows no
+Trainer."""
 from __future__ import annotations
 
+import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +20,69 @@ from .metrics import MetricsLog, progress_bar
 from .step import TrainState
 
 
-class TrainLoop:
-    """The loop's bookkeeping: pending metrics, the NaN check, logging, evaluation, saving."""
+class StopRequest:
+    """SIGTERM and SIGINT, while inside `with`, ask the loop to stop after the current step
+    (it saves and returns); `reason` names the signal, `stop_requested()` polls it."""
 
-    def __init__(self, trainer, checkpoints: ckpt.RunCheckpoints, start: int):
-        c = self.config = trainer.config
-        self.trainer, self.checkpoints = trainer, checkpoints
+    def __init__(self):
+        self.reason: Optional[str] = None
+        self._old: dict = {}
+
+    def stop_requested(self) -> bool:
+        return self.reason is not None
+
+    def _on_signal(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class TrainLoop:
+    """The loop from `start` to `config.max_steps` (or a requested stop): each step's batch, the
+    compiled step, then pending metrics, the NaN check, logging, evaluation and saving.
+
+    `evaluate(params) -> metrics` runs at every eval_interval; `stop_requested()` is polled after
+    every step."""
+
+    def __init__(self, config, model_config, checkpoints: ckpt.RunCheckpoints, start: int, *,
+                 evaluate: Callable[[object], dict], stop_requested: Callable[[], bool],
+                 is_main: bool = True):
+        c = self.config = config
+        self.checkpoints, self.evaluate, self.stop_requested = checkpoints, evaluate, stop_requested
+        seq_len = model_config.block_size
         self.metrics_log = MetricsLog(storage.join(c.run_dir, "metrics.jsonl"), start,
-                                      trainer.is_main, tensorboard=c.tensorboard, wandb=c.wandb,
+                                      is_main, tensorboard=c.tensorboard, wandb=c.wandb,
                                       config=c.to_dict())
-        self.tokens_per_step = c.batch_size * trainer.seq_len
-        self.flops_per_token = flops.train_flops_per_token(trainer.cfg, trainer.seq_len)
-        self.peak = flops.device_peak(trainer.cfg.compute_dtype)[0] * jax.device_count()
-        self.bar = progress_bar(c.max_steps, start, trainer.is_main)
+        self.tokens_per_step = c.batch_size * seq_len
+        self.flops_per_token = flops.train_flops_per_token(model_config, seq_len)
+        self.peak = flops.device_peak(model_config.compute_dtype)[0] * jax.device_count()
+        self.bar = progress_bar(c.max_steps, start, is_main)
         self.pending: list = []  # (step, metrics on device) not yet checked/logged
         self.last_saved = checkpoints.latest_step()
+        self.start = start
         self.summary: dict = {"run_dir": storage.resolve(c.run_dir), "start_step": start}
         self.t_last, self.steps_since = time.perf_counter(), 0
+
+    def run(self, state: TrainState, train_step: Callable, next_batch: Callable[[int], tuple]):
+        """(final state, final step): `train_step(state, *next_batch(step))` until max_steps or a
+        requested stop, then the final save unless that step is saved already."""
+        step_ = self.start
+        while step_ < self.config.max_steps and not self.stop_requested():
+            state, m = train_step(state, *next_batch(step_))
+            step_ += 1
+            self.after_step(step_, m, state)
+        if step_ != self.last_saved:
+            summary = self.summary
+            self.save(step_, state, summary.get("val_loss") if summary.get("step") == step_
+                      else None)
+        self.summary["final_step"] = step_
+        return state, step_
 
     def flush(self) -> dict:
         """Fetch pending metrics; stop the run on a non-finite loss."""
@@ -63,14 +112,14 @@ class TrainLoop:
         self.last_saved = step
 
     def after_step(self, step: int, metrics, state: TrainState):
-        c, stopping = self.config, self.trainer._stop_signal is not None
+        c, stopping = self.config, self.stop_requested()
         self.checkpoints.check_for_errors()  # a failed background save stops the run now
         self.steps_since += 1
         self.pending.append((step, metrics))
         self.bar.update(1)
         val = None
         if c.eval_interval and (step % c.eval_interval == 0 or step == c.max_steps):
-            val = self.trainer.evaluate(state.params)
+            val = self.evaluate(state.params)
         if ((c.log_interval and step % c.log_interval == 0) or val is not None
                 or step == c.max_steps or stopping):
             self.log_row(step, val)
@@ -97,7 +146,6 @@ class TrainLoop:
         self.bar.close()
         self.checkpoints.close()
         self.metrics_log.close()
-
 
 
 @jax.jit

@@ -1,5 +1,5 @@
 """The pure train step: module-level functions of (state, batch) and static settings (the eval
-step's sums are in evals.py).
+step's sums are in validation.py).
 
 One step = one optimizer update over the global batch, split into `grad_accum` micro-batches
 scanned inside the compiled step. Params stay float32; the model computes in `model.dtype`; the

@@ -4,10 +4,11 @@ Everything runs in one process on one machine, so the ratios compare like with l
 
 * peak: large float32 and bfloat16 matmuls in JAX and in PyTorch; the peak of a dtype is the faster
   of the two, measured between the training steps so it sees the same machine load (peak.py);
-* training: this project's train step (a real `Trainer` over a tiny built-in task, the very
-  executable `train.py` runs) for the `all` and `none` schedules, against the same architecture
-  written plainly in PyTorch (torch_peer.py: nanoGPT style, `scaled_dot_product_attention`), eager
-  and `torch.compile`, with the same weights, batch, AdamW and clipping (train.py);
+* training: this project's train step (the `TrainProgram` `train.py` trains with, the very
+  executable it runs, fed the bench's own batch) for the `all` and `none` schedules, against the
+  same architecture written plainly in PyTorch (torch_peer.py: nanoGPT style,
+  `scaled_dot_product_attention`), eager and `torch.compile`, with the same weights, batch, AdamW
+  and clipping (train.py);
 * generation: KV-cache `Generator` vs re-running the whole prefix per token (what the original
   did), and for the vanilla GPT-2 config against HF `GPT2LMHeadModel.generate` on the same weights
   (generation.py);

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -39,10 +38,10 @@ def _ablation_steps() -> tuple[tuple[str, KernelChoices], ...]:
 ABLATION_STEPS = _ablation_steps()  # (label, KernelChoices)
 
 
-def _variants(s: BenchSettings, dtype: str, tokens_np, tmp: str, log) -> dict[str, JaxTrain]:
+def _variants(s: BenchSettings, dtype: str, tokens_np, log) -> dict[str, JaxTrain]:
     variants = {}
-    for i, (label, kernels) in enumerate(ABLATION_STEPS):
-        c = JaxTrain(s, "all", dtype, tokens_np, os.path.join(tmp, f"{dtype}_{i}"), kernels)
+    for label, kernels in ABLATION_STEPS:
+        c = JaxTrain(s, "all", dtype, tokens_np, kernels)
         variants[label] = c
         log(f"  {dtype} {label}: compiled in {c.compile_s:.1f} s; XLA temp "
             f"{mib((c.memory or {}).get('temp_bytes'))}")
@@ -52,11 +51,10 @@ def _variants(s: BenchSettings, dtype: str, tokens_np, tmp: str, log) -> dict[st
 def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """One row per (dtype, ABLATION_STEPS label): median step time, speed-up over the previous
     step and over the plain port, XLA temp memory, first loss."""
-    tmp = tempfile.mkdtemp(prefix="reflex_ablation_")
     tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
     out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "rows": []}
     for dtype in s.dtypes:
-        variants = _variants(s, dtype, tokens, tmp, log)
+        variants = _variants(s, dtype, tokens, log)
         times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log,
                             warmup_rounds=2)
         base = prev = None

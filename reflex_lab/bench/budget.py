@@ -12,7 +12,7 @@ import collections
 import glob
 import re
 import tempfile
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from .hlo_ops import HloOp, parse_hlo
 

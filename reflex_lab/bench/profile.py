@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -20,12 +19,11 @@ from .train import contenders
 def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bool = True) -> dict:
     """{"settings", "env", "budgets": {"<contender> <dtype>": budget},
     "wall_split": {dtype: wall_split.wall_split(...)}, "notes"}."""
-    tmp = tempfile.mkdtemp(prefix="reflex_profile_")
     tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
     out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "budgets": {},
                  "wall_split": {}, "notes": []}
     for dtype in s.dtypes:
-        cs = contenders(s, dtype, tokens, tmp, with_torch, out["notes"], log, schedules=("all",))
+        cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all",))
         times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2)
         for name, c in cs.items():
             wall = median(times[name])

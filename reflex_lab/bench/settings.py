@@ -60,6 +60,6 @@ class BenchSettings:
         d = dict(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                  n_head=self.n_head, n_embd=self.n_embd, norm="rmsnorm", mlp="swiglu", bias=True,
                  pos_emb="learned", tie_embeddings=True, dropout=0.0, dtype=dtype,
-                 param_dtype="float32", reflex=reflex, attention=self.attention)
+                 param_dtype="float32", head_plan=reflex, attention=self.attention)
         d.update(over)
         return d

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -35,13 +34,12 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
     have_torch = _setup_torch(s, res)
     log(f"# bench {s.name}: {res['env']['cpu']}, {res['env']['cores']} cores, load "
         f"{res['env']['load_avg_start']:.2f}")
-    tmp = tempfile.mkdtemp(prefix="reflex_bench_")
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
     res["train"], res["peak"], res["train_parity"] = {}, {}, {}
     for dtype in (s.dtypes if s.train else ()):
         rows, res["peak"][dtype], res["train_parity"][dtype] = bench_dtype(
-            s, dtype, tokens, tmp, have_torch, res["notes"], log)
+            s, dtype, tokens, have_torch, res["notes"], log)
         res["train"].update(rows)
     if s.gen:
         res["generation"] = run_generation(s, log, have_torch and s.hf)

@@ -171,7 +171,7 @@ class TorchTrain:
 
     def __init__(self, cfg: ModelConfig, params, tokens_np, dtype: str, compiled: bool):
         self.kind, self.reflex, self.dtype = "torch.compile" if compiled else "torch eager", \
-            cfg.reflex, dtype
+            cfg.head_plan, dtype
         self.cfg = cfg
         model = TorchGPT(cfg)
         model.load_state_dict(torch_state_from_jax(cfg, params), strict=True)

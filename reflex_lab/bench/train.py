@@ -3,9 +3,6 @@
 peak of the same dtype; one row per contender."""
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import time
 from typing import Any, Callable
 
@@ -15,26 +12,22 @@ import numpy as np
 from reflex_jax.kernels import KernelChoices
 from reflex_jax.run_config import base_config
 from reflex_jax.train import flops
-from reflex_jax.train.trainer import Trainer
+from reflex_jax.train.program import TrainProgram
 
 from . import peak
 from .settings import BenchSettings
 from .timing import interleaved, median, rss_peak_during
 
 
-def make_trainer(model_fields: dict, batch: int, run_dir: str,
-                 kernels: KernelChoices = KernelChoices()) -> Trainer:
-    """A real `Trainer` (train.py's code path) over a tiny generated task: its `train_step` is the
-    compiled step users train with. Data loading is not timed; the bench feeds its own batch."""
+def make_program(model_fields: dict, batch: int,
+                 kernels: KernelChoices = KernelChoices()) -> TrainProgram:
+    """The TrainProgram train.py trains with (same config path, same compiled step), for a batch
+    of `batch` rows of the model `model_fields`; the bench feeds its own batch (no data)."""
     c = base_config()
     for k, v in model_fields.items():
         c.model[k] = v
-    c.data.task, c.data.tokenizer, c.data.loss_on = "arith", "bytes", "all"
-    c.data.task_rows, c.data.task_val_rows = 64, 8
-    c.run_dir, c.batch_size, c.grad_accum = run_dir, batch, 1
-    c.eval_exact_match, c.eval_interval = 0, 0
-    with contextlib.redirect_stdout(io.StringIO()):
-        return Trainer(c, log=lambda s: None, kernels=kernels)
+    c.data.loss_on, c.batch_size, c.grad_accum = "all", batch, 1
+    return TrainProgram(c, kernels=kernels)
 
 
 def _memory(compiled) -> dict | None:
@@ -51,18 +44,17 @@ class JaxTrain:
     """One schedule/dtype of this project's train step, compiled ahead of time (same executable),
     with the kernels `kernels` selects (the ablation switches them off one by one)."""
 
-    def __init__(self, settings: BenchSettings, reflex: str, dtype: str, tokens_np, run_dir: str,
+    def __init__(self, settings: BenchSettings, reflex: str, dtype: str, tokens_np,
                  kernels: KernelChoices = KernelChoices()):
         self.kind, self.reflex, self.dtype = "jax", reflex, dtype
-        self.trainer = make_trainer(settings.model_fields(reflex, dtype), settings.batch, run_dir,
-                                    kernels)
-        self.cfg = self.trainer.cfg
-        state = self.trainer.init_state()
+        self.program = make_program(settings.model_fields(reflex, dtype), settings.batch, kernels)
+        self.cfg = self.program.model_config
+        state = self.program.init_state()
         self.init_params = jax.device_get(state.params)
-        self.tokens, self.mask = self.trainer.put_batch(
+        self.tokens, self.mask = self.program.put_batch(
             {"tokens": tokens_np, "mask": np.ones(tokens_np.shape, np.float32)})
         t0 = time.perf_counter()
-        self.compiled = self.trainer.train_step.lower(state, self.tokens, self.mask).compile()
+        self.compiled = self.program.train_step.lower(state, self.tokens, self.mask).compile()
         self.compile_s = time.perf_counter() - t0
         self.state = state
         self.memory = _memory(self.compiled)
@@ -92,13 +84,13 @@ def _torch_contenders(s: BenchSettings, jax_all: JaxTrain, tokens_np, dtype: str
     return out
 
 
-def contenders(s: BenchSettings, dtype: str, tokens_np, tmp: str, with_torch: bool,
+def contenders(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
                notes: list, log: Callable[[str], None],
                schedules: tuple[str, ...] = ("all", "none")) -> dict[str, Any]:
     """{"jax all", "jax none"[, "torch eager all", "torch.compile all"]}: contenders with `.step()`."""
     out: dict[str, Any] = {}
     for reflex in schedules:
-        c = JaxTrain(s, reflex, dtype, tokens_np, os.path.join(tmp, f"{reflex}_{dtype}"))
+        c = JaxTrain(s, reflex, dtype, tokens_np)
         out[f"jax {reflex}"] = c
         log(f"  jax {reflex}: compiled in {c.compile_s:.1f} s")
     if with_torch:
@@ -129,12 +121,12 @@ def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dic
     return row
 
 
-def bench_dtype(s: BenchSettings, dtype: str, tokens_np, tmp: str, with_torch: bool,
+def bench_dtype(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
                 notes: list, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
     """(rows by "<contender> <dtype>", the peak row, the loss parity) of one dtype: every
     contender and the matmul peak timed interleaved in one loop."""
     log(f"## train, {dtype}: building contenders")
-    cs = contenders(s, dtype, tokens_np, tmp, with_torch, notes, log)
+    cs = contenders(s, dtype, tokens_np, with_torch, notes, log)
     fns = {name: c.step for name, c in cs.items()}
     mm = peak.matmul_contenders(s.peak_n, dtype, with_torch)
     fns.update({f"matmul {k}": f for k, f in mm.items()})

@@ -22,7 +22,7 @@ def _jax_calls(c) -> dict[str, Callable[[], float]]:
     import jax
     import jax.numpy as jnp
     from reflex_jax.train import step as st
-    s, tokens = c.trainer.step_settings, c.tokens
+    s, tokens = c.program.step_settings, c.tokens
     params = jax.tree.map(jnp.copy, c.state.params)  # the step donates (deletes) its state
     B, S = tokens.shape
     w = st.loss_weights(c.mask, s.loss_on)                # the weights the train step uses

@@ -7,7 +7,7 @@ optimizer, and report what the numbers say.
 Every run of the grid is `<runs_dir>/<run name>` (default `runs/compare/<basename of out>/`; run names
 are `<schedule>-s<seed>`, or `<variant>-<schedule>-s<seed>` with `--variant`). Runs train in this
 process, one after the other, with the trainer of `train.py`. All runs share the config file and its
-overrides; only `model.reflex`, `seed`, `run_dir` and the variant's overrides differ, so every run of a
+overrides; only `model.head_plan`, `seed`, `run_dir` and the variant's overrides differ, so every run of a
 seed sees the same batches (the batch at step s is a pure function of (seed, s), and built-in task
 data is generated from the seed).
 

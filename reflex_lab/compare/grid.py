@@ -14,7 +14,8 @@ from reflex_jax.errors import ConfigError, UsageError
 from reflex_jax.run_config import apply_override, model_config_from
 
 # fields the grid sets itself; overriding them on the command line would be silently undone
-GRID_FIELDS = {"model.reflex": "--schedules", "seed": "--seeds", "run_dir": "--runs_dir"}
+GRID_FIELDS = {"model.head_plan": "--schedules", "model.reflex": "--schedules", "seed": "--seeds",
+               "run_dir": "--runs_dir"}  # model.reflex: head_plan's old name
 
 
 class CompareError(UsageError):
@@ -71,7 +72,8 @@ def parse_variant(text: str) -> Variant:
     name, colon, rest = text.partition(":")
     if not colon or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise CompareError(f"--variant {text!r} must be NAME:key=value[;key=value...] with a NAME of "
-                           "letters, digits, '_', '-' or '.' (e.g. --variant pretrained:init_from=weights/x).")
+                           "letters, digits, '_', '-' or '.' "
+                           "(e.g. --variant pretrained:init_from=weights/x).")
     overrides = []
     for item in filter(None, (s.strip() for s in rest.split(";"))):
         key, eq, value = item.partition("=")
@@ -126,7 +128,7 @@ def _with_schedule(config: ConfigDict, schedule: str) -> ConfigDict:
     plan = schedule.removesuffix(VALUE_RESIDUAL)
     if plan != schedule:
         c.model.value_residual = True
-    c.model.reflex = plan
+    c.model.head_plan = plan
     try:
         model_config_from(c)
     except ConfigError as e:

@@ -9,10 +9,11 @@ import os
 from typing import Optional, Sequence
 
 from ml_collections import ConfigDict
+from reflex_jax.run_config import flatten_config
 
 from .grid import Run
 from .plots import plot_curves, plot_group_summaries
-from .runs import flatten, now_utc
+from .runs import now_utc
 from .stats import distance_keys, model_facts
 
 
@@ -98,8 +99,8 @@ def variant_differences(runs: Sequence[Run]) -> dict:
     first: dict[str, dict] = {}
     for run in runs:
         if run.variant and run.variant not in first:
-            first[run.variant] = flatten(run.config.to_dict())
-    skip = {"run_dir", "seed", "model.reflex"}
+            first[run.variant] = flatten_config(run.config.to_dict())
+    skip = {"run_dir", "seed", "model.head_plan", "model.reflex"}
     keys = sorted({k for flat in first.values() for k in flat if k not in skip
                    and len({json.dumps(f.get(k), default=str) for f in first.values()}) > 1})
     return {name: {k: flat.get(k) for k in keys} for name, flat in first.items()}
@@ -135,8 +136,9 @@ def _setup_lines(results: dict, baseline: Optional[str]) -> list[str]:
     lines = [f"# {results['title']}", "",
              f"Generated {results['created']} by `{results['command'] or 'reflex_lab.compare'}`.", "",
              f"* Model: {s['model']}", f"* Data: {s['data']}; loss on {s['loss_on']} tokens",
-             f"* Training: {s['steps']} steps x {s['batch_size']} sequences x {s['tokens_per_step'] // s['batch_size']}"
-             f" tokens = {s['tokens_per_run']:,} tokens per run; {s['optimizer']}",
+             f"* Training: {s['steps']} steps x {s['batch_size']} sequences x "
+             f"{s['tokens_per_step'] // s['batch_size']} tokens = {s['tokens_per_run']:,} tokens "
+             f"per run; {s['optimizer']}",
              f"* Evaluation: {s['eval']}"]
     if s.get("init_from"):
         lines.append(f"* Init from: `{s['init_from']}`")
@@ -174,7 +176,8 @@ def _group_table(groups: Sequence[dict], baseline: Optional[str], has_em: bool) 
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for g in groups:
         layout = g["layout"].split(": ", 1)[-1].replace(" | ", " / ")  # '|' would split the cell
-        seeds = f"{g['finished']}/{g['runs']}" + (f" ({', '.join(map(str, g['seeds']))})" if g["seeds"] else "")
+        seeds = f"{g['finished']}/{g['runs']}" + (f" ({', '.join(map(str, g['seeds']))})"
+                                                  if g["seeds"] else "")
         row = [f"`{g['group']}`", layout, seeds, fmt_stat(g["final_val_loss"]),
                fmt_stat(g["best_val_loss"])]
         if baseline:

@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ml_collections import ConfigDict
 
 from reflex_jax.errors import ReflexError
+from reflex_jax.run_config import flatten_config, model_fields
 
 from .grid import CompareError, Run
 
@@ -60,18 +61,15 @@ def read_metrics(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def flatten(d: Any, prefix: str = "") -> dict:
-    """Nested dicts -> {'a.b': leaf}."""
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def _normalised(config_dict: dict) -> dict:
-    flat = flatten(json.loads(json.dumps(config_dict, default=str)))
+    d = json.loads(json.dumps(config_dict, default=str))
+    if isinstance(d.get("model"), dict):
+        # one key for the head plan, under its old name model.reflex, as the configs (and the
+        # fingerprints of the reports) of runs from before the rename to head_plan have it
+        model = model_fields(d["model"])
+        model["reflex"] = model.pop("head_plan", None)
+        d["model"] = model
+    flat = flatten_config(d)
     return {k: v for k, v in flat.items() if k.split(".")[0] not in IGNORED_FIELDS}
 
 
@@ -106,7 +104,8 @@ def config_difference(stored: dict, wanted: dict) -> Optional[str]:
     a, b = _normalised(stored), _normalised(wanted)
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            return f"{key}={a.get(key, '<absent>')!r} there, {b.get(key, '<absent>')!r} here"
+            name = "model.head_plan" if key == "model.reflex" else key  # see _normalised
+            return f"{name}={a.get(key, '<absent>')!r} there, {b.get(key, '<absent>')!r} here"
     return None
 
 

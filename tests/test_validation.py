@@ -6,7 +6,6 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,7 +13,7 @@ from reflex_jax.data import ByteTokenizer, TokenData, get_task, load_tokenizer, 
 from reflex_jax.data.tasks import _NOUNS
 from reflex_jax.data.tokenizer import BYTE_ALPHABET
 from reflex_jax.model import Decoder, ModelConfig, init_params
-from reflex_jax.train import evals
+from reflex_jax.train import validation
 from reflex_jax.train.exact_match import ExactMatch, exact_match_by_distance
 from reflex_jax.train.step import StepSettings
 from reflex_jax.train.trainer import Trainer
@@ -99,12 +98,12 @@ def test_bits_per_byte_equals_hand_computation(tokenizer, bpe_dir):
     texts = [TEXTS[0], TEXTS[2], UNSEEN]
     length = max(len(tok.encode(t)) for t in texts) + 1
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=tok.vocab_size, block_size=length,
-                      reflex="all")
+                      head_plan="all")
     params = init_params(cfg, jax.random.PRNGKey(1))
     tokens, mask, valid = _batch(tok, texts, length)
     every, answers = StepSettings(Decoder(cfg), "all"), StepSettings(Decoder(cfg), "answer")
     sums, answer_sums, logits = jax.jit(lambda p, t, m, v: (
-        evals.eval_sums(every, table, p, t, m, v), evals.eval_sums(answers, table, p, t, m, v),
+        validation.eval_sums(every, table, p, t, m, v), validation.eval_sums(answers, table, p, t, m, v),
         Decoder(cfg).apply({"params": p}, t[:, :-1])))(params, tokens, mask, valid)
     logits, targets = np.asarray(logits, np.float64), tokens[:, 1:]
     top = logits.max(-1)
@@ -114,12 +113,12 @@ def test_bits_per_byte_equals_hand_computation(tokenizer, bpe_dir):
     n_bytes = float((table[targets] * w).sum())
     # every byte of every text is a target once, whatever the tokenizer
     assert n_bytes == float(sums["bytes"]) == sum(len(t.encode("utf-8")) for t in texts)
-    m = evals.val_metrics([sums], answers=True)
+    m = validation.val_metrics([sums], answers=True)
     assert m["val_loss"] == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
     assert m["val_bpb"] == pytest.approx((ce * w).sum() / (math.log(2) * n_bytes), rel=1e-5)
     assert m["val_answer_loss"] == pytest.approx((ce * answer_w).sum() / answer_w.sum(), rel=1e-5)
     assert abs(m["val_loss"] - m["val_answer_loss"]) > 0.01  # loss_on=all: every token counts
-    a = evals.val_metrics([answer_sums], answers=True)  # loss_on=answer: the same answer loss
+    a = validation.val_metrics([answer_sums], answers=True)  # loss_on=answer: the same answer loss
     assert a["val_loss"] == a["val_answer_loss"] == pytest.approx(m["val_answer_loss"], rel=1e-6)
     assert a["val_bpb"] == pytest.approx(
         (ce * answer_w).sum() / (math.log(2) * (table[targets] * answer_w).sum()), rel=1e-5)
@@ -194,7 +193,7 @@ def test_answer_loss_and_bpb_in_metrics_rows(tmp_path):
     assert row["step"] == 2 and {"val_loss", "val_bpb", "val_answer_loss"} <= set(row)
     # by hand from the val batches: targets per byte (bos/eos count 0 bytes), answer targets
     targets = n_bytes = answer_targets = 0.0
-    for b in trainer.val_batches():
+    for b in trainer.evaluator.val_batches():
         valid, answer = b["valid"][:, 1:], b["mask"][:, 1:] * b["valid"][:, 1:]
         targets, answer_targets = targets + valid.sum(), answer_targets + answer.sum()
         n_bytes += (valid * (b["tokens"][:, 1:] < 256)).sum()
@@ -203,7 +202,7 @@ def test_answer_loss_and_bpb_in_metrics_rows(tmp_path):
     # loss_on=all trains on every token; the answer loss still covers the answers (digit + eos)
     assert 0 < answer_targets < targets / 20
     assert abs(row["val_answer_loss"] - row["val_loss"]) > 0.01
-    again = trainer.evaluate(trainer.state.params)  # the row holds the final params' metrics
+    again = trainer.evaluator(trainer.state.params)  # the row holds the final params' metrics
     assert again == pytest.approx({k: row[k] for k in again}, rel=1e-6)
 
 

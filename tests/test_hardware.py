@@ -1,6 +1,5 @@
 """Deviceless targets: libtpu and the CUDA plugin build the devices of TPU slices and GPU hosts on
 this CPU machine, programs compile for them, and every mistake is one sentence."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,17 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reflex_jax import targets
+from reflex_jax import hardware
 from reflex_jax.errors import ConfigError, UsageError
 
-targets.quiet_environment()  # before any test here starts libtpu (conftest already chose cpu)
+from plugins import needs_cuda, needs_libtpu  # skips, naming the plugin
 
-HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
-HAVE_CUDA = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not importable: "
-                                  + targets.install_line("tpu"))
-needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="the JAX CUDA plugin is not importable: "
-                                + targets.install_line("cuda12"))
+hardware.quiet_environment()  # before any test here starts libtpu (conftest already chose cpu)
+
 
 
 def _compile_sum_of_matmul(devices):
@@ -41,21 +36,21 @@ def _compile_sum_of_matmul(devices):
     ("v4:2x2x1", 4, 1, "v4"),  # megacore: one device per chip, as JAX runs a v4
     ("v5e:2x4", 8, 2, "v5e"), ("v6e:2x4", 8, 2, "v6e")])
 def test_tpu_topologies(name, n_devices, n_hosts, chip):
-    t = targets.resolve_target(name)
+    t = hardware.resolve_target(name)
     assert (t.name, t.platform, t.chip, t.n_devices, t.n_hosts) == (
-        name, "tpu", targets.CHIPS[chip], n_devices, n_hosts)
+        name, "tpu", hardware.CHIPS[chip], n_devices, n_hosts)
     assert len(t.devices) == n_devices and {d.platform for d in t.devices} == {"tpu"}
     assert {d.device_kind for d in t.devices} == {t.chip.device_kind}
     hosts = len({d.process_index for d in t.devices})
     assert hosts == n_hosts == n_devices // t.chip.chips_per_host
-    assert targets.resolve_target(name) is t  # cached
+    assert hardware.resolve_target(name) is t  # cached
 
 
 @needs_cuda
 @pytest.mark.parametrize("name, n_devices, n_hosts", [
     ("gpu:h100x8", 8, 1), ("gpu:h100x16", 16, 2), ("gpu:h200x8", 8, 1), ("gpu:h100x2", 2, 1)])
 def test_gpu_hosts(name, n_devices, n_hosts):
-    t = targets.resolve_target(name)
+    t = hardware.resolve_target(name)
     assert (t.platform, t.n_devices, t.n_hosts) == ("gpu", n_devices, n_hosts)
     assert {d.platform for d in t.devices} == {"gpu"}
     assert t.chip.name.upper() in t.devices[0].device_kind  # "NVIDIA H100 80GB HBM3"
@@ -67,15 +62,15 @@ def test_gpu_hosts(name, n_devices, n_hosts):
 @needs_cuda
 def test_programs_compile_for_the_targets():
     for name in ("v5p:2x2x2", "gpu:h100x16"):
-        memory = _compile_sum_of_matmul(targets.resolve_target(name).devices)
+        memory = _compile_sum_of_matmul(hardware.resolve_target(name).devices)
         assert memory is not None and memory.argument_size_in_bytes > 0, name
 
 
 def test_device_kind_chip():
-    assert targets.device_kind_chip("TPU v5 lite") is targets.CHIPS["v5e"]
-    assert targets.device_kind_chip("NVIDIA H200") is targets.CHIPS["h200"]
-    assert targets.device_kind_chip("NVIDIA H100 PCIe") is None  # other figures than the SXM part
-    assert targets.device_kind_chip(jax.devices("cpu")[0]) is None
+    assert hardware.device_kind_chip("TPU v5 lite") is hardware.CHIPS["v5e"]
+    assert hardware.device_kind_chip("NVIDIA H200") is hardware.CHIPS["h200"]
+    assert hardware.device_kind_chip("NVIDIA H100 PCIe") is None  # other figures than the SXM part
+    assert hardware.device_kind_chip(jax.devices("cpu")[0]) is None
 
 
 def _one_sentence(error) -> str:
@@ -87,7 +82,7 @@ def _one_sentence(error) -> str:
 @pytest.mark.parametrize("name", ["v7:2x2", "gpu:a100x8", "v5p", "v5p:abc", "tpu"])
 def test_unknown_target_lists_the_forms(name):
     with pytest.raises(UsageError) as e:
-        targets.resolve_target(name)
+        hardware.resolve_target(name)
     text = _one_sentence(e.value)
     assert text.startswith(f"unknown compile target {name!r}") and "gpu:h100xN" in text
     assert "v5p:2x2x2" in text
@@ -96,7 +91,7 @@ def test_unknown_target_lists_the_forms(name):
 @needs_libtpu
 def test_topology_libtpu_rejects_says_what_libtpu_said():
     with pytest.raises(UsageError) as e:
-        targets.resolve_target("v5p:3x3x3")
+        hardware.resolve_target("v5p:3x3x3")
     text = _one_sentence(e.value)
     assert text.startswith("libtpu rejects the TPU topology 'v5p:3x3x3': Topology layout")
     assert "not divisible" in text and "v5p:2x2x2" in text
@@ -104,7 +99,7 @@ def test_topology_libtpu_rejects_says_what_libtpu_said():
 
 def test_gpu_count_between_hosts_is_refused():
     with pytest.raises(UsageError) as e:
-        targets.resolve_target("gpu:h100x12")
+        hardware.resolve_target("gpu:h100x12")
     assert "12 GPUs" in _one_sentence(e.value)
 
 
@@ -112,12 +107,12 @@ def test_missing_plugins_give_the_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # what find_spec sees without the package
     monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)  # set by importing libtpu
     with pytest.raises(ConfigError) as e:
-        targets.resolve_target("v6e:4x4")
+        hardware.resolve_target("v6e:4x4")
     assert _one_sentence(e.value).endswith(f'pip install "jax[tpu]=={jax.__version__}"')
     for cuda in ("cuda12", "cuda13"):
         monkeypatch.setitem(sys.modules, f"jax_plugins.xla_{cuda}", None)
     with pytest.raises(ConfigError) as e:
-        targets.resolve_target("gpu:h200x4")
+        hardware.resolve_target("gpu:h200x4")
     assert _one_sentence(e.value).endswith(f'pip install "jax[cuda12]=={jax.__version__}"')
 
 
@@ -128,7 +123,7 @@ def test_gpu_targets_need_the_cpu_platform(platforms, said):
     jax.config.update("jax_platforms", platforms or None)
     try:
         with pytest.raises(ConfigError) as e:
-            targets.resolve_target("gpu:h200x1")
+            hardware.resolve_target("gpu:h200x1")
     finally:
         jax.config.update("jax_platforms", before)
     text = _one_sentence(e.value)
@@ -137,10 +132,10 @@ def test_gpu_targets_need_the_cpu_platform(platforms, said):
 
 @needs_libtpu
 def test_version_mismatch_against_what_jax_pins():
-    assert targets.version_problem("libtpu", "tpu", metadata.version("libtpu")) is None
-    text = targets.version_problem("libtpu", "tpu", "0.0.1")
+    assert hardware.version_problem("libtpu", "tpu", metadata.version("libtpu")) is None
+    text = hardware.version_problem("libtpu", "tpu", "0.0.1")
     assert text.startswith(f"libtpu 0.0.1 does not match jax {jax.__version__}, which needs libtpu")
-    assert text.endswith(targets.install_line("tpu"))
+    assert text.endswith(hardware.install_line("tpu"))
 
 
 @needs_libtpu
@@ -149,12 +144,12 @@ def test_quiet_environment_leaves_nothing_on_stderr():
     """A fresh process with nothing set: quiet_environment(), then both kinds of target resolve
     and compile without one line from libtpu or the CUDA plugin."""
     env = {k: v for k, v in os.environ.items()
-           if k != "JAX_PLATFORMS" and k not in targets._QUIET_TPU}
-    probe = ("from reflex_jax import targets\n"
-             "targets.quiet_environment()\n"
+           if k != "JAX_PLATFORMS" and k not in hardware._QUIET_TPU}
+    probe = ("from reflex_jax import hardware\n"
+             "hardware.quiet_environment()\n"
              "import jax, numpy as np\n"
              "for name in ('v5p:2x2x2', 'gpu:h100x8'):\n"
-             "    mesh = jax.sharding.Mesh(np.array(targets.resolve_target(name).devices), 'd')\n"
+             "    mesh = jax.sharding.Mesh(np.array(hardware.resolve_target(name).devices), 'd')\n"
              "    s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))\n"
              "    x = jax.ShapeDtypeStruct((64, 128), 'bfloat16', sharding=s)\n"
              "    print(jax.jit(lambda x: (x @ x.T).sum()).lower(x).compile() is not None)\n")

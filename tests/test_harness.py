@@ -14,9 +14,9 @@ pytest.importorskip("torch")
 pytest.importorskip("lm_eval")
 
 from reflex_jax.checkpoint import save_params  # noqa: E402
-from reflex_jax.cli import eval as eval_cli  # noqa: E402
+from reflex_jax.cli import harness as harness_cli  # noqa: E402
 from reflex_jax.errors import UsageError  # noqa: E402
-from reflex_jax.evaluation import evaluate_run  # noqa: E402
+from reflex_jax.harness import evaluate_run  # noqa: E402
 from reflex_jax.model import Decoder, ModelConfig, abstract_params  # noqa: E402
 
 TASK = "reflex_tiny_choice"
@@ -90,7 +90,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     tok = make_tokenizer(str(root / "tokenizer"))
     cfg = ModelConfig(vocab_size=len(tok), block_size=32, n_layer=2, n_head=4, n_embd=32,
-                      mlp_hidden=64, reflex="all", pos_emb="rope")
+                      mlp_hidden=64, head_plan="all", pos_emb="rope")
     params = random_params(cfg)
     run = save_params(str(root / "params"), cfg, params,
                       meta={"tokenizer": str(root / "tokenizer")})
@@ -161,7 +161,7 @@ def test_cli_main_prints_and_writes_the_same_metrics(setup, expected, monkeypatc
                         lambda **kw: full_index(**{**kw, "include_defaults": False}))
     acc, acc_norm = expected
     out = tmp_path / "results.json"
-    status = eval_cli.main(["--run", setup["run"], "--tasks", TASK, "--include_path",
+    status = harness_cli.main(["--run", setup["run"], "--tasks", TASK, "--include_path",
                             setup["tasks"], "--batch_size", "2", "--device", "cpu",
                             "--out", str(out)])
     assert status == 0
@@ -173,11 +173,11 @@ def test_cli_main_prints_and_writes_the_same_metrics(setup, expected, monkeypatc
 
 def test_cli_errors_are_one_sentence(setup, tmp_path, capsys):
     bare = save_params(str(tmp_path / "bare"), setup["cfg"], setup["params"])  # no tokenizer
-    assert eval_cli.main(["--run", bare, "--tasks", TASK]) == 2
+    assert harness_cli.main(["--run", bare, "--tasks", TASK]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("reflex-eval: error: ") and "names no tokenizer in meta.json" in err
     assert "\n" not in err
-    assert eval_cli.main(["--run", setup["run"], "--tasks", TASK, "--limit", "0"]) == 2
+    assert harness_cli.main(["--run", setup["run"], "--tasks", TASK, "--limit", "0"]) == 2
     assert "--limit 0 must be positive" in capsys.readouterr().err
     with pytest.raises(UsageError, match=r"lm-eval knows no task 'no_such_task'"):
         evaluate_run(setup["run"], ["no_such_task"], include_path=setup["tasks"],

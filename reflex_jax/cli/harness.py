@@ -1,8 +1,8 @@
 """Evaluate a run on lm-evaluation-harness tasks (exported to HF on the fly; docs/export.md).
 
-    python -m reflex_jax.cli.eval --run runs/reflex --tasks xstorycloze_ru,xwinograd_ru \\
+    python -m reflex_jax.cli.harness --run runs/reflex --tasks xstorycloze_ru,xwinograd_ru \\
         --out results.json
-    python -m reflex_jax.cli.eval --run runs/tiny --tasks my_task --include_path tasks/ --limit 50
+    python -m reflex_jax.cli.harness --run runs/tiny --tasks my_task --include_path tasks/ --limit 50
 
 Needs lm-eval: `pip install -e '.[eval]'`. Prints one line per task and metric; `--out` also
 writes them as JSON.
@@ -46,7 +46,7 @@ def _limit(value: Optional[float]):
 
 
 def evaluate(args) -> dict:
-    from ..evaluation import evaluate_run
+    from ..harness import evaluate_run
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.batch_size < 1:
         raise UsageError(f"--batch_size {args.batch_size} must be at least 1.")

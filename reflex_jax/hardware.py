@@ -176,6 +176,16 @@ def _tpu_chips_attached() -> bool:
 
 # ---- installation checks -------------------------------------------------------------------------
 
+def plugin_installed(module: str) -> bool:
+    """Whether `module` ("libtpu", "jax_plugins.xla_cuda12") is importable, without importing it.
+    find_spec of a dotted name imports the parent package first and raises ModuleNotFoundError when
+    the parent is missing, and `jax_plugins` exists only once some JAX plugin is installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # no parent package; a module whose __spec__ is None
+        return False
+
+
 def install_line(extra: str) -> str:
     """The pip command that installs the accelerator plugin matching the installed jax."""
     import jax
@@ -209,7 +219,7 @@ def _installed_version(dist: str) -> Optional[str]:
 
 def _require_libtpu() -> None:
     # jax loads libtpu.so from TPU_LIBRARY_PATH when it names a file (importing libtpu sets it)
-    if (importlib.util.find_spec("libtpu") is None
+    if (not plugin_installed("libtpu")
             and not os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))):
         raise ConfigError("libtpu is not installed, so there is no compiler for TPU targets; "
                           f"install it with: {install_line('tpu')}")
@@ -221,7 +231,7 @@ def _require_libtpu() -> None:
 
 def _require_cuda_plugin() -> None:
     for cuda in ("cuda12", "cuda13"):
-        if importlib.util.find_spec(f"jax_plugins.xla_{cuda}") is not None:
+        if plugin_installed(f"jax_plugins.xla_{cuda}"):
             installed = _installed_version(f"jax-{cuda}-plugin")
             problem = installed and version_problem(f"jax-{cuda}-plugin", cuda, installed)
             if problem:
@@ -279,7 +289,7 @@ def _tpu_devices(name: str, chip: Chip) -> list:
         said = _first_line(e)
         if "lockfile" in said:
             raise ConfigError("libtpu is locked by another process (/tmp/libtpu_lockfile); call "
-                              "reflex_jax.targets.quiet_environment() before JAX starts, or set "
+                              "reflex_jax.hardware.quiet_environment() before JAX starts, or set "
                               "ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
         if "not installed" in said:
             raise ConfigError("libtpu is not installed, so there is no compiler for TPU targets; "
@@ -308,7 +318,7 @@ def _gpu_devices(name: str, chip: Chip, n: int) -> list:
     except NotImplementedError:  # the plugin did not register: JAX started before JAX_PLATFORMS=cpu
         raise ConfigError("the JAX CUDA plugin did not start because JAX initialised its backends "
                           "before JAX_PLATFORMS=cpu was set; run with JAX_PLATFORMS=cpu, or call "
-                          "reflex_jax.targets.quiet_environment() before JAX starts") from None
+                          "reflex_jax.hardware.quiet_environment() before JAX starts") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,7 +1,7 @@
 """Benchmarks through lm-evaluation-harness: export a run as an HF directory, then run lm-eval's
 `hf` model on it (docs/export.md#lm-evaluation-harness).
 
-`evaluate_run(run, tasks)` is what `python -m reflex_jax.cli.eval` calls. lm-eval is an optional
+`evaluate_run(run, tasks)` is what `python -m reflex_jax.cli.harness` calls. lm-eval is an optional
 dependency (`pip install -e '.[eval]'`); nothing here imports it before it is needed.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ def _lm_eval():
 def run_tokenizer(run: str) -> str:
     """The tokenizer `run`'s meta.json names (lm-eval tokenizes the task text with it)."""
     from . import storage
-    from .checkpoint import read_meta
+    from .checkpoint import read_checkpoint_meta
     if not storage.isdir(storage.resolve(run)):
         raise MissingFileError(f"run directory {run!r} does not exist; pass a directory written "
                                "by train.py or convert_weights.py.")
-    tokenizer = read_meta(run).get("tokenizer")
+    tokenizer = read_checkpoint_meta(run).get("tokenizer")
     if not tokenizer:
         raise UsageError(f"{run!r} names no tokenizer in meta.json; lm-eval needs one, so record "
                          "it there (e.g. \"tokenizer\": \"bytes\" or a tokenizer directory).")

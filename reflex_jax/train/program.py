@@ -1,0 +1,144 @@
+"""The compiled side of a run: mesh, shardings, abstract state, the compiled train and eval steps,
+state creation and batch placement. Built from the run config alone (no data, no run directory),
+so a dry run, the fit search and the benchmark use the very program train.py trains with, also
+for deviceless accelerator devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import sharding
+from ..errors import TrainingError
+from ..kernels import DEFAULT, KernelChoices
+from ..model import Decoder, abstract_params, param_logical_axes
+from ..run_config import model_config_from
+from . import checks, step, validation
+from .optim import make_optimizer
+from .step import StepSettings, TrainState
+
+
+class TrainProgram:
+    """What a run compiles, from `config` (the run's ConfigDict).
+
+    `devices`: the devices to build the mesh over (default: all, on every process; deviceless TPU
+    or GPU devices for a dry run); `kernels`: which optimised kernels the model and loss use
+    (bench.py's ablation), their platform defaulting to the mesh's; `token_bytes`: the UTF-8 bytes
+    of each token id (validation.run_byte_lengths) for the eval step's bits per byte, all ones
+    when only the shapes matter.
+    """
+
+    def __init__(self, config, *, devices=None, kernels: KernelChoices = DEFAULT,
+                 token_bytes: Optional[np.ndarray] = None):
+        checks.check_run_config(config)
+        self.config = config
+        self.model_config = model_config_from(config)
+        self.seq_len = self.model_config.block_size
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                       devices=devices)
+        checks.check_fits_mesh(config, sharding.batch_shards(self.mesh))
+        self.platform = self.mesh.devices.flat[0].platform
+        # the step's kernels are the mesh's platform's, and the TPU kernel's shard_map needs the mesh
+        self.kernels = dataclasses.replace(kernels, platform=kernels.platform or self.platform,
+                                           mesh=kernels.mesh or self.mesh)
+        self.model = Decoder(self.model_config, remat=bool(config.remat), kernels=self.kernels)
+        self.tx, self.lr_schedule = make_optimizer(config.optim, config.max_steps)
+        self.step_settings = StepSettings(self.model, config.data.loss_on, config.grad_accum,
+                                          config.seed, self.kernels)
+        self._build_shardings()
+        self.train_step = self._compile_train_step()
+        if token_bytes is None:
+            token_bytes = validation.run_byte_lengths(None, self.model_config.vocab_size)
+        self.eval_step = self._compile_eval_step(token_bytes)
+
+    def _build_shardings(self):
+        mesh = self.mesh
+        params = abstract_params(self.model_config)
+        self.param_shardings = sharding.shardings_for(param_logical_axes(self.model_config),
+                                                      params, mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, params)
+        opt_shardings = sharding.like_params(abstract_opt, params, self.param_shardings, mesh)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                          opt_state=opt_shardings)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                       opt_state=abstract_opt), self.state_shardings)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+
+    def with_rules(self, fn):
+        """`fn` traced under this mesh's logical-axis rules (for anything jitted on this mesh)."""
+        rules = sharding.logical_rules_for_flax(self.mesh)
+
+        @functools.wraps(fn)
+        def wrapped(*args):
+            with nn.logical_axis_rules(rules):
+                return fn(*args)
+        return wrapped
+
+    def _compile_train_step(self):
+        fn = functools.partial(step.train_step, self.step_settings, self.tx, self.lr_schedule)
+        return jax.jit(self.with_rules(fn),
+                       in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+                       out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+    def _compile_eval_step(self, token_bytes):
+        # the sums of train/validation.py (loss, bytes, answer loss) in one pass; the byte table
+        # is a constant of the compiled function
+        fn = functools.partial(validation.eval_sums, self.step_settings, token_bytes)
+        return jax.jit(self.with_rules(fn),
+                       in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
+                       out_shardings=self.replicated)
+
+    def init_state(self, params=None) -> TrainState:
+        """Fresh state created directly with its shardings (no full copy on one device)."""
+        rng = jax.random.PRNGKey(self.config.seed)
+        make = jax.jit(functools.partial(step.init_state, self.model, self.tx),
+                       out_shardings=self.state_shardings)
+        if params is None:
+            return make(rng)
+        return make(rng, jax.device_put(params, self.param_shardings))
+
+    def state_at(self, step_: int, params, opt_state) -> TrainState:
+        """The state of a restored step (params and optimizer state already placed)."""
+        return TrainState(step=jax.device_put(jnp.int32(step_), self.replicated), params=params,
+                          opt_state=opt_state)
+
+    def put_batch(self, local: dict, keys=("tokens", "mask"), global_rows: Optional[int] = None):
+        """Global arrays from this process's rows of the batch (see `sharding.process_rows`)."""
+        arrays = []
+        rows = global_rows or self.config.batch_size
+        _, blocks = sharding.process_rows(self.batch_sharding, rows)
+        for k in keys:
+            x = np.asarray(local[k], np.int32 if k == "tokens" else np.float32)
+            if x.shape[0] * blocks != rows:
+                raise TrainingError(f"this process fed {x.shape[0]} rows but its block of a "
+                                    f"{rows}-row batch has {rows // blocks}.")
+            shape = (rows,) + x.shape[1:]
+            arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, x, shape))
+        return arrays
+
+    def local_rows(self, batch: dict) -> dict:
+        """This process's block of the rows of a global batch (every process holds all of it)."""
+        n = batch["tokens"].shape[0]
+        if n % sharding.batch_shards(self.mesh):
+            raise TrainingError(f"validation batch of {n} rows does not split over mesh data*fsdp = "
+                                f"{sharding.batch_shards(self.mesh)}; use a batch_size divisible by it.")
+        block, blocks = sharding.process_rows(self.batch_sharding, n)
+        k = n // blocks
+        return {key: v[block * k:(block + 1) * k] for key, v in batch.items()}
+
+    def dry_run(self, target=None, log=lambda s: None) -> tuple[str, dict]:
+        """Compile the train and eval steps and sampling's prefill and decode step for this mesh
+        (`target`: the reflex_jax.hardware.Target its devices came from, for the chip's figures);
+        returns (the report for people, the same as a JSON-able dict)."""
+        from .dry_run import format_report, report
+        rep = report(self, target, log)
+        return format_report(self, rep), rep
