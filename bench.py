@@ -1,6 +1,7 @@
 """Speed, MFU and memory of this project side by side with PyTorch, in one process.
 
-    python bench.py                       # default CPU config (vocab 50257, 6x8, n_embd 512, block 256, batch 8)
+    python bench.py                       # default CPU config (vocab 50257, 6x8, n_embd 512,
+                                          # block 256, batch 8)
     python bench.py --quick --json runs/bench_quick.json
     python bench.py --dtypes float32 --no_gen --reps 3
 

@@ -1,6 +1,7 @@
 """The data CLI: prepare a directory from a source, generate a built-in task, or describe a directory.
 
-    python -m reflex_jax.data prepare --source <hub id | files | dir> --tokenizer <hub id | dir | bytes> --out DIR
+    python -m reflex_jax.data prepare --source <hub id | files | dir>
+        --tokenizer <hub id | dir | bytes> --out DIR
     python -m reflex_jax.data task --task mix --out DIR --option n_pairs=3
     python -m reflex_jax.data info DIR --block_size 512
 """

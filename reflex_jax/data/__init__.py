@@ -1,6 +1,7 @@
 """Data: prepare text (HF hub, local files, built-in tasks) into token files, and load batches from them.
 
-    python -m reflex_jax.data prepare --source <hub id | files | dir> --tokenizer <hub id | dir | bytes> --out DIR
+    python -m reflex_jax.data prepare --source <hub id | files | dir>
+        --tokenizer <hub id | dir | bytes> --out DIR
     python -m reflex_jax.data task --task mix --out DIR          # a built-in task (data/tasks.py)
     python -m reflex_jax.data info DIR
 

@@ -1,7 +1,8 @@
 """The prepared format on disk, and reading it back.
 
 A prepared directory holds, per split (`train`, `val`):
-    {split}.tokens.bin       all rows, each bos + template(row) + eos, concatenated (uint16, uint32 if ids > 65535)
+    {split}.tokens.bin       all rows, each bos + template(row) + eos, concatenated
+                             (uint16, uint32 if ids > 65535)
     {split}.mask.bin         uint8, 1 on the answer's tokens and the closing eos (all 1 for .txt documents)
     {split}.offsets.npy      int64 [rows + 1], where each row starts in the stream
     {split}.source_rows.npy  int64 [rows], the row's index in the source (checks, debugging)

@@ -1,8 +1,8 @@
 """The dry run: compile the run's functions from shapes alone and report what the compiler says.
 
 It compiles the train step, the eval step, and sampling's two model calls (prefill over a whole
-block, and one cached decode step) for the program's mesh (train/program.py), which may be made of deviceless TPU or
-GPU devices (`train.py --dry_run --compile_for=v5p:2x2x2`). Every figure is the compiler's:
+block, and one cached decode step) for the program's mesh (train/program.py), which may be made of
+deviceless TPU or GPU devices (`train.py --dry_run --compile_for=v5p:2x2x2`). Every figure is the compiler's:
 `memory_analysis()` per device and `cost_analysis()` per device; the roofline bound and the MFU it
 allows follow from them and the chip's datasheet figures (reflex_jax/hardware.py). They are not
 measured runs.

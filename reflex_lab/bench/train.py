@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from reflex_jax.kernels import KernelChoices
+from reflex_jax.kernels import DEFAULT, KernelChoices
 from reflex_jax.run_config import base_config
 from reflex_jax.train import flops
 from reflex_jax.train.program import TrainProgram
@@ -20,7 +20,7 @@ from .timing import interleaved, median, rss_peak_during
 
 
 def make_program(model_fields: dict, batch: int,
-                 kernels: KernelChoices = KernelChoices()) -> TrainProgram:
+                 kernels: KernelChoices = DEFAULT) -> TrainProgram:
     """The TrainProgram train.py trains with (same config path, same compiled step), for a batch
     of `batch` rows of the model `model_fields`; the bench feeds its own batch (no data)."""
     c = base_config()
@@ -45,7 +45,7 @@ class JaxTrain:
     with the kernels `kernels` selects (the ablation switches them off one by one)."""
 
     def __init__(self, settings: BenchSettings, reflex: str, dtype: str, tokens_np,
-                 kernels: KernelChoices = KernelChoices()):
+                 kernels: KernelChoices = DEFAULT):
         self.kind, self.reflex, self.dtype = "jax", reflex, dtype
         self.program = make_program(settings.model_fields(reflex, dtype), settings.batch, kernels)
         self.cfg = self.program.model_config
