@@ -1,5 +1,7 @@
 """The attention kernels (reflex_jax/kernels/) and the reflex K/V op (reflex_jax/model/kv.py):
 CPU fast paths and the group-wise decode path against plain dense attention."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from reflex_jax.kernels import KernelChoices, attention, cpu_attention
 from reflex_jax.model import ModelConfig, kv
 
+from marks import fast_only
 from tolerance import order_atol
 
 
@@ -19,7 +22,7 @@ def _dense_causal(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
-@pytest.mark.parametrize("T", [128, 256, 1024])
+@pytest.mark.parametrize("T", fast_only([128, 256, 1024], 128))
 def test_blockwise_causal_attention_equals_dense(T):
     """The CPU training path (query blocks over the visible keys, written-out backward from the
     saved log-sum-exp): values and all three gradients equal autodiff through one dense causal
@@ -59,7 +62,8 @@ def test_blockwise_causal_attention_bf16_error_matches_dense():
         assert mine <= 1.5 * ref + 1e-3, errors
 
 
-@pytest.mark.parametrize("t_len,offset", [(1, 37), (1, 0), (128, 0), (256, 0), (128, 64)])
+@pytest.mark.parametrize("t_len,offset", fast_only([(1, 37), (1, 0), (128, 0), (256, 0), (128, 64)],
+                                                   (1, 37), unpack=True))
 def test_attention_fast_paths_equal_one_masked_call(t_len, offset):
     """Decode (one query), prefill into a longer cache (invisible slots cut) and query blocks give
     what one masked dot_product_attention call gives, padding mask included."""
@@ -90,7 +94,7 @@ def test_attention_fast_paths_equal_one_masked_call(t_len, offset):
 
 
 @pytest.mark.parametrize("reflex", ["all", "recent:2,1"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", fast_only([1, 3], 3))
 def test_group_wise_decode_equals_concatenated_kv(reflex, batch):
     """One query per row (cached decoding) attends group by group over the caches in place; every
     head must get what one call over the concatenated [own ++ borrowed] K/V gives, with a traced
@@ -105,11 +109,13 @@ def test_group_wise_decode_equals_concatenated_kv(reflex, batch):
         q = jax.random.normal(next(keys), (batch, 1, cfg.n_head, D))
         own, earlier = caches[layer], tuple(caches[:layer])
         k, v = kv.gather_kv(own, earlier, plan)
+        # one compile per layer, the slot traced as in the compiled decode loop
+        attend = jax.jit(functools.partial(kv.reflex_attention, q, own, earlier, plan,
+                                           key_mask_BS=key_mask))
         for offset in (0, 17, S - 1):
             want = jax.nn.dot_product_attention(
                 q, k, v, mask=attention.attention_mask(1, S, offset, key_mask))
-            got = jax.jit(lambda o: kv.reflex_attention(  # called at once: the loop's values
-                q, own, earlier, plan, offset=o, key_mask_BS=key_mask))(offset)  # noqa: B023
+            got = attend(offset=offset)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=order_atol(want),
                                        rtol=0, err_msg=f"{reflex} layer {layer} slot {offset}")
 

@@ -18,6 +18,7 @@ from reflex_jax.model import ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reflex,norm,mlp", [("all", "rmsnorm", "swiglu"), ("none", "layernorm", "gelu")])
 def test_torch_peer_is_the_same_model(reflex, norm, mlp):
     torch = pytest.importorskip("torch")
@@ -68,6 +69,7 @@ def test_bench_flags_mistakes_are_usage_errors(capsys):
         assert "bench.py: error: --" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_smoke_run_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -108,6 +110,7 @@ def test_cpu_generation_reads_family_model_and_stepping():
     assert machine.cpu_model() == fields["model name"]  # not the 'model' line above it
 
 
+@pytest.mark.slow
 def test_profile_budget_adds_up_and_counts_every_matmul_flop():
     """The budget's categories add up to the step, and its matmul FLOPs (parsed from the compiled
     HLO for JAX, from the profiled shapes for PyTorch) are the model's analytic count, site by site."""
@@ -143,6 +146,7 @@ def test_profile_budget_adds_up_and_counts_every_matmul_flop():
     assert "| LM head + loss |" in profile.markdown(res)
 
 
+@pytest.mark.slow
 def test_wall_split_calls_compute_the_step_loss_and_the_decoder_alone(tmp_path):
     """The split's 'gradients' call is the train step's loss and gradient without the update (same
     loss as the first step, params unchanged); its 'decoder' call has no LM head or loss in it."""

@@ -60,7 +60,8 @@ def _damage(path, how):
             f.write(os.urandom(min(4096, os.path.getsize(path) // 4)))
 
 
-@pytest.mark.parametrize("how", ["removed", "truncated", "corrupted"])
+@pytest.mark.parametrize("how", ["removed", pytest.param("truncated", marks=pytest.mark.slow),
+                                 pytest.param("corrupted", marks=pytest.mark.slow)])
 def test_damaged_newest_step_falls_back_to_the_newest_intact_one(trained, tmp_path, how):
     run = _copy(trained, tmp_path, how)
     _damage(_data_files(run, 4)[-1], how)
@@ -105,6 +106,7 @@ def test_garbage_metrics_of_a_step_is_damage_not_a_traceback(trained, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.slow
 def test_full_disk_stops_the_save_in_one_sentence(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
@@ -127,6 +129,7 @@ def _cli(args):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_missing_init_from_and_empty_checkpoints_are_one_line(tmp_path):
     bad = _cli(overrides_cli(tmp_path / "r", max_steps=2) + [f"--config.init_from={tmp_path}/nope"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
@@ -143,6 +146,7 @@ def test_missing_init_from_and_empty_checkpoints_are_one_line(tmp_path):
         "longer (config.checkpoint_interval) or pick another run directory."]
 
 
+@pytest.mark.slow
 def test_runs_without_evals_save_without_warnings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         Trainer(small_config(tmp_path / "quiet", max_steps=4, checkpoint_interval=2,

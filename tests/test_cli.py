@@ -83,6 +83,7 @@ def test_convert_sample_and_data_mistakes_are_one_sentence(capsys, tmp_path):
     assert str(tmp_path / "none") in _one_line_error(capsys, "reflex_jax.data")
 
 
+@pytest.mark.slow
 def test_train_runs_an_explicit_schedule_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "explicit"
     train.main(["--config", TINY, "--config.model.head_plan=((),((0,1),),((1,1),(0,1)),((2,2),))",

@@ -459,6 +459,7 @@ def test_schedule_plot_cli(tmp_path, capsys):
 
 # ---- one real (tiny) run through the command line ----------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_trains_reports_and_reuses_a_finished_run(tmp_path, capsys):
     args = ["--config", TINY, "--schedules", "recent:1", "--seeds", "0", "--out", str(tmp_path / "out"),
             "--runs_dir", str(tmp_path / "runs"), "--config.model.n_layer=2", "--config.model.n_head=2",

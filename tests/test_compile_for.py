@@ -14,7 +14,7 @@ from reflex_jax.cli import train as train_cli
 from reflex_jax.run_config import load_config
 from reflex_jax.train.program import TrainProgram
 
-from plugins import HAVE_LIBTPU, needs_cuda, needs_libtpu  # skips, naming the plugin
+from marks import HAVE_LIBTPU, needs_cuda, needs_libtpu  # skips, naming the plugin
 
 hardware.quiet_environment()
 

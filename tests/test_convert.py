@@ -381,6 +381,7 @@ def _cli(*args):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_loadable_params_dir_with_provenance(tmp_path, gpt2):
     model, source = gpt2
     from tokenizers import Tokenizer, models

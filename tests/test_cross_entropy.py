@@ -9,6 +9,7 @@ from reflex_jax.kernels.cross_entropy import (fused_cross_entropy_sum, fused_tok
                                               token_cross_entropy)
 from reflex_jax.model import ModelConfig
 
+from marks import fast_only
 from tolerance import order_atol
 
 
@@ -22,7 +23,7 @@ def _inputs(dtype, B=3, T=20, E=16, V=97):
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("chunk_rows", [1, 7, 12, 10_000])
+@pytest.mark.parametrize("chunk_rows", fast_only([1, 7, 12, 10_000], 7, 10_000))
 def test_fused_loss_equals_plain_loss(dtype, tol, chunk_rows):
     h, head, targets, weights = _inputs(dtype)
 
@@ -51,7 +52,7 @@ def test_fused_loss_equals_plain_loss(dtype, tol, chunk_rows):
                                want, atol=order_atol(want), rtol=0)
 
 
-@pytest.mark.parametrize("V", [97, 128, 129])
+@pytest.mark.parametrize("V", fast_only([97, 128, 129], 97))
 def test_vocabulary_padding_is_exact_when_every_logit_is_far_below_zero(V):
     """In bf16 the loss pads the head to a multiple of 128 rows. Zero pad rows would put the row
     max at 0 here (every real logit is about -60), and taking their exp terms back out of the sum
@@ -77,6 +78,7 @@ def test_vocabulary_padding_is_exact_when_every_logit_is_far_below_zero(V):
                                np.asarray(token_cross_entropy(h, head, targets)), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fused_loss_under_a_model_gradient():
     """Gradients through the whole decoder (tied head) match the plain loss."""
     from reflex_jax.model import Decoder, head_matrix, init_params
@@ -98,7 +100,8 @@ def test_fused_loss_under_a_model_gradient():
 
 
 @pytest.mark.parametrize("chunk_rows", [512, 8])
-@pytest.mark.parametrize("B, T, E", [(2, 16, 32), (2, 8, 9), (3, 21, 33)])
+@pytest.mark.parametrize("B, T, E", fast_only([(2, 16, 32), (2, 8, 9), (3, 21, 33)], (3, 21, 33),
+                                               unpack=True))
 def test_bf16_gradient_compiles_and_matches_with_one_chunk_or_many(chunk_rows, B, T, E):
     """Under jit in bf16, one chunk (B*T <= chunk_rows: no loop left for XLA) and several, with
     even and odd token / embedding sizes (each branch of the row-major copy): every dot of the

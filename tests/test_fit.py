@@ -7,7 +7,7 @@ import pytest
 
 from reflex_lab import fit
 
-from plugins import needs_cuda  # skips, naming the plugin
+from marks import needs_cuda  # skips, naming the plugin
 
 GiB = 2**30
 

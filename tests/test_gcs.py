@@ -162,6 +162,7 @@ def test_token_data_in_a_bucket_is_refused_in_one_sentence(tmp_path):
         Trainer(c, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_storage_paths_on_the_emulator(gcs):
     run = f"gs://{BUCKET}/paths/run"
     assert storage.is_remote(run) and not storage.is_remote("runs/x")
@@ -182,6 +183,7 @@ def test_storage_paths_on_the_emulator(gcs):
     assert ckpt.read_checkpoint_meta(f"gs://{BUCKET}/no/run") == {}
 
 
+@pytest.mark.slow
 def test_params_directory_in_a_bucket(gcs):
     """What convert_weights.py writes (save_params), written twice to one gs:// directory (the
     second replaces the first) and loaded back."""
@@ -213,6 +215,7 @@ def _metrics(run: str) -> list[dict]:
             .splitlines()]
 
 
+@pytest.mark.slow
 def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
     # a step takes milliseconds and a save about 0.3 s, so on a busy machine the kill can land
     # several saves late: 16 steps leave room for that, and only the last 3 saves are kept

@@ -13,7 +13,7 @@ import pytest
 from reflex_jax import hardware
 from reflex_jax.errors import ConfigError, UsageError
 
-from plugins import needs_cuda, needs_libtpu  # skips, naming the plugin
+from marks import needs_cuda, needs_libtpu  # skips, naming the plugin
 
 hardware.quiet_environment()  # before any test here starts libtpu (conftest already chose cpu)
 

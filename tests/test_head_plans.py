@@ -16,6 +16,7 @@ from reflex_jax.model import (Decoder, ModelConfig, init_cache, init_params, kv_
                               kv_cache_bytes, param_logical_axes, route_weights)
 from reflex_jax.model.route import ROUTE_INIT_LOGIT, route_metrics
 from decode_check import FAST, cached_and_full_logits
+from marks import fast_only
 from tolerance import order_atol
 
 # the plain formulations (autodiff through XLA's ops) compile faster; training does not test kernels
@@ -200,7 +201,8 @@ DECODE = [("gqa:2", 2, "rope", False), ("kv:4,3", 2, "learned", False),
           ("route", 3, "learned", False), ("all", 2, "rope", True)]
 
 
-@pytest.mark.parametrize("reflex,n_layer,pos_emb,vr", DECODE, ids=str)
+@pytest.mark.parametrize("reflex,n_layer,pos_emb,vr", fast_only(DECODE, DECODE[3], unpack=True),
+                         ids=str)
 def test_cached_decoding_equals_full_recompute(reflex, n_layer, pos_emb, vr):
     """Left-padded prompts of different lengths prefilled, then fed one token at a time."""
     cfg = small(reflex, n_layer=n_layer, pos_emb=pos_emb, value_residual=vr)
@@ -321,7 +323,7 @@ TRAIN = [("gqa:2", 2, False), ("kv:4,3", 2, False), ("cla:2", 2, False), ("yoco"
          ("fewer:all", 2, False), ("sharev:all", 2, False), ("route", 3, False), ("all", 2, True)]
 
 
-@pytest.mark.parametrize("reflex,n_layer,vr", TRAIN, ids=str)
+@pytest.mark.parametrize("reflex,n_layer,vr", fast_only(TRAIN, TRAIN[6], unpack=True), ids=str)
 def test_a_few_training_steps_lower_the_loss(reflex, n_layer, vr):
     cfg = small(reflex, n_layer=n_layer, value_residual=vr)
     params = init_params(cfg, jax.random.PRNGKey(0))

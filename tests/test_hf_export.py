@@ -222,6 +222,7 @@ def test_byte_tokenizer_is_saved_with_the_same_ids(tmp_path):
     assert not (tmp_path / "small").exists()
 
 
+@pytest.mark.slow
 def test_convert_weights_exports_a_params_directory(tmp_path, capsys):
     """`convert_weights.py --export hf|original --run DIR`: the run's model (and its tokenizer, named
     in meta.json) leaves in both formats, and a model the original cannot express is one sentence."""

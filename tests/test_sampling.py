@@ -17,6 +17,7 @@ from reflex_jax.sampling import (GenerationError, Generator, bucket, filter_logi
                                  generate, prefill)
 
 from decode_check import FAST, cached_and_full_logits
+from marks import fast_only
 from tolerance import order_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +65,8 @@ def gen(cfg):
     return Generator(cfg, compiler_options=FAST)
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-@pytest.mark.parametrize("reflex", PRESETS, ids=str)
+@pytest.mark.parametrize("pos_emb", fast_only(["learned", "rope"], "learned"))
+@pytest.mark.parametrize("reflex", fast_only(PRESETS, "none", "all"), ids=str)
 def test_prefill_and_decode_match_full_forward(reflex, pos_emb):
     """Left-padded rows of different prompt lengths, prefilled, then fed one token at a time."""
     cfg = tiny(reflex, pos_emb)
@@ -136,7 +137,8 @@ def greedy_reference(cfg, params, prompt, n):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("reflex,pos_emb", [GEN, (EXPLICIT, "learned")], ids=str)
+@pytest.mark.parametrize("reflex,pos_emb", fast_only([GEN, (EXPLICIT, "learned")], GEN, unpack=True),
+                         ids=str)
 def test_batched_equals_one_by_one_equals_uncached_greedy(reflex, pos_emb):
     cfg = tiny(reflex, pos_emb)
     params = tiny_params(cfg)
@@ -218,6 +220,7 @@ def test_sampling_seeded_filtered_and_independent_of_batch_mates():
     assert g.generate(params, PROMPTS, seed=3, top_k=50, top_p=0.9, **kw) != greedy
 
 
+@pytest.mark.slow
 def test_chunked_generation_equals_one_batch_and_bounds_the_batch():
     """batch_size splits the rows into chunks of one compiled shape; every row gets what it gets
     in one batch (greedy, seeded sampling, eos stops), and no compiled batch exceeds batch_size."""
@@ -311,6 +314,7 @@ def _ids(text):
     return ",".join(map(str, text))
 
 
+@pytest.mark.slow
 def test_sample_py_end_to_end(params_dir):
     path, cfg = params_dir
     proc = subprocess.run(
@@ -361,6 +365,7 @@ def test_sample_py_batch_size_runs_chunks_with_the_same_output(params_dir, sampl
                                                "(the most prompts generated at once).")
 
 
+@pytest.mark.slow
 def test_sample_py_errors(params_dir, sample_main, tmp_path, capsys):
     path, cfg = params_dir
     main = sample_main

@@ -25,7 +25,7 @@ from reflex_jax import checkpoint as ckpt
 from reflex_jax import sharding
 from reflex_jax.model import abstract_params
 
-from plugins import needs_libtpu  # skips, naming the plugin
+from marks import needs_libtpu  # skips, naming the plugin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -203,6 +203,7 @@ def mesh_runs(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_one_step_on_every_mesh_matches_one_device(mesh_runs):
     ref = mesh_runs["reference"]
     assert ref["devices"] == 1
@@ -221,6 +222,7 @@ def test_one_step_on_every_mesh_matches_one_device(mesh_runs):
         assert r["opt_diff"] < 1e-6, (name, r["opt_diff"])  # Adam moments (measured <= 4.1e-8)
 
 
+@pytest.mark.slow
 def test_params_and_optimizer_state_are_sharded_by_the_rules(mesh_runs):
     def at(mesh, path, tree="params"):
         return mesh_runs[mesh][tree][path]
@@ -248,6 +250,7 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(mesh_runs):
         assert mesh_runs[mesh]["adam_mu"] == mesh_runs[mesh]["params"], mesh
 
 
+@pytest.mark.slow
 def test_batch_that_the_mesh_cannot_split_is_one_sentence(mesh_runs):
     assert mesh_runs["bad_batch_error"] == (
         "TrainingError: batch_size/grad_accum = 12 rows per micro-batch must be divisible by "
@@ -255,6 +258,7 @@ def test_batch_that_the_mesh_cannot_split_is_one_sentence(mesh_runs):
         "--config.batch_size or the mesh.")
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(mesh_runs):
     for name, devices in (("restore 8x1x1", 8), ("restore 1 device", 1)):
         r = mesh_runs[name]
@@ -291,6 +295,7 @@ def _wait(proc, log_path, timeout=600):
     return out
 
 
+@pytest.mark.slow
 def test_dry_run_prints_mesh_memory_and_shardings_without_training(tmp_path):
     run = tmp_path / "dry"
     log = tmp_path / "dry.log"
@@ -342,6 +347,7 @@ def _restore_on_one_device(run_dir, cfg, step):
         ck.close()
 
 
+@pytest.mark.slow
 def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
     n, ckpt_every = 12, 3
     cfg = _tiny_model_cfg(block=96)
@@ -407,6 +413,7 @@ def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p_multi, p_single)
 
 
+@pytest.mark.slow
 def test_two_processes_with_a_config_error_both_exit_with_one_sentence(tmp_path):
     port = _free_port()
     args = _cli(tmp_path / "bad", max_steps=2, eval_exact_match=0, batch_size=6,
@@ -421,5 +428,8 @@ def test_two_processes_with_a_config_error_both_exit_with_one_sentence(tmp_path)
             "by config.mesh data*fsdp = 4 (every batch shard takes an equal slice); "
             "change --config.batch_size or the mesh.")
     for p, log in zip(procs, logs):
-        assert p.returncode == 2 and want in log.splitlines(), log[-3000:]
+        # gloo's C++ threads write "[Gloo] Rank ..." lines into the same log, and one of theirs
+        # can be cut short by ours: the sentence ends its line, whatever came before it
+        assert p.returncode == 2 and any(line.endswith(want) for line in log.splitlines()), \
+            log[-3000:]
     assert time.time() - start < 120  # nobody waits minutes in the shutdown barrier

@@ -18,7 +18,7 @@ from reflex_jax import hardware, sharding
 from reflex_jax.kernels import KernelChoices, attention
 from reflex_jax.model import Decoder, ModelConfig, abstract_params, kv
 
-from plugins import needs_cuda, needs_libtpu  # skips, naming the plugin
+from marks import needs_cuda, needs_libtpu  # skips, naming the plugin
 
 hardware.quiet_environment()  # before any test here starts libtpu (conftest already chose cpu)
 
@@ -34,6 +34,7 @@ def _layer_inputs(cfg, layer, B, T, seed=0):
 
 
 @pytest.mark.parametrize("n_embd,n_head,T", [(256, 4, 256), (576, 3, 128)])
+@pytest.mark.slow
 def test_pallas_kernel_equals_xla_on_a_reflex_layer(n_embd, n_head, T):
     """The Pallas TPU kernel (interpret mode), fed the [own ++ borrowed] K/V of a reflex layer with
     cross heads: output and the gradients of q, the layer's own K/V and the borrowed earlier K/V
@@ -107,6 +108,7 @@ SHARDED_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pallas_kernel_under_shard_map_equals_xla():
     """On a 2 x 2 mesh (4 CPU devices, in a subprocess) the kernel runs under shard_map with batch
     and heads split, or replicated where the mesh does not divide them (batch 1, 3 heads), with

@@ -79,6 +79,7 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
     assert steps == [15, 30]
 
 
+@pytest.mark.slow
 def test_block_size_below_the_init_length_trains(tmp_path):
     """The model is initialised with a dummy batch no longer than block_size (one helper for
     every caller): a 4-token block builds, compiles and takes a finite step."""
@@ -89,6 +90,7 @@ def test_block_size_below_the_init_length_trains(tmp_path):
     assert params["wpe"].shape == (4, 32)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
     states = {}
     for accum in (1, 4):
@@ -110,6 +112,7 @@ def _run_train(args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path):
     n, half = 40, 10
     straight = _run_train(overrides_cli(tmp_path / "straight", max_steps=n, checkpoint_interval=0,
@@ -158,6 +161,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_killed_mid_save_never_becomes_latest(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(tmp_path)], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
@@ -170,6 +174,7 @@ def test_checkpoint_killed_mid_save_never_becomes_latest(tmp_path):
 
 
 @pytest.mark.parametrize("lr, clip", [(1e12, 0.0), (1e6, 1.0)])
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, lr, clip):
     """A diverging run stops at the first non-finite loss or gradient norm, and the checkpoint it
     names as the last good one really is: every parameter of it is finite (the gradient norm of
@@ -223,6 +228,7 @@ def test_answer_only_loss_reaches_answers_past_the_window(tmp_path):
         Trainer(small_config(tmp_path / "em", eval_exact_match=8, eval_interval=5))
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused(tmp_path):
     c = small_config(tmp_path / "r", max_steps=2)
     Trainer(c, log=lambda s: None).train()
@@ -234,6 +240,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         Trainer(other, log=lambda s: None).train()
 
 
+@pytest.mark.slow
 def test_train_cli_default_config_prints_checkpoint(tmp_path):
     args = overrides_cli(tmp_path / "cli", max_steps=3, eval_interval=3, checkpoint_interval=0,
                          eval_exact_match=4)
@@ -253,6 +260,7 @@ def test_train_cli_default_config_prints_checkpoint(tmp_path):
                                             "use one of rmsnorm | layernorm.")
 
 
+@pytest.mark.slow
 def test_a_running_trainer_holds_the_run_dir_and_sigterm_saves_and_exits_75(tmp_path):
     run = tmp_path / "term"
     proc = _run_train(overrides_cli(run, max_steps=400, checkpoint_interval=0,
@@ -285,6 +293,7 @@ def test_a_running_trainer_holds_the_run_dir_and_sigterm_saves_and_exits_75(tmp_
     assert any(f"stale lock of process {dead}" in s for s in said), said
 
 
+@pytest.mark.slow
 def test_resume_logs_changed_settings_keeps_every_config_and_refuses_changed_data(tmp_path):
     run = tmp_path / "hist"
     Trainer(small_config(run, max_steps=2), log=lambda s: None).train()

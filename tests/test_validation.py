@@ -21,6 +21,7 @@ from reflex_lab.compare.grid import plan_grid
 from reflex_lab.compare.report import write_report
 from reflex_lab.compare.stats import aggregate, collect
 from byte_bpe import train_byte_bpe
+from marks import fast_only
 from test_compare import fabricate, small_config as compare_config
 from test_tasks import parse_kv
 from test_trainer import read_metrics, small_config
@@ -91,7 +92,7 @@ def _batch(tok, texts, length):
     return tokens, mask, valid
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+@pytest.mark.parametrize("tokenizer", fast_only(["bytes", "bpe"], "bytes"))
 def test_bits_per_byte_equals_hand_computation(tokenizer, bpe_dir):
     tok = load_tokenizer("bytes" if tokenizer == "bytes" else bpe_dir)
     table = tok.byte_lengths()
@@ -185,6 +186,7 @@ def _kv_config(run_dir, loss_on, **kw):
                                     "data.task_rows": 64, "data.loss_on": loss_on, **kw})
 
 
+@pytest.mark.slow
 def test_answer_loss_and_bpb_in_metrics_rows(tmp_path):
     c = _kv_config(tmp_path / "run", "all", max_steps=2, eval_interval=2)
     trainer = Trainer(c, log=lambda s: None)
