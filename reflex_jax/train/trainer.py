@@ -37,6 +37,8 @@ class Trainer:
         self.config = config
         self.is_main = jax.process_index() == 0
         self.log = log if self.is_main else (lambda s: None)  # process 0 speaks for the job
+        # the config and the data are checked before the program builds the mesh (which checks the
+        # config again): a mistake is refused before task data is generated or a device touched
         model_config = model_config_from(config)
         checks.check_run_config(config)
         self.data, self.data_dir = open_data(config, self.is_main)

@@ -28,7 +28,7 @@ SUM_KEYS = ("loss", "tokens", "bytes", "answer_loss", "answer_tokens")
 
 def run_byte_lengths(data, vocab_size: int) -> np.ndarray:
     """int32 [vocab_size]: the UTF-8 bytes of each token id of the data's tokenizer (0 for ids past
-    its vocabulary); ones without data (compile-only trainers only need the shape)."""
+    its vocabulary); ones without data (a TrainProgram built from shapes needs only the shape)."""
     if data is None:
         return np.ones(vocab_size, np.int32)
     table = np.asarray(data.tokenizer().byte_lengths(), np.int32)[:vocab_size]
