@@ -47,6 +47,7 @@ def base_config() -> ConfigDict:
     c.data.task = ""               # or a built-in task name (reflex_jax.data.tasks), generated, no files
     c.data.tokenizer = "bytes"     # for built-in tasks; prepared dirs name their own tokenizer
     c.data.loss_on = "all"         # all | answer (answer-only loss when the data has a mask)
+    c.data.document_mask = True    # packed windows: tokens attend only within their row / file
     c.data.task_rows = 20000       # built-in tasks: rows generated for training
     c.data.task_val_rows = 256
     c.data.resume_on_changed_data = False  # resume although the data's fingerprint changed

@@ -47,8 +47,8 @@ def run_steps(trainer, params=None):
     init = jax.device_get(state.params)
     after, losses = [], []
     for step in range(STEPS):
-        tokens, mask = trainer.program.put_batch(trainer.train_loader.batch(step))
-        state, m = trainer.program.train_step(state, tokens, mask)
+        batch = trainer.program.put_batch(trainer.train_loader.batch(step))
+        state, m = trainer.program.train_step(state, batch)
         losses.append(float(m["loss"]))
         after.append(jax.device_get(state.params))
     return state, init, after, losses

@@ -97,8 +97,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         c = small_config(tmp_path / f"a{accum}", max_steps=1, grad_accum=accum)
         t = Trainer(c, log=lambda s: None)
         state = t.program.init_state()
-        tokens, mask = t.program.put_batch(t.train_loader.batch(0))
-        states[accum], m = t.program.train_step(state, tokens, mask)
+        states[accum], m = t.program.train_step(state, t.program.put_batch(t.train_loader.batch(0)))
         states[accum] = (jax.device_get(states[accum].params), float(m["loss"]))
     assert abs(states[1][1] - states[4][1]) < 1e-5
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),

@@ -103,9 +103,10 @@ def test_bits_per_byte_equals_hand_computation(tokenizer, bpe_dir):
     params = init_params(cfg, jax.random.PRNGKey(1))
     tokens, mask, valid = _batch(tok, texts, length)
     every, answers = StepSettings(Decoder(cfg), "all"), StepSettings(Decoder(cfg), "answer")
-    sums, answer_sums, logits = jax.jit(lambda p, t, m, v: (
-        validation.eval_sums(every, table, p, t, m, v), validation.eval_sums(answers, table, p, t, m, v),
-        Decoder(cfg).apply({"params": p}, t[:, :-1])))(params, tokens, mask, valid)
+    batch = {"tokens": tokens, "mask": mask, "valid": valid}
+    sums, answer_sums, logits = jax.jit(lambda p, b: (
+        validation.eval_sums(every, table, p, b), validation.eval_sums(answers, table, p, b),
+        Decoder(cfg).apply({"params": p}, b["tokens"][:, :-1])))(params, batch)
     logits, targets = np.asarray(logits, np.float64), tokens[:, 1:]
     top = logits.max(-1)
     ce = np.log(np.exp(logits - top[..., None]).sum(-1)) + top - np.take_along_axis(

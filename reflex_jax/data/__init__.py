@@ -18,11 +18,13 @@ The modules, in the order data flows through them:
     store       the format on disk (see its docstring) and TokenData, which opens it
     verify      check_token_range (ids against a model's vocab), data_fingerprint (for runs)
     windows     where training windows start (inside long rows too) and what they reach
+    documents   the documents inside a packed window: segment ids and per-document positions
     loader      BatchLoader (training windows) and val_batches
 The command line lives in reflex_jax/cli/data.py. Importing this package loads numpy only:
 tokenizers, transformers, datasets, pyarrow and tqdm are imported where they are used.
 """
 from .checks import LONG_ROWS
+from .documents import document_starts, packed_documents, window_documents
 from .encode import token_dtype
 from .loader import BatchLoader, val_batches
 from .prepare import prepare, prepare_task
@@ -37,7 +39,8 @@ from .windows import reach_summary, train_starts, window_reach
 __all__ = [
     "BatchLoader", "ByteTokenizer", "DEFAULT_SOURCE", "DEFAULT_TEMPLATE", "DEFAULT_TOKENIZER",
     "FORMAT_VERSION", "HFTokenizer", "LONG_ROWS", "ROW_SUFFIXES", "TASKS", "TASK_VERSION", "Task",
-    "Template", "TokenData", "TokenizerError", "check_token_range", "data_fingerprint", "get_task",
+    "Template", "TokenData", "TokenizerError", "check_token_range", "data_fingerprint",
+    "document_starts", "get_task", "packed_documents", "window_documents",
     "load_tokenizer", "prepare", "prepare_task", "prompt_tokens", "reach_summary", "read_data_meta",
     "render_prompt", "task_val_rows", "token_dtype", "train_starts", "val_batches", "window_reach",
 ]

@@ -5,7 +5,8 @@ windows.train_starts (every row start, and every seq_len tokens inside a row lon
 chosen by np.random.default_rng([seed, step]), and run on into the following rows (packing); a window
 that runs past the end of the split wraps around to its start. For .txt data a window starts at any
 token. So the global batch at a step is a pure function of (seed, step) and the prepared files,
-whatever the number of processes.
+whatever the number of processes. With `documents`, batches also carry each token's document
+(segment id) and its position in it (documents.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .checks import check_int
+from .documents import document_starts, window_documents
 from .store import TokenData
 from .windows import reach_summary, train_starts, window_reach
 
@@ -32,10 +34,11 @@ class BatchLoader:
     starts inside long rows (windows.py), any token for .txt data. Each process reads only its slice
     [pi*b, (pi+1)*b) of the global batch. `reach` says how many rows are longer than a window and
     how many answer tokens no window reaches (0 by construction); `summary()` says it in one line.
+    `documents`: batches add `segment_ids` and `positions` (data.document_mask), same windows.
     """
 
     def __init__(self, data: TokenData, split: str, batch_size: int, seq_len: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, documents: bool = False):
         for name, v, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0),
                              ("process_count", process_count, 1), ("process_index", process_index, 0)):
             check_int(name, v, low)
@@ -51,6 +54,7 @@ class BatchLoader:
         self.tokens, self.mask = data.split(split), data.mask(split)
         self.starts = train_starts(data, split, seq_len)
         self.reach = window_reach(data, split, seq_len, self.starts)
+        self.document_starts = document_starts(data, split) if documents else None
 
     def summary(self) -> str:
         """One line: rows longer than the window, answer tokens out of reach (for the run's log)."""
@@ -65,13 +69,18 @@ class BatchLoader:
         return rng.integers(0, len(self.tokens), self.batch_size)
 
     def batch(self, step: int) -> dict:
-        """{"tokens": int32 [b, seq_len+1], "mask": float32 [b, seq_len+1]}; b = batch_size/processes."""
+        """{"tokens": int32 [b, seq_len+1], "mask": float32 [b, seq_len+1]} (with `documents`, also
+        int32 "segment_ids" and "positions"); b = batch_size / processes."""
         lo = self.process_index * self.local_batch
         starts = self.global_starts(step)[lo:lo + self.local_batch]
         length = self.seq_len + 1
         tokens_BT = np.stack([window(self.tokens, int(s), length) for s in starts]).astype(np.int32)
         mask_BT = np.stack([window(self.mask, int(s), length) for s in starts]).astype(np.float32)
-        return {"tokens": tokens_BT, "mask": mask_BT}
+        out = {"tokens": tokens_BT, "mask": mask_BT}
+        if self.document_starts is not None:
+            index_BT = (np.asarray(starts, np.int64)[:, None] + np.arange(length)) % len(self.tokens)
+            out.update(window_documents(index_BT, self.document_starts))
+        return out
 
 
 def _val_windows(offsets: np.ndarray, seq_len: int, want: int) -> list[tuple[int, int]]:
@@ -100,13 +109,14 @@ def _val_windows(offsets: np.ndarray, seq_len: int, want: int) -> list[tuple[int
 
 
 def val_batches(data: TokenData, batch_size: int, seq_len: int, n_batches: int,
-                split: str = "val") -> list[dict]:
+                split: str = "val", documents: bool = False) -> list[dict]:
     """Fixed validation batches from the start of a split, each token a target at most once.
 
     Template data: whole rows packed greedily into windows that start at a row start (a row longer
     than a window continues in the next one), so answers keep their question. Text: consecutive
     windows. A window overlaps the previous by one token so no target is lost. Unused places hold
     pad_id with mask = valid = 0. At most n_batches (fewer if the split is small, at least 1).
+    `documents`: each batch adds `segment_ids` and `positions` (documents.py).
     """
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("n_batches", n_batches)):
         check_int(name, v, 1)
@@ -114,6 +124,7 @@ def val_batches(data: TokenData, batch_size: int, seq_len: int, n_batches: int,
     length = seq_len + 1
     offsets = data.offsets(split) if data.kind == "rows" else np.array([0, len(tokens)])
     windows = _val_windows(offsets, seq_len, n_batches * batch_size)
+    starts = document_starts(data, split) if documents else None
     out = []
     for i in range(-(-len(windows) // batch_size)):
         tokens_BT = np.full((batch_size, length), data.pad_id, np.int32)
@@ -123,5 +134,13 @@ def val_batches(data: TokenData, batch_size: int, seq_len: int, n_batches: int,
             tokens_BT[j, :b - a] = tokens[a:b]
             mask_BT[j, :b - a] = mask[a:b]
             valid_BT[j, :b - a] = 1.0
-        out.append({"tokens": tokens_BT, "mask": mask_BT, "valid": valid_BT})
+        batch = {"tokens": tokens_BT, "mask": mask_BT, "valid": valid_BT}
+        if documents:
+            # stream positions of each window's slots; padding reads on past the window, and
+            # whatever documents it falls into, only later padding can see it
+            index_BT = np.zeros((batch_size, length), np.int64)
+            for j, (a, _) in enumerate(windows[i * batch_size:(i + 1) * batch_size]):
+                index_BT[j] = a + np.arange(length)
+            batch.update(window_documents(index_BT, starts))
+        out.append(batch)
     return out

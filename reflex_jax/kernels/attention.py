@@ -35,6 +35,11 @@ def attention_mask(t_len: int, s_len: int, offset, key_mask_BS: Optional[jax.Arr
     return mask
 
 
+def same_document(q_segment_ids_BT, k_segment_ids_BS):
+    """Boolean [B, 1, T, S]: query t and key s are in the same document."""
+    return (q_segment_ids_BT[:, None, :, None] == k_segment_ids_BS[:, None, None, :])
+
+
 def resolve_backend(implementation: Optional[str], platform: str) -> str:
     """'xla', 'cudnn' or 'flash' for model.attention=`implementation` (None: 'xla') on
     `platform`: 'auto' is cuDNN on 'gpu', the Pallas kernel on 'tpu', XLA elsewhere."""
@@ -55,22 +60,26 @@ def _warn_once(message: str) -> None:
     _log.warning(message)
 
 
-def _fused_causal(q_BTHD, k_BTHD, v_BTHD, backend: str, kernels: KernelChoices, strict: bool):
-    """The platform's fused kernel for the plain causal call, or None where it cannot take the
-    call: then an explicitly asked backend (`strict`) raises, and 'auto' logs why, once, and the
-    caller uses XLA."""
+def _fused_causal(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT, backend: str, kernels: KernelChoices,
+                  strict: bool):
+    """The platform's fused kernel for the plain causal call (with `segment_ids_BT`, also the
+    document mask), or None where it cannot take the call: then an explicitly asked backend
+    (`strict`) raises, and 'auto' logs why, once, and the caller uses XLA."""
     if backend == "flash":
         t_len = q_BTHD.shape[1]
         if t_len < 128:  # shorter than one kernel block (model init traces 8 tokens): XLA
             return None
         reason = None if splash_block(t_len) else f"sequence length {t_len} is not a multiple of 128"
         if reason is None:
-            return causal_flash_attention(q_BTHD, k_BTHD, v_BTHD, mesh=kernels.mesh,
-                                          interpret=kernels.pallas_interpret)
+            return causal_flash_attention(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT,
+                                          mesh=kernels.mesh, interpret=kernels.pallas_interpret)
     else:
         q_BTHD, k_BTHD, v_BTHD = _same_sharding(kernels.mesh, q_BTHD, k_BTHD, v_BTHD)
+        # JAX's cuDNN call takes no segment ids; the document mask goes in as a dense mask,
+        # which cuDNN applies as an additive bias inside its fused kernel
+        mask = None if segment_ids_BT is None else same_document(segment_ids_BT, segment_ids_BT)
         try:
-            return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True,
+            return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, mask=mask, is_causal=True,
                                                 implementation="cudnn")
         except NotImplementedError as e:  # JAX's own check of dtype, head size and lengths
             reason = str(e).strip().rstrip(".")
@@ -94,29 +103,38 @@ def _same_sharding(mesh, *xs_BTHD):
     return tuple(jax.lax.with_sharding_constraint(x, named) for x in xs_BTHD)
 
 
-def _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS):
+def _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, segment_ids=None):
+    """XLA's attention with the causal mask (and the key and document masks); `segment_ids`:
+    (of the queries [B, T], of the keys [B, S])."""
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
-    if key_mask_BS is None and t_len == s_len and isinstance(offset, int) and offset == 0:
+    plain = key_mask_BS is None and segment_ids is None
+    if plain and t_len == s_len and isinstance(offset, int) and offset == 0:
         return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, is_causal=True)
     mask = attention_mask(t_len, s_len, offset, key_mask_BS)
+    if segment_ids is not None:
+        mask = mask & same_document(*segment_ids)
     return jax.nn.dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask=mask)
 
 
-def _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset: int, key_mask_BS, kernels: KernelChoices):
+def _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset: int, key_mask_BS, segment_ids_BT,
+                   kernels: KernelChoices):
     """CPU: the blockwise kernel for plain causal calls, else query blocks that skip the fully
     masked keys (cpu_attention.py), each switch in `kernels`."""
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
     block = flash_query_block(t_len) if kernels.blockwise_backward else 0
     if block and offset == 0 and s_len == t_len and key_mask_BS is None:  # training, plain prefill
-        return blockwise_causal_attention(q_BTHD, k_BSHD, v_BSHD, block)
+        return blockwise_causal_attention(q_BTHD, k_BSHD, v_BSHD, block, segment_ids_BT)
     n = causal_blocks(t_len) if kernels.attention_blocks else 1
+    seg = None if segment_ids_BT is None else (segment_ids_BT, segment_ids_BT)
     if n == 1:
-        return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)
+        return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, seg)
     c = t_len // n  # query block i sees key slots < offset + (i + 1) * c only
     return jnp.concatenate(
         [_dense_attention(q_BTHD[:, i * c:(i + 1) * c], k_BSHD[:, :offset + (i + 1) * c],
                           v_BSHD[:, :offset + (i + 1) * c], offset + i * c,
-                          None if key_mask_BS is None else key_mask_BS[:, :offset + (i + 1) * c])
+                          None if key_mask_BS is None else key_mask_BS[:, :offset + (i + 1) * c],
+                          None if seg is None else (seg[0][:, i * c:(i + 1) * c],
+                                                    seg[1][:, :offset + (i + 1) * c]))
          for i in range(n)], axis=1)
 
 
@@ -137,15 +155,21 @@ def cached_query_attention(q_B1ND, k_BKSD, v_BKSD, mask):
 
 
 def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
-                        implementation: Optional[str] = None, kernels: KernelChoices = DEFAULT):
+                        segment_ids_BT=None, implementation: Optional[str] = None,
+                        kernels: KernelChoices = DEFAULT):
     """Causal attention of T queries (at slots offset..offset+T-1) over S key slots.
 
     `implementation`: model.attention, one of BACKENDS (None: 'xla'). The fused kernels take the
-    plain causal call of training and prefill (offset 0, T == S, no key mask); masked calls
-    (cached decoding, padded prompts) stay on XLA, with the CPU fast paths on 'cpu'."""
+    plain causal call of training and prefill (offset 0, T == S, no key mask), with or without
+    `segment_ids_BT` (int [B, T], the document of each slot: a query sees only keys of its own
+    document; training and scoring only, so offset 0 and T == S); masked calls (cached decoding,
+    padded prompts) stay on XLA, with the CPU fast paths on 'cpu'."""
     platform = kernels.resolved_platform()
     backend = resolve_backend(implementation, platform)
     t_len, s_len = q_BTHD.shape[1], k_BSHD.shape[1]
+    if segment_ids_BT is not None and not (isinstance(offset, int) and offset == 0
+                                           and s_len == t_len):
+        raise ValueError("segment_ids_BT is for T queries over the same T slots (no cache).")
     on_cpu = platform == "cpu"
     if not isinstance(offset, int):
         return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)
@@ -153,10 +177,12 @@ def multihead_attention(q_BTHD, k_BSHD, v_BSHD, *, offset=0, key_mask_BS=None,
     k_BSHD, v_BSHD = k_BSHD[:, :end], v_BSHD[:, :end]
     key_mask_BS = None if key_mask_BS is None else key_mask_BS[:, :end]
     if backend != "xla" and offset == 0 and end == t_len and key_mask_BS is None:
-        out = _fused_causal(q_BTHD, k_BSHD, v_BSHD, backend, kernels,
+        out = _fused_causal(q_BTHD, k_BSHD, v_BSHD, segment_ids_BT, backend, kernels,
                             strict=implementation != "auto")
         if out is not None:
             return out
     if on_cpu:
-        return _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, kernels)
-    return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS)
+        return _cpu_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, segment_ids_BT,
+                              kernels)
+    seg = None if segment_ids_BT is None else (segment_ids_BT, segment_ids_BT)
+    return _dense_attention(q_BTHD, k_BSHD, v_BSHD, offset, key_mask_BS, seg)

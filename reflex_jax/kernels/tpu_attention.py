@@ -46,24 +46,34 @@ def _splash_kernel(n_heads: int, t_len: int, interpret: bool):
                               interpret=interpret)
 
 
-def _local_attention(q_BTHD, k_BTHD, v_BTHD, *, interpret: bool):
+def _local_attention(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT=None, *, interpret: bool):
     """The kernel on one shard's rows and heads; splash does not scale the scores, so q is
-    multiplied by 1/sqrt(D) first."""
+    multiplied by 1/sqrt(D) first. With `segment_ids_BT`, splash's own document masking (its
+    SegmentIds; blocks are still skipped by the causal mask only)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
     _, t_len, n_heads, d = q_BTHD.shape
-    kernel = jax.vmap(_splash_kernel(n_heads, t_len, interpret))  # over the batch rows
+    kernel = _splash_kernel(n_heads, t_len, interpret)
     to_BHTD = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
-    o_BHTD = kernel(to_BHTD(q_BTHD * d ** -0.5), to_BHTD(k_BTHD), to_BHTD(v_BTHD))
+    args = (to_BHTD(q_BTHD * d ** -0.5), to_BHTD(k_BTHD), to_BHTD(v_BTHD))
+    if segment_ids_BT is None:
+        o_BHTD = jax.vmap(kernel)(*args)  # over the batch rows
+    else:
+        seg = segment_ids_BT.astype(jnp.int32)
+        o_BHTD = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(s, s)))(
+            *args, seg)
     return to_BHTD(o_BHTD)
 
 
-def causal_flash_attention(q_BTHD, k_BTHD, v_BTHD, *, mesh=None, interpret: bool = False):
+def causal_flash_attention(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT=None, *, mesh=None,
+                           interpret: bool = False):
     """Causal self-attention of T queries over the same T slots (T a multiple of 128, see
-    `splash_block`), every query head with its own K/V head; under shard_map over `mesh` (see
+    `splash_block`), every query head with its own K/V head, a query seeing only the keys of its
+    own document where `segment_ids_BT` (int [B, T]) is given; under shard_map over `mesh` (see
     `context_mesh`) when there is one."""
     local = functools.partial(_local_attention, interpret=interpret)
     mesh = context_mesh(mesh)
     if mesh is None:
-        return local(q_BTHD, k_BTHD, v_BTHD)
+        return local(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT)
     missing = [a for a in sharding.MESH_AXES if a not in mesh.axis_names]
     if missing:
         raise MeshError(f"the Pallas TPU attention shards over the mesh axes "
@@ -72,6 +82,10 @@ def causal_flash_attention(q_BTHD, k_BTHD, v_BTHD, *, mesh=None, interpret: bool
     spec = sharding.spec_for(P("batch", None, "heads", None), q_BTHD.shape, mesh)
     # check_vma=False: the Pallas call declares no per-axis variance; values and gradients with
     # replicated batch or heads are tested against XLA (tests/test_tpu_attention.py)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
-                         check_vma=False)(q_BTHD, k_BTHD, v_BTHD)
+    if segment_ids_BT is None:
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                             check_vma=False)(q_BTHD, k_BTHD, v_BTHD)
+    seg_spec = P(spec[0], None)  # the rows as q's, the slots whole
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+                         check_vma=False)(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT)
 

@@ -41,20 +41,32 @@ class Decoder(nn.Module):
     `__call__(tokens_BT)` -> float32 logits [B, T, vocab]. With `cache` (see `init_cache`) it
     returns `(logits, new_cache)`; with `return_hidden=True` the final normed hidden states replace
     the logits (for losses that never materialise [B*T, vocab]).
+
+    Packed documents (training and scoring, no cache): `segment_ids_BT` (int, the document of each
+    token) keeps every head of every layer, self or cross, inside its query's document, and
+    `positions_BT` restarts at 0 at each document start (learned positions and RoPE read it).
+    Without them a row is one document at positions 0..T-1.
     """
     cfg: ModelConfig
     remat: bool = False  # recompute block activations in the backward pass
     kernels: KernelChoices = DEFAULT
 
     @nn.compact
-    def __call__(self, tokens_BT, *, positions_BT=None, deterministic: bool = True,
-                 cache: Optional[Cache] = None, cache_index=None, key_mask_BS=None,
-                 return_hidden: bool = False):
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
+                 deterministic: bool = True, cache: Optional[Cache] = None, cache_index=None,
+                 key_mask_BS=None, return_hidden: bool = False):
         cfg = self.cfg
         B, T = tokens_BT.shape
         if cache is None and T > cfg.block_size:
             raise ConfigError(f"sequence length {T} exceeds model.block_size={cfg.block_size}; "
                              "feed at most block_size tokens (or train with a larger block_size).")
+        if cache is not None and segment_ids_BT is not None:
+            raise ConfigError("segment_ids_BT is for training and scoring without a cache; a cached "
+                              "call attends over one document per row (use key_mask_BS for padding).")
+        for name, x in (("positions_BT", positions_BT), ("segment_ids_BT", segment_ids_BT)):
+            if x is not None and tuple(x.shape) != (B, T):
+                raise ConfigError(f"{name} has shape {tuple(x.shape)}; it must match the tokens' "
+                                  f"{(B, T)}.")
         if cache is not None and cache_index is None:
             cache_index = 0
         if positions_BT is None:
@@ -76,7 +88,7 @@ class Decoder(nn.Module):
         for layer in range(cfg.n_layer):
             x, own, v_fresh = block_cls(cfg, layer, self.kernels, name=f"h_{layer}")(
                 x, tuple(earlier), positions_BT, None if cache is None else cache[layer],
-                cache_index, key_mask_BS, deterministic, v_first)
+                cache_index, key_mask_BS, deterministic, v_first, segment_ids_BT)
             earlier.append(own)
             if layer == 0 and cfg.value_residual:
                 v_first = v_fresh

@@ -118,11 +118,14 @@ def _self_segments(own: KV, plan: LayerPlan, axis: int) -> list[tuple[int, KV]]:
 
 
 def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *, offset=0,
-                     key_mask_BS=None, dtype=None, implementation: Optional[str] = None,
-                     kernels: KernelChoices = DEFAULT, route_w=None, cached: bool = False):
+                     key_mask_BS=None, segment_ids_BT=None, dtype=None,
+                     implementation: Optional[str] = None, kernels: KernelChoices = DEFAULT,
+                     route_w=None, cached: bool = False):
     """Attention of one layer: every query head reads its K/V (see `gather_kv`); K/V are cast to
     `dtype` (default q's). `route_w`: the route weights of a routed layer (model/route.py).
-    `cached`: own and earlier K/V are caches, [B, K, S, D].
+    `cached`: own and earlier K/V are caches, [B, K, S, D]. `segment_ids_BT` (no cache): the
+    document of each slot; every head, self or cross, sees only keys of its query's document,
+    since a borrowed K/V slot holds the same token as the layer's own slot.
 
     Training and prefill give every query head its K/V in one [B, S, H, D] call (one big op, which
     the fused kernels of kernels/attention.py take; a prefill transposes what it gathered once).
@@ -148,8 +151,8 @@ def reflex_attention(q_BTHD, own: KV, earlier: Sequence[KV], plan: LayerPlan, *,
     else:
         k, v = gather_kv(own, earlier, plan, route_w)
     return multihead_attention(q_BTHD, k.astype(dt), v.astype(dt), offset=offset,
-                               key_mask_BS=key_mask_BS, implementation=implementation,
-                               kernels=kernels)
+                               key_mask_BS=key_mask_BS, segment_ids_BT=segment_ids_BT,
+                               implementation=implementation, kernels=kernels)
 
 
 def kv_bytes_per_token(cfg, dtype=None) -> int:

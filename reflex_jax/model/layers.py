@@ -150,7 +150,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, earlier: Sequence[KV], positions_BT, cache: Optional[KV] = None,
-                 cache_index=None, key_mask_BS=None, v_first=None):
+                 cache_index=None, key_mask_BS=None, v_first=None, segment_ids_BT=None):
         cfg, plan = self.cfg, self.cfg.layers[self.layer]
         D, dt = cfg.head_dim, cfg.compute_dtype
         dense = functools.partial(_dense, cfg, self.kernels)
@@ -179,7 +179,7 @@ class Attention(nn.Module):
                                 (plan.n_cross, len(plan.cross[0].mixture)), cfg.params_dtype)
             route_w = softmax_weights(logits)
         y_BTHD = reflex_attention(q_BTHD.astype(dt), own, earlier, plan, offset=offset,
-                                  key_mask_BS=key_mask_BS, dtype=dt,
+                                  key_mask_BS=key_mask_BS, segment_ids_BT=segment_ids_BT, dtype=dt,
                                   implementation=cfg.attention,
                                   kernels=self.kernels, route_w=route_w,
                                   cached=cache is not None)
@@ -202,12 +202,12 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, earlier: Sequence[KV], positions_BT, cache: Optional[KV],
-                 cache_index, key_mask_BS, deterministic: bool, v_first=None):
+                 cache_index, key_mask_BS, deterministic: bool, v_first=None, segment_ids_BT=None):
         """(new residual stream, this layer's own K/V for the later layers, its fresh V)."""
         cfg = self.cfg
         a_BTE, own, v_fresh = Attention(cfg, self.layer, self.kernels, name="attn")(
             Norm(cfg, name="ln_1")(x_BTE), earlier, positions_BT, cache, cache_index, key_mask_BS,
-            v_first)
+            v_first, segment_ids_BT)
         x_BTE = x_BTE + nn.Dropout(cfg.dropout)(a_BTE, deterministic=deterministic)
         m_BTE = MLP(cfg, self.kernels, name="mlp")(Norm(cfg, name="ln_2")(x_BTE))
         x_BTE = x_BTE + nn.Dropout(cfg.dropout)(m_BTE, deterministic=deterministic)

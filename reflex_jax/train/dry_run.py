@@ -48,11 +48,10 @@ def _lowerings(program) -> dict:
         program.batch_sharding.spec[0]))
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split)  # noqa: E731
     params = program.abstract_state.params
-    out = {"train_step": (program.train_step, (program.abstract_state, sds((B, T + 1), jnp.int32),
-                                               sds((B, T + 1), jnp.float32))),
-           "eval_step": (program.eval_step, (params, sds((rows, T + 1), jnp.int32),
-                                             sds((rows, T + 1), jnp.float32),
-                                             sds((rows, T + 1), jnp.float32)))}
+    out = {"train_step": (program.train_step, (program.abstract_state, program.abstract_batch(
+               B, program.batch_keys, rows_split))),
+           "eval_step": (program.eval_step, (params, program.abstract_batch(
+               rows, program.eval_batch_keys, rows_split)))}
     kernels, replicated = program.kernels, program.replicated
     prefill_fn = program.with_rules(
         lambda p, tok, pad: prefill(cfg, p, tok, pad, T, kernels=kernels))

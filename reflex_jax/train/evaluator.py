@@ -25,16 +25,15 @@ class Evaluator:
             c = self.config
             rows = c.batch_size // c.grad_accum if c.grad_accum > 1 else c.batch_size
             self._val = data_lib.val_batches(self.data, rows, self.program.seq_len,
-                                             c.eval_batches)
+                                             c.eval_batches, documents=c.data.document_mask)
         return self._val
 
     def __call__(self, params) -> dict:
         program, sums = self.program, []
         for b in self.val_batches():
-            tokens, mask, valid = program.put_batch(program.local_rows(b),
-                                                    ("tokens", "mask", "valid"),
-                                                    global_rows=b["tokens"].shape[0])
-            sums.append(program.eval_step(params, tokens, mask, valid))
+            batch = program.put_batch(program.local_rows(b), program.eval_batch_keys,
+                                      global_rows=b["tokens"].shape[0])
+            sums.append(program.eval_step(params, batch))
         out = validation.val_metrics(sums, answers=validation.has_answers(self.data.meta))
         out.update(route_metrics(program.model_config, params))  # `route` plans' route weights
         if self.config.data.task and self.config.eval_exact_match > 0:

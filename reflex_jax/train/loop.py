@@ -69,12 +69,12 @@ class TrainLoop:
         self.summary: dict = {"run_dir": storage.resolve(c.run_dir), "start_step": start}
         self.t_last, self.steps_since = time.perf_counter(), 0
 
-    def run(self, state: TrainState, train_step: Callable, next_batch: Callable[[int], tuple]):
-        """(final state, final step): `train_step(state, *next_batch(step))` until max_steps or a
+    def run(self, state: TrainState, train_step: Callable, next_batch: Callable[[int], dict]):
+        """(final state, final step): `train_step(state, next_batch(step))` until max_steps or a
         requested stop, then the final save unless that step is saved already."""
         step_ = self.start
         while step_ < self.config.max_steps and not self.stop_requested():
-            state, m = train_step(state, *next_batch(step_))
+            state, m = train_step(state, next_batch(step_))
             step_ += 1
             self.after_step(step_, m, state)
         if step_ != self.last_saved:

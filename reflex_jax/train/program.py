@@ -83,10 +83,27 @@ class TrainProgram:
                 return fn(*args)
         return wrapped
 
+    @property
+    def batch_keys(self) -> tuple:
+        """The arrays of a training batch: tokens and mask, and with data.document_mask the
+        segment ids and per-document positions (train/step.py)."""
+        return ("tokens", "mask") + (step.DOCUMENT_KEYS if self.config.data.document_mask else ())
+
+    @property
+    def eval_batch_keys(self) -> tuple:
+        return self.batch_keys + ("valid",)
+
+    def abstract_batch(self, rows: int, keys: tuple, sharding=None) -> dict:
+        """ShapeDtypeStructs of a batch of `rows` rows with `keys` (for lowering without data)."""
+        shape = (rows, self.seq_len + 1)
+        return {k: jax.ShapeDtypeStruct(shape, _batch_dtype(k), sharding=sharding or
+                                        self.batch_sharding) for k in keys}
+
     def _compile_train_step(self):
         fn = functools.partial(step.train_step, self.step_settings, self.tx, self.lr_schedule)
+        # the batch sharding is a prefix of the batch dict: every array split by rows
         return jax.jit(self.with_rules(fn),
-                       in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+                       in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
     def _compile_eval_step(self, token_bytes):
@@ -94,7 +111,7 @@ class TrainProgram:
         # is a constant of the compiled function
         fn = functools.partial(validation.eval_sums, self.step_settings, token_bytes)
         return jax.jit(self.with_rules(fn),
-                       in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
+                       in_shardings=(self.param_shardings, self.batch_sharding),
                        out_shardings=self.replicated)
 
     def init_state(self, params=None) -> TrainState:
@@ -111,19 +128,25 @@ class TrainProgram:
         return TrainState(step=jax.device_put(jnp.int32(step_), self.replicated), params=params,
                           opt_state=opt_state)
 
-    def put_batch(self, local: dict, keys=("tokens", "mask"), global_rows: Optional[int] = None):
-        """Global arrays from this process's rows of the batch (see `sharding.process_rows`)."""
-        arrays = []
+    def put_batch(self, local: dict, keys: Optional[tuple] = None,
+                  global_rows: Optional[int] = None) -> dict:
+        """The global batch (a dict of arrays, `keys`, default `batch_keys`) from this process's
+        rows of it (see `sharding.process_rows`)."""
+        out = {}
         rows = global_rows or self.config.batch_size
         _, blocks = sharding.process_rows(self.batch_sharding, rows)
-        for k in keys:
-            x = np.asarray(local[k], np.int32 if k == "tokens" else np.float32)
+        for k in keys or self.batch_keys:
+            if k not in local:
+                raise TrainingError(f"the batch has no {k!r} array (it has {', '.join(local)}); "
+                                    "data.document_mask needs batches with segment_ids and "
+                                    "positions (BatchLoader(documents=True)).")
+            x = np.asarray(local[k], _batch_dtype(k))
             if x.shape[0] * blocks != rows:
                 raise TrainingError(f"this process fed {x.shape[0]} rows but its block of a "
                                     f"{rows}-row batch has {rows // blocks}.")
             shape = (rows,) + x.shape[1:]
-            arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, x, shape))
-        return arrays
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
+        return out
 
     def local_rows(self, batch: dict) -> dict:
         """This process's block of the rows of a global batch (every process holds all of it)."""
@@ -142,3 +165,8 @@ class TrainProgram:
         from .dry_run import format_report, report
         rep = report(self, target, log)
         return format_report(self, rep), rep
+
+
+def _batch_dtype(key: str):
+    """Token ids and document fields are int32; the mask and valid weights float32."""
+    return np.int32 if key in ("tokens",) + step.DOCUMENT_KEYS else np.float32

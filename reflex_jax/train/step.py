@@ -1,6 +1,10 @@
 """The pure train step: module-level functions of (state, batch) and static settings (the eval
 step's sums are in validation.py).
 
+A batch is a dict of [B, S] arrays: `tokens` (int32; inputs [:, :-1], targets [:, 1:]), `mask`
+(float32, the answer mask) and, for packed documents (data.document_mask), `segment_ids` and
+`positions` (int32, see reflex_jax.data.documents); the eval step's batches add `valid`.
+
 One step = one optimizer update over the global batch, split into `grad_accum` micro-batches
 scanned inside the compiled step. Params stay float32; the model computes in `model.dtype`; the
 loss and its softmax are float32. Dropout keys come from (seed, step), so a resumed run repeats
@@ -44,50 +48,63 @@ def loss_weights(mask_BS, loss_on: str, valid_BS=None):
     return (w if valid_BS is None else w * valid_BS[:, 1:]).astype(jnp.float32)
 
 
-def hidden_states(s: StepSettings, params, tokens_BS, rng=None, deterministic: bool = True):
-    """The final normed hidden states [B, S-1, E] for the inputs tokens_BS[:, :-1]."""
-    return s.model.apply({"params": params}, tokens_BS[:, :-1], deterministic=deterministic,
+DOCUMENT_KEYS = ("segment_ids", "positions")  # a batch's optional per-token model inputs
+
+
+def document_inputs(batch: dict) -> dict:
+    """The model's `segment_ids_BT` / `positions_BT` for a batch's inputs (those it has; none:
+    one document per row)."""
+    return {f"{k}_BT": batch[k][:, :-1] for k in DOCUMENT_KEYS if k in batch}
+
+
+def hidden_states(s: StepSettings, params, batch: dict, rng=None, deterministic: bool = True):
+    """The final normed hidden states [B, S-1, E] for the inputs batch["tokens"][:, :-1]."""
+    return s.model.apply({"params": params}, batch["tokens"][:, :-1], **document_inputs(batch),
+                         deterministic=deterministic,
                          rngs=None if deterministic else {"dropout": rng}, return_hidden=True)
 
 
-def loss_sum(s: StepSettings, params, tokens_BS, weights_BT, rng, deterministic: bool):
-    """Weighted sum of next-token cross-entropies of `tokens_BS` (inputs [:, :-1], targets [:, 1:])."""
-    hidden_BTE = hidden_states(s, params, tokens_BS, rng, deterministic)
+def loss_sum(s: StepSettings, params, batch: dict, weights_BT, rng, deterministic: bool):
+    """Weighted sum of next-token cross-entropies of the batch's tokens (inputs [:, :-1], targets
+    [:, 1:])."""
+    hidden_BTE = hidden_states(s, params, batch, rng, deterministic)
     with jax.named_scope("lm_head_loss"):  # a name for profiles (bench.py --profile)
         return weighted_cross_entropy_sum(hidden_BTE, head_matrix(s.model.cfg, params),
-                                          tokens_BS[:, 1:], weights_BT, s.kernels)
+                                          batch["tokens"][:, 1:], weights_BT, s.kernels)
 
 
-def _grads(s: StepSettings, params, tokens_BS, weights_BT, rng):
+def _grads(s: StepSettings, params, batch: dict, weights_BT, rng):
     """(loss sum, gradient sum) over the batch, micro-batch by micro-batch."""
     deterministic = s.model.cfg.dropout == 0.0
-    grad_fn = jax.value_and_grad(lambda p, t, w, r: loss_sum(s, p, t, w, r, deterministic))
+    grad_fn = jax.value_and_grad(lambda p, b, w, r: loss_sum(s, p, b, w, r, deterministic))
     A = s.grad_accum
     if A == 1:
-        return grad_fn(params, tokens_BS, weights_BT, rng)
-    B = tokens_BS.shape[0]
+        return grad_fn(params, batch, weights_BT, rng)
+    B = batch["tokens"].shape[0]
     # micro-batch a = rows a, a+A, ...: every data shard holds rows of every micro-batch
     split = lambda x: x.reshape(B // A, A, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
 
     def body(carry, xs):
         l_acc, g_acc = carry
-        i, tok, w = xs
-        l, g = grad_fn(params, tok, w, jax.random.fold_in(rng, i))
+        i, b, w = xs
+        l, g = grad_fn(params, b, w, jax.random.fold_in(rng, i))
         return (l_acc + l, jax.tree_util.tree_map(jnp.add, g_acc, g)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                    (jnp.arange(A), split(tokens_BS), split(weights_BT)))
+    (loss, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros),
+        (jnp.arange(A), jax.tree_util.tree_map(split, batch), split(weights_BT)))
     return loss, grads
 
 
 def train_step(s: StepSettings, tx: optax.GradientTransformation, schedule: Callable,
-               state: TrainState, tokens_BS, mask_BS):
-    """One optimizer update; returns (new state, {loss, grad_norm, lr})."""
-    weights = loss_weights(mask_BS, s.loss_on)
+               state: TrainState, batch: dict):
+    """One optimizer update on `batch` (tokens, mask and, packed, the document inputs); returns
+    (new state, {loss, grad_norm, lr})."""
+    weights = loss_weights(batch["mask"], s.loss_on)
     total = jnp.maximum(jnp.sum(weights), 1.0)
     rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
-    loss, grads = _grads(s, state.params, tokens_BS, weights, rng)
+    loss, grads = _grads(s, state.params, batch, weights, rng)
     with jax.named_scope("optimizer"):  # a name for profiles (bench.py --profile)
         grads = jax.tree_util.tree_map(lambda g: g / total, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -52,7 +52,8 @@ class Trainer:
         block, blocks = sharding.process_rows(self.program.batch_sharding, config.batch_size)
         self.train_loader = data_lib.BatchLoader(self.data, "train", config.batch_size,
                                                  self.program.seq_len, config.seed,
-                                                 process_index=block, process_count=blocks)
+                                                 process_index=block, process_count=blocks,
+                                                 documents=config.data.document_mask)
         self.log(self.train_loader.summary())  # long rows and what the windows reach
         self.evaluator = Evaluator(self.program, self.data)
         self.run_files = RunFiles(config, self.program.model_config, self.is_main, self.log)

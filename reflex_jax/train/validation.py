@@ -40,18 +40,20 @@ def has_answers(meta: dict) -> bool:
     return meta.get("kind") == "rows"
 
 
-def token_losses(s: StepSettings, params, tokens_BS):
-    """Cross-entropy in nats [B, S-1] of each next token of `tokens_BS`."""
-    hidden_BTE = hidden_states(s, params, tokens_BS)
+def token_losses(s: StepSettings, params, batch: dict):
+    """Cross-entropy in nats [B, S-1] of each next token of the batch's tokens (its documents
+    kept apart where it has segment ids)."""
+    hidden_BTE = hidden_states(s, params, batch)
     with jax.named_scope("lm_head_loss"):  # never [B*T, vocab] float32 logits with fused_loss
         return per_token_cross_entropy(hidden_BTE, head_matrix(s.model.cfg, params),
-                                       tokens_BS[:, 1:], s.kernels)
+                                       batch["tokens"][:, 1:], s.kernels)
 
 
-def eval_sums(s: StepSettings, byte_lengths_V, params, tokens_BS, mask_BS, valid_BS) -> dict:
+def eval_sums(s: StepSettings, byte_lengths_V, params, batch: dict) -> dict:
     """The SUM_KEYS sums of one validation batch: CE and weight over the trained-on targets, their
-    bytes, and CE and count over the answer targets; `valid` marks real rows/tokens."""
-    ce_BT = token_losses(s, params, tokens_BS)
+    bytes, and CE and count over the answer targets; `batch["valid"]` marks real rows/tokens."""
+    tokens_BS, mask_BS, valid_BS = batch["tokens"], batch["mask"], batch["valid"]
+    ce_BT = token_losses(s, params, batch)
     w_BT = loss_weights(mask_BS, s.loss_on, valid_BS)
     answer_BT = loss_weights(mask_BS, "answer", valid_BS)
     bytes_BT = jnp.asarray(byte_lengths_V, jnp.float32)[tokens_BS[:, 1:]]

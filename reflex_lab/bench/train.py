@@ -4,7 +4,7 @@ peak of the same dtype; one row per contender."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -19,14 +19,16 @@ from .settings import BenchSettings
 from .timing import interleaved, median, rss_peak_during
 
 
-def make_program(model_fields: dict, batch: int,
-                 kernels: KernelChoices = DEFAULT) -> TrainProgram:
+def make_program(model_fields: dict, batch: int, kernels: KernelChoices = DEFAULT,
+                 documents: bool = False) -> TrainProgram:
     """The TrainProgram train.py trains with (same config path, same compiled step), for a batch
-    of `batch` rows of the model `model_fields`; the bench feeds its own batch (no data)."""
+    of `batch` rows of the model `model_fields`; the bench feeds its own batch (no data), with
+    packed-document inputs when `documents`."""
     c = base_config()
     for k, v in model_fields.items():
         c.model[k] = v
     c.data.loss_on, c.batch_size, c.grad_accum = "all", batch, 1
+    c.data.document_mask = documents
     return TrainProgram(c, kernels=kernels)
 
 
@@ -45,23 +47,24 @@ class JaxTrain:
     with the kernels `kernels` selects (the ablation switches them off one by one)."""
 
     def __init__(self, settings: BenchSettings, reflex: str, dtype: str, tokens_np,
-                 kernels: KernelChoices = DEFAULT):
+                 kernels: KernelChoices = DEFAULT, documents: Optional[dict] = None):
         self.kind, self.reflex, self.dtype = "jax", reflex, dtype
-        self.program = make_program(settings.model_fields(reflex, dtype), settings.batch, kernels)
+        self.program = make_program(settings.model_fields(reflex, dtype), settings.batch, kernels,
+                                    documents=documents is not None)
         self.cfg = self.program.model_config
         state = self.program.init_state()
         self.init_params = jax.device_get(state.params)
-        self.tokens, self.mask = self.program.put_batch(
-            {"tokens": tokens_np, "mask": np.ones(tokens_np.shape, np.float32)})
+        self.batch = self.program.put_batch(
+            {"tokens": tokens_np, "mask": np.ones(tokens_np.shape, np.float32), **(documents or {})})
         t0 = time.perf_counter()
-        self.compiled = self.program.train_step.lower(state, self.tokens, self.mask).compile()
+        self.compiled = self.program.train_step.lower(state, self.batch).compile()
         self.compile_s = time.perf_counter() - t0
         self.state = state
         self.memory = _memory(self.compiled)
         self.losses: list[float] = []
 
     def step(self) -> float:
-        self.state, m = self.compiled(self.state, self.tokens, self.mask)
+        self.state, m = self.compiled(self.state, self.batch)
         loss = float(m["loss"])  # blocks until the step is done
         self.losses.append(loss)
         return loss

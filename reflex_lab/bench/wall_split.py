@@ -22,20 +22,20 @@ def _jax_calls(c) -> dict[str, Callable[[], float]]:
     import jax
     import jax.numpy as jnp
     from reflex_jax.train import step as st
-    s, tokens = c.program.step_settings, c.tokens
+    s, batch = c.program.step_settings, c.batch
     params = jax.tree.map(jnp.copy, c.state.params)  # the step donates (deletes) its state
-    B, S = tokens.shape
-    w = st.loss_weights(c.mask, s.loss_on)                # the weights the train step uses
+    B, S = batch["tokens"].shape
+    w = st.loss_weights(batch["mask"], s.loss_on)       # the weights the train step uses
     total = max(float(jnp.sum(w)), 1.0)
     r = jnp.asarray(np.random.default_rng(1).standard_normal((B, S - 1, c.cfg.n_embd)), jnp.float32)
     grads = jax.jit(jax.value_and_grad(
-        lambda p, t: st.loss_sum(s, p, t, w, None, True))).lower(params, tokens).compile()
+        lambda p, b: st.loss_sum(s, p, b, w, None, True))).lower(params, batch).compile()
     decoder = jax.jit(jax.value_and_grad(
-        lambda p, t: jnp.sum(st.hidden_states(s, p, t).astype(jnp.float32) * r))
-    ).lower(params, tokens).compile()
+        lambda p, b: jnp.sum(st.hidden_states(s, p, b).astype(jnp.float32) * r))
+    ).lower(params, batch).compile()
     # each call returns its loss (float() waits for the result)
-    return {"gradients": lambda: float(grads(params, tokens)[0]) / total,
-            "decoder": lambda: float(decoder(params, tokens)[0])}
+    return {"gradients": lambda: float(grads(params, batch)[0]) / total,
+            "decoder": lambda: float(decoder(params, batch)[0])}
 
 
 def _torch_calls(c) -> dict[str, Callable[[], float]]:
