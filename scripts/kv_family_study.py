@@ -75,8 +75,9 @@ def unigram_level(data_dir: str, answer_only: bool, batch_size: int, block: int,
 
 def compare_args(task: str, args) -> list[str]:
     title, overrides = TASKS[task]
+    # the recorded study ran before packed windows kept their documents apart
     return (["--config", "configs/study.py", "--title", title,
-             "--runs_dir", os.path.join(args.runs_root, task)]
+             "--runs_dir", os.path.join(args.runs_root, task), "--config.data.document_mask=False"]
             + [o.format(data=args.data_root) for o in overrides])
 
 

@@ -84,7 +84,8 @@ def test_bench_smoke_run_writes_the_json(tmp_path):
         assert key in r, key
     assert 0 < r["mfu"] and r["reflex_vs_vanilla_step_time"] > 0 and r["decode_cached_vs_recompute_512"] > 0
     assert r["kv_bytes_exact"] is True and r["kv_bytes_reflex_vs_vanilla"] == pytest.approx(7 / 8)
-    assert {"jax all float32", "jax none float32"} <= set(res["train"])
+    assert {"jax all float32", "jax none float32", "jax all docs float32"} <= set(res["train"])
+    assert res["train"]["jax all docs float32"]["document_mask"] and r["document_mask_step_time"] > 0
     if res["env"].get("torch"):
         assert r["train_vs_torch_eager"] > 0
         parity = res["train_parity"]["float32"]

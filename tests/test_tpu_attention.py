@@ -120,8 +120,9 @@ def test_pallas_kernel_under_shard_map_equals_xla():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def _compiled_train_hlo(cfg, mesh, *, remat=False, key_mask=False):
-    """HLO text of a jitted forward + backward of a small Decoder, batch split over the mesh."""
+def _compiled_train_hlo(cfg, mesh, *, remat=False, key_mask=False, documents=False):
+    """HLO text of a jitted forward + backward of a small Decoder, batch split over the mesh
+    (with `documents`, rows packed from documents: segment ids and positions as inputs)."""
     model = Decoder(cfg, remat=remat, kernels=KernelChoices(mesh=mesh))
     replicated = NamedSharding(mesh, P())
     shapes = abstract_params(dataclasses.replace(cfg, attention="xla"))  # the same params, any backend
@@ -131,11 +132,13 @@ def _compiled_train_hlo(cfg, mesh, *, remat=False, key_mask=False):
     B, T = 8, cfg.block_size
     mask = (jnp.arange(T)[None] >= jnp.arange(B)[:, None]) if key_mask else None
 
-    def loss(params, tokens_BT):
-        logits = model.apply({"params": params}, tokens_BT, key_mask_BS=mask)
+    def loss(params, tokens_BT, segment_ids_BT, positions_BT):
+        logits = model.apply({"params": params}, tokens_BT, key_mask_BS=mask,
+                             segment_ids_BT=segment_ids_BT, positions_BT=positions_BT)
         return jnp.mean(logits.astype(jnp.float32))
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch)
-    return jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile().as_text()
+    doc = tokens if documents else None
+    return jax.jit(jax.value_and_grad(loss)).lower(params, tokens, doc, doc).compile().as_text()
 
 
 @needs_libtpu
@@ -151,6 +154,8 @@ def test_decoder_compiles_the_pallas_kernel_for_a_tpu_target():
     assert _compiled_train_hlo(cfg, mesh).count(mosaic) == 3 * cfg.n_layer
     assert _compiled_train_hlo(cfg, mesh, remat=True).count(mosaic) == 4 * cfg.n_layer
     assert mosaic not in _compiled_train_hlo(cfg, mesh, key_mask=True)
+    # packed documents: the same kernels, with splash's segment ids
+    assert _compiled_train_hlo(cfg, mesh, documents=True).count(mosaic) == 3 * cfg.n_layer
     xla = ModelConfig(**dict(cfg.to_dict(), attention="xla"))
     assert mosaic not in _compiled_train_hlo(xla, mesh)
 
@@ -166,6 +171,10 @@ def test_decoder_compiles_cudnn_attention_for_a_gpu_target(caplog):
     for name in ("cudnn", "auto"):
         hlo = _compiled_train_hlo(ModelConfig(**base, dtype="bfloat16", attention=name), mesh)
         assert "__cudnn$fmha" in hlo, name
+    # packed documents: JAX's cuDNN call takes the document mask as a bias of its fused kernel
+    hlo = _compiled_train_hlo(ModelConfig(**base, dtype="bfloat16", attention="cudnn"), mesh,
+                              documents=True)
+    assert hlo.count("__cudnn$fmhaScaleBiasSoftmax") == 2 * base["n_layer"]  # forward, backward
     with pytest.raises(ValueError, match=r"model.attention='cudnn' cannot take this attention call "
                                          r"\(.*float32.*\); use --config.model.attention=auto"):
         _compiled_train_hlo(ModelConfig(**base, attention="cudnn"), mesh)

@@ -23,7 +23,8 @@ def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bo
     out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "budgets": {},
                  "wall_split": {}, "notes": []}
     for dtype in s.dtypes:
-        cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all",))
+        cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all",),
+                        documents=False)
         times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2)
         for name, c in cs.items():
             wall = median(times[name])

@@ -44,6 +44,9 @@ def _train_ratios(tr: dict, s: BenchSettings) -> dict:
         r[f"train_vs_torch_eager{suffix}"] = _ratio(tok("jax all", d), tok("torch eager all", d))
         r[f"reflex_vs_vanilla_step_time{suffix}"] = _ratio(tr[f"jax all {d}"]["step_s"],
                                                            tr[f"jax none {d}"]["step_s"])
+        if f"jax all docs {d}" in tr:
+            r[f"document_mask_step_time{suffix}"] = _ratio(tr[f"jax all docs {d}"]["step_s"],
+                                                          tr[f"jax all {d}"]["step_s"])
         r[f"mfu{suffix}"] = tr[f"jax all {d}"]["mfu"]
         if tr[f"jax all {d}"].get("mfu_datasheet"):
             r[f"mfu_datasheet{suffix}"] = tr[f"jax all {d}"]["mfu_datasheet"]
@@ -115,7 +118,7 @@ def _train_tables(res: dict) -> list[str]:
         mem = row.get("xla_memory")
         memtxt = (f"XLA temp {mib(mem['temp_bytes'])} + args {mib(mem['argument_bytes'])}; "
                   if mem else "") + f"RSS +{mib(row['rss_peak_step_bytes'])}"
-        label = f"{row['kind']} `{row['reflex']}`"
+        label = f"{row['kind']} `{row['reflex']}`" + (", documents" if row.get("document_mask") else "")
         lines.append(f"| {label} | {row['dtype']} | {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | "
                      f"{row['mfu'] * 100:.1f}% | {memtxt} | {row['loss_first']:.4f} |")
     return lines

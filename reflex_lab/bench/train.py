@@ -49,6 +49,7 @@ class JaxTrain:
     def __init__(self, settings: BenchSettings, reflex: str, dtype: str, tokens_np,
                  kernels: KernelChoices = DEFAULT, documents: Optional[dict] = None):
         self.kind, self.reflex, self.dtype = "jax", reflex, dtype
+        self.document_mask = documents is not None
         self.program = make_program(settings.model_fields(reflex, dtype), settings.batch, kernels,
                                     documents=documents is not None)
         self.cfg = self.program.model_config
@@ -87,15 +88,38 @@ def _torch_contenders(s: BenchSettings, jax_all: JaxTrain, tokens_np, dtype: str
     return out
 
 
+def bench_documents(tokens_np, seed: int = 0) -> dict:
+    """Segment ids and positions for the bench's batch packed from documents of 1/8 to 1/2 of a
+    window each (a fixed draw): the cost of the document mask does not depend on where the
+    boundaries fall, only that the kernels must apply it."""
+    from reflex_jax.data import packed_documents
+    B, L = tokens_np.shape
+    rng = np.random.default_rng(seed)
+    lengths = []
+    for _ in range(B):
+        row = []
+        while sum(row) < L:
+            row.append(int(rng.integers(max(1, L // 8), max(2, L // 2))))
+        lengths.append(row)
+    return packed_documents(lengths, L)
+
+
 def contenders(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
                notes: list, log: Callable[[str], None],
-               schedules: tuple[str, ...] = ("all", "none")) -> dict[str, Any]:
-    """{"jax all", "jax none"[, "torch eager all", "torch.compile all"]}: contenders with `.step()`."""
+               schedules: tuple[str, ...] = ("all", "none"),
+               documents: bool = True) -> dict[str, Any]:
+    """{"jax all", "jax none"[, "jax all docs"][, "torch eager all", "torch.compile all"]}:
+    contenders with `.step()`; "jax all docs" is `all` with packed documents kept apart
+    (data.document_mask), on the same tokens."""
     out: dict[str, Any] = {}
     for reflex in schedules:
         c = JaxTrain(s, reflex, dtype, tokens_np)
         out[f"jax {reflex}"] = c
         log(f"  jax {reflex}: compiled in {c.compile_s:.1f} s")
+    if documents and "all" in schedules:
+        c = JaxTrain(s, "all", dtype, tokens_np, documents=bench_documents(tokens_np))
+        out["jax all docs"] = c
+        log(f"  jax all, document mask: compiled in {c.compile_s:.1f} s")
     if with_torch:
         out.update(_torch_contenders(s, out["jax all"], tokens_np, dtype, notes, log))
     return out
@@ -110,7 +134,8 @@ def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dic
     fpt = flops.train_flops_per_token(c.cfg, T)
     fpt_causal = 6 * flops.matmul_params(c.cfg) + flops.attention_flops_per_token(c.cfg, T) // 2
     _, rss = rss_peak_during(c.step)
-    row = {"kind": c.kind, "reflex": c.reflex, "dtype": dtype, "step_s": t_step,
+    row = {"kind": c.kind, "reflex": c.reflex, "dtype": dtype,
+           "document_mask": getattr(c, "document_mask", False), "step_s": t_step,
            "step_s_all": times, "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": tok_s * fpt / peak_flops,
            "mfu_causal_attention": tok_s * fpt_causal / peak_flops,
@@ -139,6 +164,7 @@ def bench_dtype(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
     rows = {f"{name} {dtype}": train_row(s, c, dtype, times[name], peak_row)
             for name, c in cs.items()}
     # same weights and batch: the first losses must agree (architecture parity)
-    first = {n: c.losses[0] for n, c in cs.items() if c.reflex == "all"}
+    first = {n: c.losses[0] for n, c in cs.items()
+             if c.reflex == "all" and not getattr(c, "document_mask", False)}
     parity = {"first_losses": first, "max_abs_diff": max(first.values()) - min(first.values())}
     return rows, peak_row, parity

@@ -70,6 +70,9 @@ def _normalised(config_dict: dict) -> dict:
         model["reflex"] = model.pop("head_plan", None)
         d["model"] = model
     flat = flatten_config(d)
+    if flat.get("data.document_mask") is False:
+        # what every run recorded before the switch existed did, so their fingerprints still hold
+        del flat["data.document_mask"]
     return {k: v for k, v in flat.items() if k.split(".")[0] not in IGNORED_FIELDS}
 
 
