@@ -77,6 +77,8 @@ def setup_facts(config: ConfigDict) -> dict:
     data = (f"built-in task `{c.data.task}` ({_task_option_text(c)}, {c.data.tokenizer} tokenizer, "
             f"{c.data.task_rows} train rows, {c.data.task_val_rows} val rows)") if c.data.task else \
         f"prepared directory `{c.data.dir}`"
+    data += ("; packed windows, each document (row or file) seeing only itself"
+             if c.data.get("document_mask", False) else "; packed windows, documents seeing earlier ones")
     m = c.model
     return {"data": data, "loss_on": c.data.loss_on,
             "model": f"{m.n_layer} layers x {m.n_head} heads, n_embd {m.n_embd}, block {m.block_size}, "
