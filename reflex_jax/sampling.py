@@ -260,8 +260,9 @@ def _check_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k
         raise GenerationError("no prompts given; pass at least one prompt (a list of token ids).")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer.")
-    if temperature < 0:
-        raise GenerationError(f"temperature={temperature} must be >= 0 (0 means greedy).")
+    if not np.isfinite(temperature) or temperature < 0:  # nan would pass `< 0` and sample token 0
+        raise GenerationError(f"temperature={temperature} must be a finite number >= 0 (0 means "
+                              "greedy).")
     if top_k < 0:
         raise GenerationError(f"top_k={top_k} must be >= 0 (0 turns top-k filtering off).")
     if not 0.0 < top_p <= 1.0:

@@ -448,3 +448,52 @@ def test_sample_py_stop_ids_and_texts(params_dir, sample_main, capsys):
     assert "--stop '' is empty" in capsys.readouterr().err
     with pytest.raises(UsageError, match="--stop 'ab' is text, which needs a tokenizer"):
         _stops(parse_args(["--run", path, "--stop", "ab"]), None)
+
+
+# ---- issue #32: non-finite flags and text that is not UTF-8 ------------------------------------
+
+def test_non_finite_sampling_settings_are_refused(params_dir, sample_main, capsys):
+    path, cfg = params_dir
+    for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top_p", "nan")):
+        assert sample_main(["--run", path, "--prompt", "x", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"sample.py: error: {flag} {float(value)} is not a finite number; pass " + (
+            "0 for greedy or a positive temperature such as 0.8." if flag == "--temperature"
+            else "a number in (0, 1], 1 for no nucleus filtering."), err
+    # The library refuses it too: nan passed `temperature < 0` and sampled token 0 forever.
+    with pytest.raises(GenerationError, match="temperature=nan must be a finite number"):
+        generate(cfg, tiny_params(cfg), [[1, 2]], max_new_tokens=2, temperature=float("nan"))
+
+
+def test_text_that_is_not_utf8_is_one_sentence_with_its_offset(params_dir, tmp_path):
+    """Real argv bytes (Linux hands undecodable bytes to Python as surrogate escapes) and a real
+    prompt file, through the sample.py script: one line naming the flag or file and the byte."""
+    path, _ = params_dir
+    bad_file = tmp_path / "prompts.txt"
+    bad_file.write_bytes("первый\nвто".encode() + b"\xd0\n")  # a cut Cyrillic letter on line 2
+    script = os.path.join(ROOT, "sample.py").encode()
+    cases = [
+        ([b"--prompt", b"caf\xe9 au lait"], "--prompt is not valid UTF-8 at byte 3, byte 0xe9"),
+        ([b"--prompt", b"ok", b"--prompt", b"\xff"], "--prompt #2 is not valid UTF-8 at byte 0"),
+        ([b"--prompt_file", str(bad_file).encode()],
+         f"--prompt_file {str(bad_file)!r} is not valid UTF-8 at byte 19 (line 2), byte 0xd0"),
+        ([b"--prompt", b"x", b"--stop", b"\xfe"], "--stop '\\udcfe' is not valid UTF-8 at byte 0"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, script, b"--run", path.encode(), *argv,
+                               b"--max_new_tokens", b"2"], capture_output=True, timeout=300,
+                              cwd=ROOT, env={**os.environ, "REFLEX_TUNE_MALLOC": "0"})
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("sample.py: error: " + message), (message, err)
+
+
+def test_decode_user_text():
+    from reflex_jax.errors import DataError, UsageError
+    from reflex_jax.text import decode_user_text
+    assert decode_user_text("Привет", "--prompt") == "Привет"
+    assert decode_user_text(b"\xef\xbb\xbfone\ntwo", "f") == "one\ntwo"  # a BOM is not text
+    with pytest.raises(DataError, match=r"^f is not valid UTF-8 at byte 5 \(line 2\), byte 0xff;"):
+        decode_user_text(b"\xef\xbb\xbfa\n\xff", "f", DataError)
+    with pytest.raises(UsageError, match="holds the lone surrogate U\\+D800 at byte 2"):
+        decode_user_text("ab\ud800", "x")

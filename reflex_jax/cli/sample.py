@@ -9,11 +9,13 @@ text, or after max_new_tokens.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
+from ..text import decode_user_text
 from . import user_errors_as_status
 
 PROG = "sample.py"
@@ -56,14 +58,33 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _check_floats(args) -> None:
+    """nan passes every range check (nan < 0 is False) and then samples token 0 forever."""
+    for flag in ("temperature", "top_p"):
+        value = getattr(args, flag)
+        if not math.isfinite(value):
+            fix = ("0 for greedy or a positive temperature such as 0.8" if flag == "temperature"
+                   else "a number in (0, 1], 1 for no nucleus filtering")
+            raise UsageError(f"--{flag} {value} is not a finite number; pass {fix}.")
+
+
 def _text_prompts(args) -> list[str]:
-    texts = list(args.prompt)
+    many = len(args.prompt) > 1
+    texts = [decode_user_text(t, f"--prompt #{k + 1}" if many else "--prompt")
+             for k, t in enumerate(args.prompt)]
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise UsageError(f"--prompt_file {args.prompt_file!r} does not exist; pass a text file "
                              "with one prompt per line.")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            texts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise DataError(f"--prompt_file {args.prompt_file!r} cannot be read ({e.strerror}); "
+                            "pass a readable text file.") from None
+        text = decode_user_text(raw, f"--prompt_file {args.prompt_file!r}", DataError)
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as text mode reads
+        texts += [line for line in lines if line.strip()]
     return texts
 
 
@@ -86,7 +107,8 @@ def _stops(args, tok) -> tuple[list[int], list[str]]:
         if value.strip().isdigit():
             ids.append(int(value))
             continue
-        text = value.replace("\\n", "\n").replace("\\t", "\t")
+        text = decode_user_text(value, f"--stop {value!r}")
+        text = text.replace("\\n", "\n").replace("\\t", "\t")
         if not text:
             raise UsageError("--stop '' is empty; give a token id or a non-empty text.")
         if tok is None:
@@ -121,6 +143,7 @@ def generate_lines(args) -> list[str]:
     from ..checkpoint import load_params, read_checkpoint_meta
     from ..data import DEFAULT_TEMPLATE, load_tokenizer
     from ..sampling import generate
+    _check_floats(args)
     texts, token_rows = _text_prompts(args), _token_prompts(args)
     if texts and token_rows:
         raise UsageError("give text prompts (--prompt/--prompt_file) or --prompt_tokens, not both.")
