@@ -816,3 +816,23 @@ def test_prepare_past_a_file_size_limit_is_one_sentence(tmp_path):
         rf"so '{out}' was not published and nothing was left there; free space there or pass another "
         rf"--out\.", err[0]), err
     assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_a_lone_surrogate_in_a_row_is_counted_and_skipped(tmp_path, capsys):
+    """JSON's "\\ud800" decodes to a str no tokenizer can encode: one bad row, not a traceback."""
+    path = tmp_path / "qa.jsonl"
+    write_jsonl(path, ROWS[:3], ['{"question": "\\ud800 half an emoji", "answer": "a"}',
+                                 '{"question": "q", "answer": "a \\udfff"}'])
+    out = str(tmp_path / "out")
+    assert main(["prepare", "--source", str(path), "--tokenizer", "bytes", "--out", out,
+                 "--val_fraction", "0", "--no_progress"]) == 0
+    meta = json.load(open(os.path.join(out, "meta.json"), encoding="utf-8"))
+    assert meta["skipped"] == {"invalid_unicode(question)": 1, "invalid_unicode(answer)": 1}
+    assert meta["splits"]["train"]["rows"] == 3 and meta["source_rows"] == 5
+    assert "invalid_unicode(question) 1" in capsys.readouterr().out
+    # a template given on the command line follows the same policy (surrogate-escaped argv bytes)
+    assert main(["prepare", "--source", str(path), "--tokenizer", "bytes", "--out", out + "2",
+                 "--template", "Q\udcff {question} A: {answer}"]) == 2
+    assert capsys.readouterr().err.strip() == ("reflex_jax.data: error: --template is not valid "
+                                               "UTF-8 at byte 1, byte 0xff; give the text in UTF-8 "
+                                               "(e.g. iconv -f <encoding> -t utf-8).")

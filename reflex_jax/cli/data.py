@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from ..data import (DEFAULT_SOURCE, DEFAULT_TEMPLATE, DEFAULT_TOKENIZER, LONG_ROWS, TokenData, prepare,
                     prepare_task, reach_summary, window_reach)
 from ..errors import UsageError
+from ..text import decode_user_text
 from . import user_errors_as_status
 
 PROG = "reflex_jax.data"
@@ -22,7 +23,7 @@ PROG = "reflex_jax.data"
 
 def _unescape(text: str) -> str:
     """Shell-friendly templates: a typed backslash-n is a newline."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
+    return decode_user_text(text, "--template").replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _option_value(text: str):

@@ -5,6 +5,7 @@ import string
 from typing import Any, Optional, Sequence
 
 from ..errors import DataError
+from ..text import lone_surrogate
 
 DEFAULT_TEMPLATE = "Вопрос: {question}\n### Ответ: {answer}"
 
@@ -50,6 +51,8 @@ class Template:
                 raise BadRow(f"non_string_field({key})")
             if not v.strip():
                 raise BadRow(f"empty_field({key})")
+            if lone_surrogate(v) is not None:  # JSON's "\ud800": no tokenizer can encode it
+                raise BadRow(f"invalid_unicode({key})")
             out[name] = v
         return out
 
