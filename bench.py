@@ -10,5 +10,7 @@ and how: reflex_lab/bench/ and docs/bench.md.
 """
 
 if __name__ == "__main__":
+    from reflex_jax.cli import quiet_start
     from reflex_lab.bench.cli import run
+    quiet_start()  # no plugin noise on a CPU-only machine (reflex_jax/cli/__init__.py)
     run()  # restarts once with tuned malloc before JAX starts: see reflex_jax/malloc_tuning.py

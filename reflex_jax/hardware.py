@@ -159,6 +159,88 @@ def quiet_environment() -> None:
             os.environ.setdefault(key, value)
 
 
+# device files of accelerators JAX can drive (jax's hardware_utils checks the NVIDIA ones)
+_ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def accelerator_visible() -> bool:
+    """Whether this machine shows any accelerator: NVIDIA/AMD GPU device files, /dev/accel*
+    (TPU VMs) or TPU chips on the PCI bus."""
+    return (any(os.path.exists(p) for p in _ACCELERATOR_FILES) or bool(glob.glob("/dev/accel*"))
+            or _tpu_chips_attached())
+
+
+def quiet_cpu_only() -> None:
+    """A CLI's start, before JAX starts its backends. On a machine with no accelerator, where the
+    user asked for no platform (JAX_PLATFORMS unset), the installed CUDA and TPU plugins each
+    print their failure (~15 lines: cuInit, libtpu) before JAX falls back to the CPU it would use
+    anyway: start on the CPU directly (quiet_environment). A machine with an accelerator, or any
+    JAX_PLATFORMS, is left alone, so real errors still show. When JAX_PLATFORMS names a platform,
+    the plugins' logged start-up failures are held back for `platform_error`, which names the
+    missing platform in one sentence if JAX then cannot start it."""
+    import logging
+    if os.environ.get("JAX_PLATFORMS"):
+        bridge = logging.getLogger("jax._src.xla_bridge")
+        if not any(isinstance(f, _HeldPluginErrors) for f in bridge.filters):
+            bridge.addFilter(_HeldPluginErrors())
+        if not _tpu_chips_attached():  # libtpu's hostname lines; they change nothing without chips
+            for key, value in _QUIET_TPU.items():
+                os.environ.setdefault(key, value)
+        return
+    if not accelerator_visible():
+        quiet_environment()
+
+
+class _HeldPluginErrors:
+    """A logging filter that keeps jax's "Jax plugin configuration error" records (a logged
+    traceback each) instead of printing them; platform_error reports them if they mattered."""
+    held: list = []
+
+    def filter(self, record) -> bool:
+        if str(record.msg).startswith("Jax plugin configuration error"):
+            reason = record.exc_info[1] if record.exc_info else record.getMessage()
+            _HeldPluginErrors.held.append(_first_line(reason) if isinstance(reason, BaseException)
+                                          else str(reason))
+            return False
+        return True
+
+
+_PLATFORM_EXTRA = {"tpu": "tpu", "cuda": "cuda12", "gpu": "cuda12"}
+
+
+def platform_error(error: BaseException) -> Optional[ConfigError]:
+    """One sentence for JAX failing to start a platform JAX_PLATFORMS asks for (a RuntimeError
+    "Unable to initialize backend 'tpu'", or the bare AssertionError jax's backends() raises when
+    no asked-for platform started, e.g. cuda without a GPU); None for any other error."""
+    asked = os.environ.get("JAX_PLATFORMS", "").strip()
+    if not asked:
+        return None
+    text = str(error).strip()
+    m = re.match(r"Unable to initialize backend '([\w-]+)': (.*)", text, re.S)
+    if isinstance(error, RuntimeError) and m:
+        platform = m.group(1)
+        reason = re.sub(r"\s*\(set JAX_PLATFORMS=.*$", "", m.group(2).strip().splitlines()[0])
+        reason = re.sub(r"^[A-Z_]+: ", "", reason)  # the status code: NOT_FOUND, INTERNAL, ...
+    elif isinstance(error, AssertionError) and _raised_in(error, "xla_bridge.py"):
+        platform = next((p.strip() for p in asked.split(",") if p.strip() != "cpu"), asked)
+        reason = (_HeldPluginErrors.held[-1] if _HeldPluginErrors.held
+                  else "no device of it is visible")
+    else:
+        return None
+    extra = _PLATFORM_EXTRA.get(platform)
+    plugin = f" ({install_line(extra)})" if extra else ""
+    return ConfigError(f"JAX_PLATFORMS={asked} asks for the {platform} platform, which JAX cannot "
+                       f"start on this machine ({reason.rstrip('.')}); unset JAX_PLATFORMS to use "
+                       f"the devices found here, or run where a {platform} device is, with its "
+                       f"plugin installed{plugin}")
+
+
+def _raised_in(error: BaseException, filename: str) -> bool:
+    import traceback
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.basename(frames[-1].filename) == filename
+
+
 _TPU_PCI_DEVICE_IDS = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
 
 

@@ -119,6 +119,9 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigD
     if not os.path.isfile(file):
         raise ConfigError(f"config file {file!r} does not exist; pass --config with an existing file "
                            "such as configs/tiny.py.")
+    if not file.endswith(".py"):  # importlib finds no loader for other suffixes (spec None)
+        raise ConfigError(f"config file {file!r} is not a Python file; config files are .py files "
+                          "defining get_config() (see configs/tiny.py).")
     spec = importlib.util.spec_from_file_location(f"_reflex_config_{abs(hash(file))}", file)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -136,6 +139,10 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigD
     except Exception as e:  # noqa: BLE001 - e.g. a value of the wrong type for a field
         raise ConfigError(f"get_config() of {file!r} failed ({type(e).__name__}: {e}); fix the "
                            "file.") from None
+    if not isinstance(config, ConfigDict):  # anything else fails later, far from the file
+        raise ConfigError(f"get_config() of {file!r} returned {type(config).__name__}, not an "
+                          "ml_collections ConfigDict; return one (start from "
+                          "reflex_jax.run_config.base_config()).")
     _fold_reflex(config)  # an older file's model.reflex
     for key, raw in overrides:
         apply_override(config, key, raw)

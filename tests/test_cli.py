@@ -109,3 +109,28 @@ def test_reference_configs_build_the_original_architecture(name, reflex):
     assert (m.head_plan, m.norm, m.norm_eps, m.mlp, m.tie_embeddings, m.pos_emb, m.bias) == (
         reflex, "rmsnorm", 1e-6, "swiglu", True, "learned", True)
     assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size) == (6, 8, 1536, 50257)
+
+
+def test_ctrl_c_during_train_startup_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while train.py imports JAX (before training starts; once it runs, SIGINT is a stop
+    request and exit 75): one line, exit 130, instead of a 158-line KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--config.batch_size=8",
+         "--config.max_steps=2", f"--config.run_dir={tmp_path}/run"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "REFLEX_TUNE_MALLOC": "0", "PYTHONUNBUFFERED": "1"})
+    try:
+        # The first line (the task's data) comes once JAX is up, seconds before the first step.
+        # (A SIGINT while jaxlib's extension initialises crashes the process inside jaxlib.)
+        assert proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == ("train.py: interrupted by Ctrl-C before training started; nothing was "
+                           "trained or saved, so run the command again to start.")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

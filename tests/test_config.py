@@ -182,3 +182,23 @@ def test_reflex_is_an_alias_of_head_plan(tmp_path):
     path.write_text(CONFIG_FILE.replace("c.model.head_plan", "c.model.reflex").format(value=repr(SCHEDULE)))
     assert model_config_from(load_config(str(path))).head_plan == SCHEDULE
     assert model_config_from(load_config(str(path), [("model.head_plan", "none")])).head_plan == "none"
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("cfg.yaml", "model:\n  n_layer: 4\n", "config file '{path}' is not a Python file; config files "
+     "are .py files defining get_config() (see configs/tiny.py)."),
+    ("cfg.py", "def get_config():\n    return 42\n", "get_config() of '{path}' returned int, not an "
+     "ml_collections ConfigDict; return one (start from reflex_jax.run_config.base_config())."),
+])
+def test_odd_config_files_are_one_sentence(tmp_path, name, body, message):
+    """Through train.py itself: a .yaml (importlib has no loader for it) and a get_config() that
+    returns no ConfigDict ended in 44-line tracebacks."""
+    import subprocess
+    import sys
+    path = tmp_path / name
+    path.write_text(body)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "REFLEX_TUNE_MALLOC": "0"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "train.py: error: " + message.format(path=path)

@@ -157,3 +157,104 @@ def test_quiet_environment_leaves_nothing_on_stderr():
                          timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stderr
     assert out.stderr == ""
+
+
+# ---- issue #32: platforms the machine lacks, a missing plugin, start-up noise -------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+no_accelerator = pytest.mark.skipif(hardware.accelerator_visible(),
+                                    reason="this machine has an accelerator")
+
+
+@pytest.fixture(scope="module")
+def params_dir(tmp_path_factory):
+    from reflex_jax import ModelConfig, init_params, save_params
+    cfg = ModelConfig(vocab_size=259, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    path = str(tmp_path_factory.mktemp("params"))
+    save_params(path, cfg, init_params(cfg, jax.random.PRNGKey(0)), meta={"tokenizer": "bytes"})
+    return path
+
+
+def _script(args, env, tmp_path, timeout=300):
+    """A CLI in a fresh process (no malloc restart), from tmp_path; (status, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=timeout, env={**env, "REFLEX_TUNE_MALLOC": "0",
+                                                "PYTHONPATH": ROOT})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _env_without_platform():
+    return {k: v for k, v in os.environ.items()
+            if k != "JAX_PLATFORMS" and k not in hardware._QUIET_TPU}
+
+
+@pytest.mark.slow
+@no_accelerator
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_platform_the_machine_lacks_is_one_sentence(platform, params_dir, tmp_path):
+    """JAX_PLATFORMS=tpu: a RuntimeError traceback; =cuda: a logged plugin traceback, then a bare
+    AssertionError from jax's backends() (44 lines). Now one line from train.py and sample.py."""
+    env = {**_env_without_platform(), "JAX_PLATFORMS": platform}
+    runs = [[os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+             "--config.batch_size=8", "--config.max_steps=2", f"--config.run_dir={tmp_path}/run"],
+            [os.path.join(ROOT, "sample.py"), "--run", params_dir, "--prompt_tokens", "1,2",
+             "--max_new_tokens", "2"]]
+    for args in runs:
+        status, _, err = _script(args, env, tmp_path)
+        prog = os.path.basename(args[0])
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"{prog}: error: JAX_PLATFORMS={platform} asks for the {platform} "
+                              "platform, which JAX cannot start on this machine ("), err
+        assert "; unset JAX_PLATFORMS to use the devices found here, or run where a " in err
+
+
+BLOCK_CUDA_PLUGIN = """
+import sys
+class _NoJaxPlugins:  # as if no JAX plugin were installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax_plugins" or name.startswith("jax_plugins."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _NoJaxPlugins())
+"""
+
+
+@pytest.mark.slow
+def test_compile_for_gpu_without_the_cuda_plugin_says_the_pip_line(tmp_path):
+    """The plugin made unimportable in a real process (a sitecustomize that blocks jax_plugins):
+    train.py --compile_for and reflex_lab.fit end in docs/accelerators.md's install line."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_CUDA_PLUGIN)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    pip = f'install it with: pip install "jax[cuda12]=={jax.__version__}"'
+    for prog, args in [("train.py", [os.path.join(ROOT, "train.py"), "--config",
+                                     os.path.join(ROOT, "configs", "tiny.py"),
+                                     "--compile_for=gpu:h100x8"]),
+                       ("reflex_lab.fit", ["-m", "reflex_lab.fit", "--config",
+                                           os.path.join(ROOT, "configs", "tiny.py"), "--target",
+                                           "gpu:h100x8"])]:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300, env={**env, "REFLEX_TUNE_MALLOC": "0"})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == (f"{prog}: error: the JAX CUDA plugin is not installed, so "
+                                       f"there is no compiler for GPU targets; {pip}")
+
+
+@needs_libtpu
+@needs_cuda
+@no_accelerator
+def test_cli_commands_on_a_cpu_machine_print_no_plugin_noise(params_dir, tmp_path):
+    """With both plugins installed and JAX_PLATFORMS unset, JAX's start printed ~15 lines (CUDA
+    cuInit, libtpu) in every command; the CLIs now start on the CPU directly."""
+    env = _env_without_platform()
+    for args in ([os.path.join(ROOT, "sample.py"), "--run", params_dir, "--prompt_tokens", "1,2",
+                  "--max_new_tokens", "2", "--print_tokens"],
+                 [os.path.join(ROOT, "convert_weights.py"), "--export", "hf", "--run", params_dir,
+                  "--out", str(tmp_path / "hf")]):
+        status, out, err = _script(args, env, tmp_path)
+        assert status == 0, err
+        assert not [line for line in err.splitlines()
+                    if any(w in line for w in ("cuInit", "libtpu", "TPU", "CUDA"))], err
+    # a platform the user asked for is left alone: JAX still says what it could not start
+    status, _, err = _script([os.path.join(ROOT, "sample.py"), "--run", params_dir,
+                              "--prompt_tokens", "1", "--max_new_tokens", "1"],
+                             {**env, "JAX_PLATFORMS": "cuda"}, tmp_path)
+    assert status == 2 and "cuInit" in err

@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import UsageError
-from . import user_errors_as_status
+from . import quiet_start, user_errors_as_status
 
 PROG = "convert_weights.py"
 EXPORTS = ("hf", "original")
@@ -112,4 +112,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run():
     """Console-script entry (reflex-convert)."""
+    quiet_start()
     sys.exit(main())

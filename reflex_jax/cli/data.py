@@ -16,7 +16,7 @@ from ..data import (DEFAULT_SOURCE, DEFAULT_TEMPLATE, DEFAULT_TOKENIZER, LONG_RO
                     prepare_task, reach_summary, window_reach)
 from ..errors import UsageError
 from ..text import decode_user_text
-from . import user_errors_as_status
+from . import quiet_start, user_errors_as_status
 
 PROG = "reflex_jax.data"
 
@@ -127,4 +127,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run() -> None:
+    quiet_start()
     sys.exit(main())

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import UsageError
-from . import user_errors_as_status
+from . import quiet_start, user_errors_as_status
 
 PROG = "reflex-eval"
 
@@ -76,8 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run():
     """Console-script entry (reflex-eval)."""
+    quiet_start()
     sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

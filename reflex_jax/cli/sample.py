@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..errors import DataError, UsageError
 from ..text import decode_user_text
-from . import user_errors_as_status
+from . import quiet_start, user_errors_as_status
 
 PROG = "sample.py"
 DEFAULT_NEW_TOKENS = 128
@@ -216,4 +216,5 @@ def run():
     """Console-script entry (reflex-sample)."""
     from ..malloc_tuning import tune_malloc
     tune_malloc()
+    quiet_start()
     sys.exit(main())

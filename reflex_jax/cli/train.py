@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import exit_on_user_error
+from . import exit_on_user_error, quiet_start
 
 PROG = "train.py"
 DEFAULT_CONFIG = "configs/tiny.py"
@@ -134,8 +134,20 @@ def _short(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
+
+
 def run():
     """Console-script entry (reflex-train)."""
     from ..malloc_tuning import tune_malloc
     tune_malloc()
-    main()
+    quiet_start()
+    try:
+        main()
+    except KeyboardInterrupt:  # once training runs, SIGINT is a stop request instead (exit 75)
+        print(f"{PROG}: interrupted by Ctrl-C before training started; nothing was trained or "
+              "saved, so run the command again to start.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # os._exit: after an interrupted compile the interpreter's shutdown crashed in XLA's
+        # threads (SIGSEGV, measured); the `with` blocks (run lock, temporary dirs) have unwound
+        os._exit(INTERRUPTED)

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from reflex_jax.cli import user_errors_as_status
+from reflex_jax.cli import quiet_start, user_errors_as_status
 from reflex_jax.run_config import load_config, split_overrides
 
 from .grid import (CompareError, Run, check_grid_overrides, parse_schedules, parse_seeds, parse_variant,
@@ -120,5 +120,6 @@ def run() -> None:
     """The `reflex-compare` console script: like `python compare.py`."""
     from reflex_jax.malloc_tuning import tune_malloc
     tune_malloc()  # restarts the process once with glibc malloc tunables (see reflex_jax/malloc_tuning.py)
+    quiet_start()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())
