@@ -7,6 +7,7 @@ refusal of code-running pickles and the user-facing errors.
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -409,3 +410,152 @@ def test_cli_writes_a_loadable_params_dir_with_provenance(tmp_path, gpt2):
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "convert_weights.py: error: source tensor wte.weight has shape (50, 32)" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ---- issue #32: damaged safetensors, config.json and index files; zip bombs ----------------------
+
+def _small_dir(directory):
+    return save_safetensors(make_gpt2(n_layer=1, n_head=2, n_embd=16, n_positions=8,
+                                      vocab_size=20), directory)
+
+
+def _header(path):
+    import struct
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return raw, n, json.loads(raw[8:8 + n])
+
+
+def _with_header(raw, n, header):
+    import struct
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def _damage_safetensors(path, how):
+    import struct
+    raw, n, header = _header(path)
+    if how == "header length 2^40":
+        data = struct.pack("<Q", 2 ** 40) + raw[8:]
+    elif how == "offsets past the end":
+        name = next(k for k in header if k != "__metadata__")
+        begin = header[name]["data_offsets"][0]
+        header[name]["data_offsets"] = [begin, begin + 10 ** 9]
+        data = _with_header(raw, n, header)
+    else:  # broken JSON
+        data = raw[:8] + b"[" + raw[9:]
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("how", ["header length 2^40", "offsets past the end", "broken JSON"])
+def test_damaged_safetensors_header_is_one_sentence(tmp_path, how, capsys):
+    from reflex_jax.cli import convert
+    directory = _small_dir(tmp_path / "m")
+    weights = os.path.join(directory, "model.safetensors")
+    _damage_safetensors(weights, how)
+    config = tmp_path / "c.py"
+    config.write_text(CONFIG_FILE)
+    capsys.readouterr()  # transformers' progress bar while saving the source
+    assert convert.main(["--config", str(config), "--hf", directory, "--out",
+                         str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"convert_weights.py: error: {weights!r} cannot be read as safetensors ("), err
+    assert err.endswith("); the file is damaged or not a safetensors file, so download or save it "
+                        "again.")
+
+
+def test_config_json_and_index_mistakes_are_one_sentence(tmp_path):
+    directory = _small_dir(tmp_path / "m")
+    cfg_path = os.path.join(directory, "config.json")
+    good = open(cfg_path).read()
+    with open(cfg_path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ConvertError, match=r"^'.*config\.json' is not valid JSON \(.*\); it should "
+                                           r"be the checkpoint's config\.json"):
+        load_gpt2(directory)
+    with open(cfg_path, "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(ConvertError, match="holds a JSON list, not an object"):
+        load_gpt2(directory)
+    with open(cfg_path, "w") as f:
+        f.write(good)
+    # an index whose weight_map leaves the directory: refused before anything is opened
+    os.rename(os.path.join(directory, "model.safetensors"), os.path.join(directory, "a.safetensors"))
+    index = os.path.join(directory, "model.safetensors.index.json")
+    for target in ("../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"):
+        with open(index, "w") as f:
+            json.dump({"weight_map": {"wte.weight": "a.safetensors", "wpe.weight": target}}, f)
+        with pytest.raises(ConvertError, match=rf"maps tensors to {re.escape(repr(target))}, a "
+                                               "path that leaves the checkpoint directory"):
+            load_gpt2(directory)
+    with open(index, "w") as f:
+        f.write('{"weight_map": ')
+    with pytest.raises(ConvertError, match="is not valid JSON"):
+        load_gpt2(directory)
+    with open(index, "w") as f:
+        json.dump({"weight_map": {"wte.weight": "a.safetensors"}}, f)
+    assert load_gpt2(directory).files == ["a.safetensors"]  # a sharded checkpoint still loads
+
+
+def _rezipped(src, dst, compress=True, claim=None):
+    """A copy of a torch.save zip whose storage entries are deflated (a zip bomb when they are
+    zeros), or, with `claim`, whose one storage entry's directory record claims `claim` bytes."""
+    import zipfile
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            storage = "/data/" in info.filename and not info.filename.endswith(".pkl")
+            kind = zipfile.ZIP_DEFLATED if storage and compress else zipfile.ZIP_STORED
+            b.writestr(info.filename, a.read(info), compress_type=kind)
+    if claim is not None:  # patch the central directory's sizes of the first storage entry
+        import struct
+        raw = bytearray(open(dst, "rb").read())
+        with zipfile.ZipFile(dst) as z:
+            name = next(i.filename for i in z.infolist() if "/data/" in i.filename
+                        and not i.filename.endswith(".pkl")).encode()
+        at = raw.rfind(b"PK\x01\x02", 0, raw.find(name, raw.find(b"PK\x01\x02")))
+        struct.pack_into("<II", raw, at + 20, claim, claim)
+        open(dst, "wb").write(bytes(raw))
+    return str(dst)
+
+
+def test_storage_that_inflates_is_refused_before_it_is_read(tmp_path):
+    """A 260 KB torch.save file whose storage entry inflates to 256 MiB (the report's: 2.2 MB ->
+    2 GiB, 2.5 GB RSS and 17 s before a refusal): refused from the zip's records alone, naming the
+    file and the tensor, for --original (safe_pickle) and an HF pytorch_model.bin (torch.load)."""
+    import resource
+    from reflex_jax.interop.original import load_original
+    plain = tmp_path / "plain.pt"
+    args = dict(vocab_size=2 ** 22, block_size=8, n_layer=1, n_head=2, n_embd=16, bias=True)
+    torch.save({"model": {"transformer.wte.weight": torch.zeros(2 ** 26)}, "model_args": args}, plain)
+    bomb = _rezipped(plain, tmp_path / "bomb.pt")
+    assert os.path.getsize(bomb) < 2 ** 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConvertError, match=r"^'.*bomb\.pt': entry plain/data/0 \(tensor "
+                                           r"transformer\.wte\.weight\) declares 268,435,456 bytes "
+                                           r"but the file holds [\d,]+ of it compressed, and "
+                                           r"torch\.save stores tensors uncompressed"):
+        load_original(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB
+    liar = _rezipped(plain, tmp_path / "liar.pt", compress=False, claim=2 ** 31)
+    with pytest.raises(ConvertError, match=r"declares 2,147,483,648 bytes but the file holds"):
+        load_original(liar)
+    directory = save_bin(make_gpt2(n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=20),
+                         tmp_path / "hf")
+    weights = os.path.join(directory, "pytorch_model.bin")
+    os.replace(_rezipped(weights, tmp_path / "deflated.bin"), weights)
+    with pytest.raises(ConvertError, match=r"pytorch_model\.bin': entry .*/data/\d+ declares "
+                                           r"[\d,]+ bytes but the file holds [\d,]+ of it compressed"):
+        load_gpt2(directory)
+
+
+def test_overlapping_strides_cannot_allocate_past_the_storage(tmp_path):
+    from reflex_jax.interop.safe_pickle import TorchArchive
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.zeros(1).expand(4096, 4096)}, path)  # stride (0, 0): one float stored
+    with TorchArchive(str(path)) as archive:
+        with pytest.raises(ConvertError, match=r"tensor w has shape \(4096, 4096\) \(16,777,216 "
+                                               r"elements\) but its storage data/0 holds only 1"):
+            archive.load()["w"].array("w")

@@ -836,3 +836,34 @@ def test_a_lone_surrogate_in_a_row_is_counted_and_skipped(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("reflex_jax.data: error: --template is not valid "
                                                "UTF-8 at byte 1, byte 0xff; give the text in UTF-8 "
                                                "(e.g. iconv -f <encoding> -t utf-8).")
+
+
+def test_a_symlink_out_of_a_txt_directory_is_skipped_and_named(tmp_path, capsys):
+    """A symlink in a directory of .txt documents to a file elsewhere (here a stand-in for
+    ~/.ssh/id_rsa) became a training document; now it is never opened, it is counted, and
+    meta.json names it, with the other skipped documents."""
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("SECRET KEY MATERIAL")
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_text("первый документ\n", encoding="utf-8")
+    (docs / "sub" / "b.txt").write_text("второй документ\n", encoding="utf-8")
+    (docs / "blank.txt").write_text("  \n")
+    os.symlink(docs / "a.txt", docs / "inside.txt")  # a link that stays inside is a document
+    os.symlink(secret, docs / "link.txt")
+    out = str(tmp_path / "out")
+    assert main(["prepare", "--source", str(docs), "--tokenizer", "bytes", "--out", out,
+                 "--val_fraction", "0", "--no_progress"]) == 0
+    meta = json.load(open(os.path.join(out, "meta.json"), encoding="utf-8"))
+    assert meta["skipped"] == {"empty_document": 1, "outside_source_dir": 1}
+    assert meta["skipped_files"] == [
+        {"path": str(docs / "blank.txt"), "reason": "empty_document"},
+        {"path": str(docs / "link.txt"), "reason": "outside_source_dir"}]
+    assert [f["path"] for f in meta["source"]["files"]] == [  # the link is not even hashed
+        str(docs / p) for p in ("a.txt", "blank.txt", "inside.txt", "sub/b.txt")]
+    assert str(secret) not in json.dumps(meta)
+    ids = np.concatenate([np.asarray(r[0]) for r in all_rows(TokenData.open(out))])
+    assert b"SECRET" not in bytes(int(i) for i in ids if i < 256)
+    assert meta["splits"]["train"]["rows"] == 3
+    assert "outside_source_dir 1" in capsys.readouterr().out

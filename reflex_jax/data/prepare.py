@@ -90,6 +90,8 @@ def prepare(source, tokenizer: str, out_dir: str, *, template: str = DEFAULT_TEM
             "long_rows": long_info if src.kind == "rows" else None,
             "splits": splits, "skipped": dict(sorted(skipped.items())),
         }
+        if src.kind == "text":  # a document is a file: say which ones were skipped, and why
+            meta["skipped_files"] = src.skipped_files + (vsrc.skipped_files if vsrc else [])
         # val_source joins the fingerprint only when given, so earlier preparations keep theirs
         meta["fingerprint"] = fingerprint({k: meta[k] for k in (
             "format_version", "tokenizer", "template", "fields", "source", "val_fraction", "seed",

@@ -20,16 +20,28 @@ ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 class Source(NamedTuple):
     """An opened source: its kind ("rows" or "text"), the items, their count where known (for the
-    progress bar), a fingerprint for meta.json, and how to name it in messages."""
+    progress bar), a fingerprint for meta.json, how to name it in messages, and the files skipped
+    so far ({"path", "reason"}; filled as the items are read)."""
     kind: str
     items: Iterator[Any]
     total: Optional[int]
     fingerprint: dict
     described: str
+    skipped_files: list
 
 
-def resolve_source(source) -> tuple[str, Union[list[str], str]]:
-    """("rows"|"text", file paths) or ("hub", dataset id)."""
+class SkippedFile(NamedTuple):
+    """A file of a source directory that is not read, and why (the reason it is counted under)."""
+    path: str
+    reason: str
+
+
+OUTSIDE = "outside_source_dir"  # a symlink in a source directory to a file outside it
+
+
+def resolve_source(source) -> tuple[str, Union[list, str]]:
+    """("rows"|"text", file paths) or ("hub", dataset id). A .txt file of a directory that is a
+    symlink to a file outside it comes as a SkippedFile."""
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source or [])
     if not sources:
         raise DataError("no source given; pass an HF hub dataset id, data files, or a directory of "
@@ -42,7 +54,10 @@ def resolve_source(source) -> tuple[str, Union[list[str], str]]:
             if not txts:
                 raise DataError(f"directory {s!r} holds no .txt files; pass .txt files, a directory "
                                 "of them, or .jsonl/.json/.parquet/.csv files.")
-            paths += txts
+            root = os.path.realpath(s)
+            for t in txts:  # a symlink must not bring in a file from elsewhere (~/.ssh/...)
+                inside = os.path.commonpath([root, os.path.realpath(t)]) == root
+                paths.append(t if inside else SkippedFile(t, OUTSIDE))
         elif os.path.isfile(s):
             if suffix not in ROW_SUFFIXES + (".txt",):
                 raise DataError(f"{s!r} has an unknown file type {suffix or '(none)'!r}; use .jsonl, "
@@ -54,7 +69,8 @@ def resolve_source(source) -> tuple[str, Union[list[str], str]]:
         else:
             raise MissingFileError(f"source {s!r} does not exist; give an existing file or directory, "
                                    "or an HF hub dataset id like 'owner/name'.")
-    kinds = {"text" if p.lower().endswith(".txt") else "rows" for p in paths}
+    kinds = {"text" if isinstance(p, SkippedFile) or p.lower().endswith(".txt") else "rows"
+             for p in paths}
     if len(kinds) > 1:
         raise DataError("cannot mix .txt documents with row files (.jsonl/.json/.parquet/.csv) in one "
                         "prepared directory; prepare them into separate --out directories.")
@@ -65,12 +81,26 @@ def open_source(kind: str, where: Union[list[str], str], hf_split: str = "train"
     """Open what resolve_source found; files are read only as the items are consumed."""
     if kind == "hub":
         items, total, fingerprint = hub_rows(where, hf_split)
-        return Source("rows", items, total, fingerprint, repr(where))
-    items = (row for path in where for row in file_rows(path))
+        return Source("rows", items, total, fingerprint, repr(where), [])
+    files = [p for p in where if not isinstance(p, SkippedFile)]  # skipped ones are never opened
+    skipped_files: list[dict] = []
+
+    def items():
+        for path in where:
+            if isinstance(path, SkippedFile):
+                skipped_files.append({"path": os.path.abspath(path.path), "reason": path.reason})
+                yield BadRow(path.reason)
+                continue
+            for row in file_rows(path):
+                if kind == "text" and isinstance(row, BadRow):  # a document is a file: name it
+                    skipped_files.append({"path": os.path.abspath(path), "reason": row.reason})
+                yield row
+
     fingerprint = {"files": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p),
-                              "sha256": _sha256(p)} for p in where]}
+                              "sha256": _sha256(p)} for p in files]}
     described = repr(where[0]) if len(where) == 1 else f"{len(where)} files"
-    return Source(kind, items, len(where) if kind == "text" else None, fingerprint, described)
+    return Source(kind, items(), len(where) if kind == "text" else None, fingerprint, described,
+                  skipped_files)
 
 
 def _sha256(path: str) -> str:

@@ -80,6 +80,10 @@ def _load_torch_file(path: str) -> dict:
         raise ConvertError(f"{path!r} is a PyTorch pickle and reading it needs torch; install torch "
                            f"or provide {SAFETENSORS} instead.") from None
     import pickle
+    import zipfile
+    if zipfile.is_zipfile(path):  # torch.load would inflate whatever an entry declares
+        from .safe_pickle import check_storage_entries
+        check_storage_entries(path)
     try:
         # weights_only=True: the restricted unpickler builds tensors and containers only and
         # refuses any other global, so a malicious pickle fails before any of its code runs.
@@ -103,14 +107,54 @@ def _load_torch_file(path: str) -> dict:
 
 
 def _load_safetensors_file(path: str) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     out = {}
-    with safe_open(path, framework="np") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            if np.issubdtype(t.dtype, np.floating) or t.dtype.name == "bfloat16":
-                out[k] = t.astype(np.float32)
+    try:  # the library checks the header (length, JSON, offsets) against the file before reading
+        with safe_open(path, framework="np") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if np.issubdtype(t.dtype, np.floating) or t.dtype.name == "bfloat16":
+                    out[k] = t.astype(np.float32)
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConvertError(f"{path!r} cannot be read as safetensors ({said}); the file is damaged "
+                           "or not a safetensors file, so download or save it again.") from None
     return out
+
+
+def _read_json_object(path: str, what: str) -> dict:
+    """A JSON object file of the checkpoint (config.json, an index), or one sentence naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        said = getattr(e, "strerror", None) or str(e)[:160]
+        raise ConvertError(f"{path!r} is not valid JSON ({said}); it should be the checkpoint's "
+                           f"{what}, so download or save the checkpoint again.") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path!r} holds a JSON {type(value).__name__}, not an object; it should "
+                           f"be the checkpoint's {what}, so download or save it again.")
+    return value
+
+
+def _index_files(directory: str, index: str) -> list[str]:
+    """The weight files an index's weight_map names; each must lie inside `directory`."""
+    path = os.path.join(directory, index)
+    weight_map = _read_json_object(path, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConvertError(f"{path!r} has no weight_map of tensor names to file names; download "
+                           "or save the checkpoint again.")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        # an index is data from the download: a name like ../../etc/passwd must not be read. The
+        # check is on the name, not the resolved file: the HF cache's files are symlinks to blobs
+        # outside the snapshot directory.
+        norm = os.path.normpath(name)
+        if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise ConvertError(f"{path!r} maps tensors to {name!r}, a path that leaves the "
+                               f"checkpoint directory {directory!r}; refusing to read it, so fix "
+                               "the index or download the checkpoint again.")
+    return files
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -119,8 +163,7 @@ def _weight_files(directory: str) -> list[str]:
         if os.path.exists(os.path.join(directory, single)):
             return [single]
         if os.path.exists(os.path.join(directory, index)):
-            with open(os.path.join(directory, index), encoding="utf-8") as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
+            return _index_files(directory, index)
     raise ConvertError(f"{directory!r} holds neither {SAFETENSORS} nor {TORCH_BIN}; point --hf at an HF "
                        "GPT-2 checkpoint directory (saved with save_pretrained).")
 
@@ -139,8 +182,7 @@ def load_gpt2(hf: str) -> Source:
     if not os.path.exists(cfg_path):
         raise ConvertError(f"{directory!r} has no config.json; point --hf at an HF GPT-2 checkpoint "
                            "directory (saved with save_pretrained).")
-    with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = _read_json_object(cfg_path, "config.json (the GPT-2 settings)")
     if config.get("model_type", "gpt2") != "gpt2":
         raise ConvertError(f"{hf!r} is a {config['model_type']!r} model; convert_weights reads GPT-2 "
                            "checkpoints (model_type 'gpt2') only.")

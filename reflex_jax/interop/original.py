@@ -156,7 +156,7 @@ def _load_ckpt(where: str, path: str) -> OriginalSource:
             values.update(ckpt["model_args"])
         config = _read_config_fields(values, f"{path!r} (its model_args and config)")
         # only the model's tensors are read; the optimizer state stays unread in the zip
-        tensors = {_canonical_name(k): v.array().astype(np.float32)
+        tensors = {_canonical_name(k): v.array(k).astype(np.float32)
                    for k, v in ckpt["model"].items() if isinstance(v, TensorRef)}
         extra = {"iter_num": ckpt.get("iter_num")}
         loss = ckpt.get("best_val_loss")

@@ -74,15 +74,17 @@ class Storage(_Frozen):
         self.archive, self.key, self.type_name, self.numel = archive, key, type_name, numel
         self._array: Optional[np.ndarray] = None
 
-    def array(self) -> np.ndarray:
-        """The whole storage as a flat numpy array of its stored dtype (bf16 as uint16)."""
+    def array(self, tensor: str = "") -> np.ndarray:
+        """The whole storage as a flat numpy array of its stored dtype (bf16 as uint16).
+        `tensor` names the tensor read through it, for the messages."""
         if self._array is None:
             dtype = np.dtype(_STORAGE_DTYPES[self.type_name]).newbyteorder(self.archive.byteorder)
-            size = self.archive.entry_size(f"data/{self.key}")  # checked before anything is read
+            # checked before anything is read or allocated: the zip's record of the entry
+            size = self.archive.entry_size(f"data/{self.key}", tensor)
             if size != self.numel * dtype.itemsize:
-                raise ConvertError(f"{self.archive.path!r}: storage data/{self.key} holds {size} "
-                                   f"bytes but the pickle says {self.numel} x {self.type_name}; the "
-                                   "file is damaged, so save it again.")
+                raise ConvertError(f"{self.archive.path!r}: storage data/{self.key}{_of(tensor)} "
+                                   f"holds {size} bytes but the pickle says {self.numel} x "
+                                   f"{self.type_name}; the file is damaged, so save it again.")
             raw = self.archive.read_entry(f"data/{self.key}")
             self._array = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))
         return self._array
@@ -99,9 +101,16 @@ class TensorRef(_Frozen):
     def type_name(self) -> str:
         return self.storage.type_name
 
-    def array(self) -> np.ndarray:
-        """A fresh numpy array: half and bfloat16 as float32, the other dtypes as stored."""
-        flat = self.storage.array()
+    def array(self, name: str = "") -> np.ndarray:
+        """A fresh numpy array: half and bfloat16 as float32, the other dtypes as stored. `name`
+        (the tensor's key) goes into the messages."""
+        n = int(np.prod(self.shape, dtype=object))
+        if n > self.storage.numel:  # overlapping strides (stride 0) would allocate n elements
+            raise ConvertError(f"{self.storage.archive.path!r}: tensor{_of(name, ' ')} has shape "
+                               f"{self.shape} ({n:,} elements) but its storage data/"
+                               f"{self.storage.key} holds only {self.storage.numel:,}, which no "
+                               "saved weight does; the file is damaged or crafted, so re-save it.")
+        flat = self.storage.array(name)
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(  # bounds were checked when the tensor was built
             flat[self.offset:], self.shape, tuple(s * itemsize for s in self.stride), writeable=False)
@@ -341,12 +350,15 @@ class TorchArchive:
         except KeyError:
             return None
 
-    def entry_size(self, name: str) -> int:
-        """The uncompressed size the zip's directory records for `<prefix>/name`."""
+    def entry_size(self, name: str, tensor: str = "") -> int:
+        """The uncompressed size the zip's directory records for `<prefix>/name`, once the entry
+        is known to hold those bytes in the file itself (check_stored)."""
         try:
-            return self.zip.getinfo(self.prefix + name).file_size
+            info = self.zip.getinfo(self.prefix + name)
         except KeyError:
             raise self._lacks(name) from None
+        check_stored(self.path, info, os.path.getsize(self.path), tensor)
+        return info.file_size
 
     def _lacks(self, name: str) -> ConvertError:
         return ConvertError(f"{self.path!r} lacks the entry {self.prefix}{name} that its pickle "
@@ -384,19 +396,53 @@ class TorchArchive:
         self.close()
 
 
-def materialize(obj: Any) -> Any:
+def _of(tensor: str, sep: str = " of ") -> str:
+    return f"{sep}{tensor}" if tensor else ""
+
+
+def check_stored(path: str, info: zipfile.ZipInfo, file_bytes: int, tensor: str = "") -> None:
+    """torch.save stores every entry uncompressed, so an entry's bytes lie in the file as they
+    are: refuse a compressed one (a few MB that inflate to GiB) or one that claims more bytes
+    than the file holds, before anything is read or allocated."""
+    stored = info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size
+    if not stored or info.header_offset + info.compress_size > file_bytes:
+        raise ConvertError(f"{path!r}: entry {info.filename}{_of(tensor, ' (tensor ')}"
+                           f"{')' if tensor else ''} declares {info.file_size:,} bytes but the "
+                           f"file holds {min(info.compress_size, file_bytes):,} of it"
+                           f"{' compressed' if info.compress_type != zipfile.ZIP_STORED else ''}, "
+                           "and torch.save stores tensors uncompressed; the file was altered or "
+                           "is crafted, so re-save it with torch.save.")
+
+
+def check_storage_entries(path: str) -> None:
+    """check_stored for every entry of a torch.save zip (for readers that hand the file to
+    torch.load, which inflates whatever an entry declares)."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                check_stored(path, info, size)
+    except zipfile.BadZipFile as e:
+        raise ConvertError(f"{path!r} is a damaged zip archive ({e}); re-save the checkpoint.") from None
+
+
+def materialize(obj: Any, name: str = "") -> Any:
     """`obj` with every TensorRef replaced by its numpy array (containers and records walked)."""
     if isinstance(obj, TensorRef):
-        return obj.array()
+        return obj.array(name)
+
+    def at(key) -> str:
+        return f"{name}.{key}" if name else str(key)
+
     if isinstance(obj, InertRecord):
-        obj.fields = {k: materialize(v) for k, v in obj.fields.items()}
+        obj.fields = {k: materialize(v, at(k)) for k, v in obj.fields.items()}
         return obj
     if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, materialize(v)) for k, v in obj.items())
+        return collections.OrderedDict((k, materialize(v, at(k))) for k, v in obj.items())
     if isinstance(obj, dict):
-        return {k: materialize(v) for k, v in obj.items()}
+        return {k: materialize(v, at(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(materialize(v) for v in obj)
+        return type(obj)(materialize(v, at(i)) for i, v in enumerate(obj))
     return obj
 
 
