@@ -134,3 +134,49 @@ def test_ctrl_c_during_train_startup_is_one_line_and_exit_130(tmp_path):
     assert err.strip() == ("train.py: interrupted by Ctrl-C before training started; nothing was "
                            "trained or saved, so run the command again to start.")
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_run_config_papercuts(tmp_path, capsys):
+    """keep_checkpoints=-1 was accepted (1 was kept); a prepared data.dir with tiny.py's inherited
+    data.task failed with "not made by prepare_task"; warmup past max_steps left no decay, silently."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", TINY, "--config.keep_checkpoints=-1"])
+    assert exit_.value.code == 2
+    assert _one_line_error(capsys, "train.py") == (
+        "keep_checkpoints=-1 must be >= 1 (the newest checkpoints kept besides the best); set "
+        "--config.keep_checkpoints=1 or more.")
+    from reflex_jax.data import prepare
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(50)))
+    data_dir = str(tmp_path / "data")
+    prepare(str(rows), "bytes", data_dir, progress=False, verbose=False)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", TINY, f"--config.data.dir={data_dir}",
+                    f"--config.run_dir={tmp_path}/run"])
+    assert exit_.value.code == 2
+    assert _one_line_error(capsys, "train.py") == (
+        f"data.dir={data_dir!r} was prepared from files, but data.task='arith' is set too (the "
+        "config file sets it); add --config.data.task= (empty) to train on that directory, or "
+        "drop data.dir to train on the task.")
+    from reflex_jax.run_config import load_config
+    from reflex_jax.train.checks import check_run_config
+    config = load_config(TINY, [("max_steps", "40")])  # tiny.py warms up for 50 steps
+    check_run_config(config)
+    check_run_config(config)  # the Trainer and the TrainProgram both check: one line
+    assert capsys.readouterr().err == (
+        "warning: optim.warmup_steps=50 >= max_steps=40: the learning rate rises for the whole run "
+        "and never decays to min_lr; set --config.optim.warmup_steps below 40 for a decay.\n")
+
+
+def test_sample_hint_names_the_template_and_is_shell_quoted(tmp_path, monkeypatch):
+    import json
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    task_run, text_run = tmp_path / "my run", tmp_path / "docs"
+    for run, template in ((task_run, "Вопрос: {question}\n### Ответ: {answer}"), (text_run, None)):
+        run.mkdir()
+        (run / "meta.json").write_text(json.dumps({"tokenizer": "bytes", "template": template}))
+    hint = train._sample_hint(str(task_run))
+    assert hint == "python sample.py --run 'my run' --template instruct --prompt \"...\""
+    assert shlex.split(hint)[3] == "my run"
+    assert train._sample_hint(str(text_run)) == 'python sample.py --run docs --prompt "..."'

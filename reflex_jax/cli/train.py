@@ -105,7 +105,22 @@ def _summary_lines(summary: dict) -> str:
                     if k in summary)
     return (f"{how} at step {summary['final_step']}{extra}.\n"
             f"checkpoints: {summary['checkpoint_dir']}\n"
-            f"sample:      python sample.py --run {_short(summary['run_dir'])} --prompt \"...\"")
+            f"sample:      {_sample_hint(summary['run_dir'])}")
+
+
+def _sample_hint(run_dir: str) -> str:
+    """The sample.py command for this run, shell-quoted: with --template instruct when the run
+    trained on template rows (without it the prompt is fed raw and the answer is garbage)."""
+    import shlex
+    from ..checkpoint import read_checkpoint_meta
+    words = ["python", "sample.py", "--run", _short(run_dir)]
+    try:
+        meta = read_checkpoint_meta(run_dir)
+    except (OSError, ValueError):  # the hint is a courtesy; the run itself is fine
+        meta = {}
+    if meta.get("template"):
+        words += ["--template", "instruct"]
+    return " ".join(shlex.quote(w) for w in words) + ' --prompt "..."'
 
 
 def _exit_after_error(status: int):

@@ -120,7 +120,8 @@ def _temporary_dir(out_dir: str):
         else:
             state = "its earlier preparation is unchanged" if had_data else "nothing was left there"
         raise DataError(f"could not {what} ({e.reason}), so {out_dir!r} was not published and "
-                        f"{state}; free space there or pass another --out.") from None
+                        f"{state}; free space there or write the data elsewhere (prepare's "
+                        "--out; train.py writes a task's data under --config.run_dir).") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,12 @@
 nothing) into one sentence naming the config field to change."""
 from __future__ import annotations
 
+import os
+import sys
+
 from ..errors import TrainingError
+
+_WARNED: set = set()  # the Trainer and the TrainProgram both check a config: warn once
 
 
 def check_run_config(c) -> None:
@@ -17,6 +22,36 @@ def check_run_config(c) -> None:
     for name in ("eval_interval", "checkpoint_interval", "log_interval"):
         if getattr(c, name) < 0:
             raise TrainingError(f"{name}={getattr(c, name)} must be >= 0 (0 turns it off).")
+    if c.keep_checkpoints < 1:  # the checkpoint manager kept 1 for any smaller value, silently
+        raise TrainingError(f"keep_checkpoints={c.keep_checkpoints} must be >= 1 (the newest "
+                            "checkpoints kept besides the best); set --config.keep_checkpoints=1 "
+                            "or more.")
+    _check_data_task(c)
+    if c.optim.warmup_steps >= c.max_steps:
+        _warn_once(f"optim.warmup_steps={c.optim.warmup_steps} >= max_steps={c.max_steps}: the "
+                   f"learning rate rises for the whole run and never decays to min_lr; set "
+                   f"--config.optim.warmup_steps below {c.max_steps} for a decay.")
+
+
+def _warn_once(text: str) -> None:
+    if text not in _WARNED:
+        _WARNED.add(text)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _check_data_task(c) -> None:
+    """data.dir wins over data.task, but a data.task left from the config file (configs/tiny.py
+    sets one) still asks for the task's exact-match evaluation, which a prepare()d directory
+    cannot give: name the override that drops it."""
+    if not (c.data.dir and c.data.task) or not os.path.isdir(c.data.dir):
+        return
+    from ..data.store import read_data_meta
+    meta = read_data_meta(c.data.dir)
+    if meta is not None and not meta.get("task"):
+        raise TrainingError(f"data.dir={c.data.dir!r} was prepared from files, but data.task="
+                            f"{c.data.task!r} is set too (the config file sets it); add "
+                            "--config.data.task= (empty) to train on that directory, or drop "
+                            "data.dir to train on the task.")
 
 
 def check_fits_data(meta: dict, cfg, data_dir: str) -> None:
