@@ -119,7 +119,7 @@ def test_ctrl_c_during_train_startup_is_one_line_and_exit_130(tmp_path):
     import sys
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--config.batch_size=8",
-         "--config.max_steps=2", f"--config.run_dir={tmp_path}/run"],
+         "--config.max_steps=2", "--config.optim.warmup_steps=1", f"--config.run_dir={tmp_path}/run"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "REFLEX_TUNE_MALLOC": "0", "PYTHONUNBUFFERED": "1"})
     try:
