@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -124,7 +125,7 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best",
         check_params_fit(cfg, params, path)
         return cfg, params
     if storage.isdir(storage.join(path, CHECKPOINTS)):
-        ckpts = RunCheckpoints(path, create=False)
+        ckpts = RunCheckpoints(path, read_only=True)
         try:
             chosen, params = ckpts.restore_params_intact(step, which, log)
         finally:
@@ -143,22 +144,29 @@ class RunCheckpoints:
     each step into a temporary directory and renames it only once complete (in a bucket, where a
     rename is a copy: writes in place and adds commit_success.txt last), so a process killed
     mid-save leaves no step that `latest_step` would return. Once a step is complete its files'
-    checksums are written (checksums.py) and a restore verifies them; a damaged step is skipped
-    for the newest intact one. A save that fails raises one sentence naming the step and what is
-    still intact.
+    checksums are written (checksums.py) and a restore verifies them: verified steps are preferred,
+    a damaged step is skipped for the next one, and an unverified step is used only when no
+    verified one restores, saying so. A save that fails raises one sentence naming the step and
+    what is still intact.
+
+    `read_only=True` (sampling, export, evaluation, `init_from`): nothing in the run directory is
+    written, moved or deleted (no temp-directory cleanup, no renamed metrics, no checksum files),
+    so a reader can never break a trainer that is saving into it; it sees committed steps only.
     """
 
-    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True, create: bool = True,
-                 track_best: bool = True):
+    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False, track_best: bool = True):
         self.directory = storage.join(storage.resolve(run_dir), CHECKPOINTS)
-        if not create and not storage.isdir(self.directory):
+        self.read_only = read_only
+        if read_only and not storage.isdir(self.directory):
             raise CheckpointError(f"{run_dir!r} has no {CHECKPOINTS}/ directory; train first or "
                                   "point at a run directory that has checkpoints.")
         self.sums = None if storage.is_remote(self.directory) else StepChecksums(self.directory)
         self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
-        self._set_aside_unreadable_metrics()
+        if not read_only:
+            self._set_aside_unreadable_metrics()
         try:
-            self.manager = self._manager(keep, async_save, create, track_best)
+            self.manager = self._manager(keep, async_save, track_best)
         except Exception as e:  # noqa: BLE001 - whatever else orbax cannot read
             raise CheckpointError(f"could not open the checkpoints in {self.directory} "
                                   f"({_reason(e)}); restore the files or start a new "
@@ -178,8 +186,22 @@ class RunCheckpoints:
                 os.replace(path, path + ".unreadable")
                 _note(f"{path} is not JSON; renamed it to metrics.unreadable")
 
-    def _manager(self, keep: int, async_save: bool, create: bool, track_best: bool):
+    def _manager(self, keep: int, async_save: bool, track_best: bool):
         from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+        if self.read_only:  # lightweight: orbax reads no metrics (best_step reads them itself)
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   cleanup_tmp_directories=False,
+                                                   enable_async_checkpointing=False,
+                                                   lightweight_initialize=True,
+                                                   save_interval_steps=0)
+            # orbax warns that the directory is read-only: what a reader asked for
+            absl = logging.getLogger("absl")
+            level = absl.level
+            absl.setLevel(logging.ERROR)
+            try:
+                return ocp.CheckpointManager(self.directory, options=options)
+            finally:
+                absl.setLevel(level)
         policies = [LatestN(max(1, keep))]
         best = {}
         if track_best:  # without evals there are no metrics (and orbax warns at every save)
@@ -189,11 +211,14 @@ class RunCheckpoints:
             best = dict(best_fn=metric, best_mode="min")
         options = ocp.CheckpointManagerOptions(
             preservation_policy=AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=create, **best)
+            cleanup_tmp_directories=True, create=True, **best)
         return ocp.CheckpointManager(self.directory, options=options)
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, params, opt_state, val_loss: Optional[float] = None) -> None:
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; open it with "
+                                  "read_only=False to save.")
         self._finish_pending()
         if not storage.is_remote(self.directory):
             _check_space(self.directory, step, (params, opt_state), self._intact_text)
@@ -221,6 +246,8 @@ class RunCheckpoints:
 
     def _finish_pending(self) -> None:
         """Wait for the async save in flight, raise if it failed, checksum the finished steps."""
+        if self.read_only:
+            return
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
@@ -230,7 +257,15 @@ class RunCheckpoints:
             present = set(self.manager.all_steps())
             for step in self._unsealed:
                 if step in present:
-                    self.sums.write(step)
+                    try:
+                        self.sums.write(step)
+                    except OSError as e:
+                        self._unsealed = []
+                        raise CheckpointError(
+                            f"writing the checksums of checkpoint step {step} in "
+                            f"{self.sums.directory} failed ({_reason(e)}); the step is saved but "
+                            "unverified (a resume prefers a verified step); free space or fix "
+                            "the storage, then run again to resume.") from None
             self.sums.keep_only(present)
         self._unsealed = []
 
@@ -246,10 +281,16 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> Optional[int]:
+        if self.read_only:
+            return _best_from_metrics(self.directory, self.all_steps())
         try:
             return self.manager.best_step()
         except Exception:  # noqa: BLE001 - unreadable metrics of some step: no "best"
             return None
+
+    def verified(self, step: int) -> bool:
+        """Whether `step` has its checksums (a bucket's objects are checked by the storage)."""
+        return self.sums is None or self.sums.unverified_reason(step) is None
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -258,7 +299,11 @@ class RunCheckpoints:
         return self._candidates(step, which)[0]
 
     def _candidates(self, step: Optional[int], which: str) -> list[int]:
-        """Steps to try, in order: the one asked for, else best/latest and then the older ones."""
+        """Steps to try, in order: `_preferred`'s, the verified ones first."""
+        return self._verified_first(self._preferred(step, which))
+
+    def _preferred(self, step: Optional[int], which: str) -> list[int]:
+        """The one asked for, else best/latest and then the older ones."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"{self.directory!r} holds no finished checkpoint; train longer "
@@ -274,36 +319,59 @@ class RunCheckpoints:
         first = best if best is not None else steps[-1]
         return [first] + [s for s in reversed(steps) if s != first]
 
+    def _verified_first(self, order: list[int]) -> list[int]:
+        """`order` with the verified steps first: an unverified one only when none restores."""
+        return [s for s in order if self.verified(s)] + [s for s in order if not self.verified(s)]
+
+    def _say_passed_over(self, wanted: int, chosen: int, log: Callable) -> None:
+        if chosen != wanted and not self.verified(wanted) and self.verified(chosen):
+            log(f"checkpoint step {wanted} in {self.directory} is unverified "
+                f"({self.sums.unverified_reason(wanted)}); restored the verified step {chosen}")
+
     # ---- restoring ---------------------------------------------------------------------------
-    def _restore_checked(self, step: int, restore: Callable):
-        """`restore()` of `step` after its checksums; a CheckpointError names the damage."""
+    def _restore_checked(self, step: int, restore: Callable, log: Callable):
+        """`restore()` of `step` after its checksums; a CheckpointError names the damage, and an
+        unverified step is restored saying so."""
         problem = self.sums.problem(step) if self.sums is not None else None
         if problem is None:
             try:
-                return restore()
+                out = restore()
             except Exception as e:  # noqa: BLE001 - truncated chunks, missing items, ...
                 problem = _reason(e)
+            else:
+                if not self.verified(step):
+                    log(f"restored checkpoint step {step} in {self.directory} unverified "
+                        f"({self.sums.unverified_reason(step)}): no verified step restores")
+                return out
         raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({problem})")
 
     def restore_intact(self, abstract_params, abstract_opt_state, log: Callable = _note):
-        """(step, params, opt_state) of the newest intact step (see the class docstring)."""
+        """(step, params, opt_state) of the newest verified intact step, else the newest intact
+        one (see the class docstring); newer steps are set aside (training saves them again)."""
+        newest_first = list(reversed(self.all_steps()))
         step, (params, opt) = _first_intact(
-            self.directory, list(reversed(self.all_steps())),
+            self.directory, self._verified_first(newest_first),
             lambda s: self._restore_checked(s, lambda: self.restore(s, abstract_params,
-                                                                    abstract_opt_state)), log)
+                                                                    abstract_opt_state), log), log)
+        self._say_passed_over(newest_first[0], step, log)
         newer = [s for s in self.all_steps() if s > step]
         if newer and not storage.is_remote(self.directory):
-            _set_aside(self.directory, newer, log)
+            _set_aside(self.directory, newer, log,
+                       {s: "unverified" for s in newer if not self.verified(s)})
             self.manager.reload()
         return step, params, opt
 
     def restore_params_intact(self, step: Optional[int] = None, which: str = "best",
                               log: Callable = _note, abstract_params=None):
-        """(step, params): the step asked for, else best/latest, else the newest intact one."""
-        return _first_intact(
-            self.directory, self._candidates(step, which),
-            lambda s: self._restore_checked(s, lambda: self.restore_params(s, abstract_params)),
+        """(step, params): the step asked for, else best/latest, else the newest intact one,
+        verified steps first."""
+        candidates = self._candidates(step, which)
+        chosen, params = _first_intact(
+            self.directory, candidates,
+            lambda s: self._restore_checked(s, lambda: self.restore_params(s, abstract_params), log),
             log)
+        self._say_passed_over(self._preferred(step, which)[0], chosen, log)
+        return chosen, params
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """(params, opt_state) at `step`, placed like the abstract trees' shardings."""
@@ -326,7 +394,7 @@ class RunCheckpoints:
             # orbax's close() does not wait for the temporary-directory cleanup it starts when it
             # opens a directory; a process exiting right after would print that thread's failure
             await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
-            if await_cleanup is not None:
+            if await_cleanup is not None and not self.read_only:
                 await_cleanup()
             self.manager.close()
 
@@ -365,13 +433,28 @@ def _first_intact(directory: str, candidates: list[int], restore: Callable, log:
                           "restore the files.")
 
 
-def _set_aside(directory: str, steps: list[int], log: Callable) -> None:
-    """Move damaged steps newer than the one resumed from out of orbax's (local) directory
-    (training would save those steps again), to <run_dir>/damaged_checkpoints/: nothing is
-    deleted."""
+def _set_aside(directory: str, steps: list[int], log: Callable, why: dict) -> None:
+    """Move the damaged (or, `why[step]`, unverified) steps newer than the one resumed from out
+    of orbax's (local) directory (training would save those steps again), to
+    <run_dir>/damaged_checkpoints/: nothing is deleted."""
     aside = os.path.join(os.path.dirname(directory), "damaged_checkpoints")
     os.makedirs(aside, exist_ok=True)
     for step in steps:
         target = os.path.join(aside, f"{step}-{int(time.time())}")
         shutil.move(os.path.join(directory, str(step)), target)
-        log(f"moved the damaged step {step} to {target}")
+        log(f"moved the {why.get(step, 'damaged')} step {step} to {target}")
+
+
+def _best_from_metrics(directory: str, steps: list[int]) -> Optional[int]:
+    """The step with the lowest recorded val_loss, read from each step's metrics file without
+    orbax (a reader's view: an unreadable file only leaves its step out of the choice)."""
+    best = None
+    for step in steps:
+        path = storage.join(directory, str(step), "metrics", "metrics")
+        try:
+            loss = float(json.loads(storage.read_text(path))["val_loss"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if best is None or loss < best[0]:
+            best = (loss, step)
+    return None if best is None else best[1]

@@ -117,7 +117,7 @@ def main(out_path, tmp):
                "1 device": (config(os.path.join(tmp, "r1"), data_dir, (1, 1, 1)), jax.devices()[:1])}
     for name, (c, devices) in targets.items():
         t = Trainer(c, log=log, devices=devices)
-        ck = ckpt.RunCheckpoints(saved, create=False)
+        ck = ckpt.RunCheckpoints(saved, read_only=True)
         params, opt = ck.restore(STEPS, t.program.abstract_state.params, t.program.abstract_state.opt_state)
         ck.close()
         result["restore " + name] = {

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ def trained(tmp_path_factory):
     """A run with checkpoints at steps 2 and 4 (with val_loss metrics); tests damage copies."""
     run = str(tmp_path_factory.mktemp("trained") / "run")
     _train(run, 4)
-    assert ckpt.RunCheckpoints(run, create=False).all_steps() == [2, 4]
+    assert ckpt.RunCheckpoints(run, read_only=True).all_steps() == [2, 4]
     return run
 
 
@@ -100,9 +101,115 @@ def test_garbage_metrics_of_a_step_is_damage_not_a_traceback(trained, tmp_path):
         f.write("not json")
     notes = []
     cfg, _ = ckpt.load_params(run, which="latest", log=notes.append)
-    assert any("checkpoint step 4" in n and "is damaged (metrics/metrics is missing)" in n
+    assert any("checkpoint step 4" in n and "is damaged (metrics/metrics has 8 bytes instead of" in n
                for n in notes), notes
-    assert os.path.exists(metrics + ".unreadable"), "the file's bytes are kept"
+    with open(metrics) as f:
+        assert f.read() == "not json", "a reader changes nothing in the run directory"
+    # a trainer resuming the run sets the file aside (its bytes kept) with its step
+    summary, said = _train(run, 6)
+    assert f"resuming {run} from step 2" in said and summary["final_step"] == 6, said
+    assert glob.glob(os.path.join(run, "damaged_checkpoints", "4-*", "metrics", "metrics.unreadable"))
+
+
+def _tree_state(run):
+    """Every path under `run` with its size and modification time."""
+    out = {}
+    for root, dirs, files in os.walk(run):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, run)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_readers_write_move_and_delete_nothing(trained, tmp_path):
+    """load_params (sample.py, export, eval, init_from all read through it) leaves a run
+    directory exactly as it was: an in-progress save's temp directory, unreadable metrics and the
+    checksum files are untouched."""
+    run = _copy(trained, tmp_path, "readers")
+    tmp_save = os.path.join(run, "checkpoints", "6.orbax-checkpoint-tmp-1796600000000000")
+    os.makedirs(os.path.join(tmp_save, "params"))
+    with open(os.path.join(tmp_save, "params", "partial"), "wb") as f:
+        f.write(b"half a save")
+    with open(os.path.join(run, "checkpoints", "2", "metrics", "metrics"), "w") as f:
+        f.write("not json")
+    before = _tree_state(run)
+    for which in ("best", "latest"):
+        step_cfg, _ = ckpt.load_params(run, which=which, log=lambda s: None)
+    ckpt.load_params(run, step=4)
+    reader = ckpt.RunCheckpoints(run, read_only=True)
+    assert reader.all_steps() == [2, 4]  # the temp directory is no step
+    with pytest.raises(CheckpointError, match="opened read-only"):
+        reader.save(8, {}, {})
+    reader.close()
+    assert _tree_state(run) == before
+
+
+@pytest.mark.slow
+def test_readers_in_a_loop_never_break_a_live_trainer(tmp_path):
+    """load_params in a loop against train.py saving every step: the trainer finishes (exit 0)
+    and every step it kept is verified and restores; the reader saw several steps."""
+    run = tmp_path / "live"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py")]
+        + overrides_cli(run, max_steps=60, checkpoint_interval=1, eval_interval=10),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    seen, deadline = set(), time.monotonic() + 240  # a trainer broken by a reader may hang
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                step = ckpt.RunCheckpoints(str(run), read_only=True).pick_step(which="latest")
+                ckpt.load_params(str(run), which="latest", log=lambda s: None)
+                seen.add(step)
+            except CheckpointError:  # no step committed yet, or one deleted while being read
+                pass
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert len(seen) >= 3, seen
+    reader = ckpt.RunCheckpoints(str(run), read_only=True)
+    for step in reader.all_steps():
+        notes = []
+        assert reader.verified(step)
+        ckpt.load_params(str(run), step=step, log=notes.append)
+        assert not notes, notes
+
+
+def test_unverified_steps_are_named_and_passed_over_for_a_verified_one(trained, tmp_path):
+    """A step without its checksum file (a full disk or a kill between its commit and its
+    hashing) is unverified: restores prefer a verified step and say so; with no verified step
+    left, the newest intact one is restored as unverified, never called good."""
+    run = _copy(trained, tmp_path, "unverified")
+    sums = os.path.join(run, "checkpoint_checksums")
+    os.remove(os.path.join(sums, "4.json"))
+    with open(os.path.join(sums, "4.json.123.tmp"), "w") as f:  # what a failed write leaves
+        f.write('{"step": 4, "fi')
+    _damage(_data_files(run, 4)[-1], "corrupted")  # would restore silently without checksums
+    notes = []
+    ckpt.load_params(run, which="latest", log=notes.append)
+    assert notes == [f"checkpoint step 4 in {run}/checkpoints is unverified (it has no checksum "
+                     "file); restored the verified step 2"], notes
+    shutil.rmtree(sums)  # a run saved before checksums existed: nothing is verified
+    notes = []
+    ckpt.load_params(run, step=2, log=notes.append)
+    assert notes == [f"restored checkpoint step 2 in {run}/checkpoints unverified (it has no "
+                     "checksum file): no verified step restores"], notes
+    # the trainer resumes from the verified step and sets the unverified newer one aside
+    run2 = _copy(trained, tmp_path, "unverified_resume")
+    os.remove(os.path.join(run2, "checkpoint_checksums", "4.json"))
+    summary, said = _train(run2, 6)
+    assert f"resuming {run2} from step 2" in said and summary["final_step"] == 6, said
+    assert any("moved the unverified step 4" in s for s in said), said
+
+
+def test_a_nan_stop_never_calls_an_unverified_step_good(trained, tmp_path):
+    from reflex_jax.errors import TrainingError
+    run = _copy(trained, tmp_path, "nan")
+    shutil.rmtree(os.path.join(run, "checkpoint_checksums"))
+    with pytest.raises(TrainingError, match=r"the last checkpoint, step 4 in .*, is unverified"):
+        _train(run, 8, **{"optim.lr": 1e12})
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

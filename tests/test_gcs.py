@@ -233,7 +233,7 @@ def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
     assert first.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{out}"
     finished = [int(s) for s in storage.listdir(checkpoints) if s.isdigit()
                 and storage.exists(storage.join(checkpoints, s, "commit_success.txt"))]
-    steps = ckpt.RunCheckpoints(run, create=False).all_steps()
+    steps = ckpt.RunCheckpoints(run, read_only=True).all_steps()
     assert steps and steps == sorted(finished) and steps[-1] < n, (steps, finished)
     assert all(s % 2 == 0 for s in steps) and len(steps) <= 3, steps
     killed_rows = _metrics(run)
@@ -254,7 +254,7 @@ def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
     # restored from the bucket exactly: the steps the killed run took past its checkpoint come
     # out with the same losses (they need the saved params and optimizer moments bit for bit)
     assert [r["loss"] for r in rows[:len(killed_rows)]] == [r["loss"] for r in killed_rows]
-    assert ckpt.RunCheckpoints(run, create=False).all_steps()[-1] == n
+    assert ckpt.RunCheckpoints(run, read_only=True).all_steps()[-1] == n
 
     cfg, params = ckpt.load_params(run)  # no eval ran: best is the latest step
     assert cfg.n_embd == 32 and params["wte"].shape == (259, 32)

@@ -340,7 +340,7 @@ def _restore_on_one_device(run_dir, cfg, step):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
                                       abstract_params(cfg))
-    ck = ckpt.RunCheckpoints(str(run_dir), create=False)
+    ck = ckpt.RunCheckpoints(str(run_dir), read_only=True)
     try:
         return jax.device_get(ck.restore_params(step, abstract))
     finally:
@@ -383,7 +383,7 @@ def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
         p.wait(timeout=60)
     first = [open(tmp_path / f"first{i}.log").read() for i in range(2)]
     assert all(p.returncode == -signal.SIGKILL for p in procs), "\n".join(f[-3000:] for f in first)
-    saved = ckpt.RunCheckpoints(str(run), create=False).all_steps()
+    saved = ckpt.RunCheckpoints(str(run), read_only=True).all_steps()
     assert saved and saved[-1] < n, f"the 2-process run finished before it was killed: {saved}"
 
     procs = launch("resumed")
@@ -405,7 +405,7 @@ def test_two_processes_checkpoint_kill_resume_match_one_process(tmp_path):
     for (step, val, em), ref in zip(evals, [r for r in straight if "val_loss" in r]):
         np.testing.assert_allclose(val, ref["val_loss"], rtol=1e-5, err_msg=f"step {step}")
         assert em == ref["exact_match"], step  # greedy answers from params gathered off both hosts
-    assert ckpt.RunCheckpoints(str(run), create=False).latest_step() == n
+    assert ckpt.RunCheckpoints(str(run), read_only=True).latest_step() == n
 
     assert f"initialised params from {start}" in open(tmp_path / "first0.log").read()
     p_multi = _restore_on_one_device(run, cfg, n)

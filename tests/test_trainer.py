@@ -75,7 +75,7 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
         assert os.path.exists(os.path.join(c.run_dir, name))
     cfg, params = ckpt.load_params(c.run_dir, which="latest")
     assert cfg.n_embd == 32 and params["wte"].shape == (259, 32)
-    steps = ckpt.RunCheckpoints(c.run_dir, create=False).all_steps()
+    steps = ckpt.RunCheckpoints(c.run_dir, read_only=True).all_steps()
     assert steps == [15, 30]
 
 
@@ -128,7 +128,7 @@ def test_exact_resume_after_sigkill(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    steps = ckpt.RunCheckpoints(str(killed_dir), create=False).all_steps()
+    steps = ckpt.RunCheckpoints(str(killed_dir), read_only=True).all_steps()
     assert steps and steps[-1] < n, f"the run finished before it was killed: {steps}"
 
     resumed = _run_train(overrides_cli(killed_dir, max_steps=n, checkpoint_interval=half,
@@ -167,7 +167,7 @@ def test_checkpoint_killed_mid_save_never_becomes_latest(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = os.listdir(tmp_path / "checkpoints")
     assert "2" not in leftovers
-    ck = ckpt.RunCheckpoints(str(tmp_path), create=False)
+    ck = ckpt.RunCheckpoints(str(tmp_path), read_only=True)
     assert ck.latest_step() == 1 and ck.all_steps() == [1]
     np.testing.assert_array_equal(ck.restore_params(1)["w"], np.ones(4))
 
@@ -184,7 +184,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, lr, clip):
                                             r"step (\d+); stopping without saving \(the last good "
                                             r"checkpoint is step \d+") as e:
         Trainer(c, log=lambda s: None).train()
-    ck = ckpt.RunCheckpoints(c.run_dir, create=False)
+    ck = ckpt.RunCheckpoints(c.run_dir, read_only=True)
     rows = read_metrics(c.run_dir)
     bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
     assert ck.all_steps(), "the good steps before the NaN were saved"
@@ -280,7 +280,7 @@ def test_a_running_trainer_holds_the_run_dir_and_sigterm_saves_and_exits_75(tmp_
         proc.kill()
     assert proc.returncode == 75, out
     step = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
-    assert ckpt.RunCheckpoints(str(run), create=False).latest_step() == step
+    assert ckpt.RunCheckpoints(str(run), read_only=True).latest_step() == step
     assert not (run / "train.lock").exists(), "a clean stop releases the lock"
     # a lock left behind by a trainer that was killed (its pid is gone) is taken over
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

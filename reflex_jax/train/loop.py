@@ -98,9 +98,14 @@ class TrainLoop:
         return fetched[-1][1] if fetched else {}
 
     def _stop_non_finite(self, what: str):
-        where = (f"the last good checkpoint is step {self.last_saved} in "
-                 f"{self.checkpoints.directory}" if self.last_saved is not None
-                 else "no checkpoint was written")
+        # "good" only for what this run saved (its params were checked finite) or a verified step
+        if self.last_saved is None:
+            where = "no checkpoint was written"
+        elif self.last_saved != self.start or self.checkpoints.verified(self.last_saved):
+            where = f"the last good checkpoint is step {self.last_saved} in {self.checkpoints.directory}"
+        else:
+            where = (f"the last checkpoint, step {self.last_saved} in {self.checkpoints.directory}, "
+                     "is unverified (it has no checksums)")
         raise TrainingError(f"{what}; stopping without saving ({where}); lower "
                             "--config.optim.lr or check the data.")
 

@@ -27,7 +27,7 @@ def load_init_params(path: str, cfg, abstract_params):
     if storage.isdir(storage.join(path, ckpt.PARAMS)):
         check(storage.join(path, ckpt.PARAMS), path)
         return ckpt.restore_tree(storage.join(path, ckpt.PARAMS), abstract_params)
-    run = ckpt.RunCheckpoints(path, create=False)
+    run = ckpt.RunCheckpoints(path, read_only=True)
     try:
         step = run.pick_step()
         check(storage.join(run.directory, str(step), "params"), f"{path} step {step}")
