@@ -229,6 +229,59 @@ def test_full_disk_stops_the_save_in_one_sentence(tmp_path):
         subprocess.run(["umount", str(mount)])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+@pytest.mark.slow
+def test_a_read_only_run_dir_is_one_sentence_and_still_readable(trained, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", trained, str(ro)]).returncode:
+        pytest.skip("could not bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)]).returncode:
+            pytest.skip("could not remount read-only here")
+        out = _cli(overrides_cli(ro, max_steps=6, checkpoint_interval=2, eval_interval=2))
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+            f"train.py: error: cannot write to run_dir {str(ro)!r} (Read-only file system); make "
+            "it writable or use another --config.run_dir (sample.py reads a run without writing "
+            "to it)."), out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+        notes = []
+        ckpt.load_params(str(ro), which="latest", log=notes.append)  # readers need no writes
+        assert not notes, notes
+    finally:
+        subprocess.run(["umount", str(ro)])
+
+
+@pytest.mark.slow
+def test_a_failed_metrics_write_is_one_sentence_and_leaves_no_torn_line(tmp_path):
+    """metrics.jsonl outgrowing the file-size limit (as a full disk fails a write): one sentence,
+    exit 2, and every line left in the file is whole."""
+    from reflex_jax.data import prepare_task
+    data = str(tmp_path / "data")
+    prepare_task("mix", data, n_train=400, n_val=16, verbose=False)
+    run = tmp_path / "run"
+    args = ["--config", os.path.join(ROOT, "configs/tiny.py")] + overrides_cli(
+        run, max_steps=400, checkpoint_interval=0, eval_interval=0) + [
+        f"--config.data.dir={data}", "--config.data.task="]
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"
+              f"sys.argv = ['train.py'] + {args!r}\n"
+              "from reflex_jax.cli.train import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: writing {run}/metrics.jsonl failed (File too large); free space or fix "
+        "the storage, then run again: the run resumes from its last checkpoint."), out.stderr[-2000:]
+    import json
+    with open(run / "metrics.jsonl", encoding="utf-8") as f:
+        text = f.read()
+    assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+
+
 def _cli(args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
                            os.path.join(ROOT, "configs/tiny.py")] + args, cwd=ROOT,

@@ -271,9 +271,13 @@ def test_a_running_trainer_holds_the_run_dir_and_sigterm_saves_and_exits_75(tmp_
                 break
             time.sleep(0.2)
         assert (run / "train.lock").exists(), "the trainer holds the lock while it runs"
+        data_meta = (run / "data" / "meta.json").read_text()
         with pytest.raises(TrainingError, match=rf"run_dir .* is in use by process {proc.pid} on "
                                                 r".*; wait for that run, use another"):
-            Trainer(small_config(run, max_steps=2), log=lambda s: None).train()
+            # other task options: refused before it regenerates the running run's task data
+            Trainer(small_config(run, max_steps=2, **{"data.task_options.max_value": 5}),
+                    log=lambda s: None).train()
+        assert (run / "data" / "meta.json").read_text() == data_meta
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
     finally:

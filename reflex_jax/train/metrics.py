@@ -1,10 +1,12 @@
 """The run's metrics log: metrics.jsonl, optional TensorBoard / W&B mirrors, the progress bar."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 from .. import storage
+from ..errors import TrainingError
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
@@ -27,20 +29,35 @@ def _rows_up_to(text: str, start_step: int) -> list[str]:
 
 
 class _LocalLines:
-    """Appends to a local file, flushed after every line."""
+    """Appends to a local file, one unbuffered write per line. A write that fails (a full disk)
+    is cut back to the last whole line and stops the run in one sentence: no torn line."""
 
     def __init__(self, path: str, keep: list[str]):
-        if keep is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-        self.file = open(path, "a", encoding="utf-8")
+        self.path = path
+        try:
+            if keep is not None:
+                storage.write_text_atomic(path, "".join(keep))
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> TrainingError:
+        return TrainingError(f"writing {self.path} failed ({e.strerror or e}); free space or fix "
+                             "the storage, then run again: the run resumes from its last "
+                             "checkpoint.")
 
     def append(self, line: str):
-        self.file.write(line)
-        self.file.flush()
+        data, size = line.encode("utf-8"), os.fstat(self.fd).st_size
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, size)
+            raise self._failed(e) from None
 
     def close(self):
-        self.file.close()
+        os.close(self.fd)
 
 
 class _RemoteLines:

@@ -45,9 +45,13 @@ class RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         for _ in range(2):
             try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
+                if owner.get("host") == me["host"] and owner.get("pid") == me["pid"]:
+                    os.remove(self.path)  # this process's own lock (an earlier Trainer): re-take
+                    continue
                 if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
                         and not _alive(owner["pid"]):
                     self.log(f"taking over the stale lock of process {owner['pid']} (no longer "
@@ -60,6 +64,11 @@ class RunLock:
                     f"run_dir {os.path.dirname(self.path)!r} is in use by {who} (lock "
                     f"{self.path}); wait for that run, use another --config.run_dir, or delete "
                     "the lock file if that run is no longer alive.") from None
+            except OSError as e:  # a read-only disk or directory, no permission, a full disk
+                raise TrainingError(
+                    f"cannot write to run_dir {os.path.dirname(self.path)!r} ({e.strerror or e}); "
+                    "make it writable or use another --config.run_dir (sample.py reads a run "
+                    "without writing to it).") from None
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
             self.held = True

@@ -7,8 +7,6 @@ an uninterrupted run would have done.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Callable
 
 import jax
@@ -34,13 +32,23 @@ class Trainer:
 
     def __init__(self, config, *, log: Callable[[str], None] = print, devices=None,
                  kernels: KernelChoices = DEFAULT):
+        self._lock = None
         self.config = config
         self.is_main = jax.process_index() == 0
         self.log = log if self.is_main else (lambda s: None)  # process 0 speaks for the job
-        # the config and the data are checked before the program builds the mesh (which checks the
-        # config again): a mistake is refused before task data is generated or a device touched
+        # the config is checked before anything is touched (the program checks it again), then
+        # the lock is taken: a refused trainer has not touched the run (its task data, its files)
         model_config = model_config_from(config)
         checks.check_run_config(config)
+        if self.is_main and not storage.is_remote(config.run_dir):  # one trainer per local run_dir
+            self._lock = RunLock(config.run_dir, self.log).acquire()
+        try:
+            self._build(config, model_config, devices, kernels)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, config, model_config, devices, kernels: KernelChoices):
         self.data, self.data_dir = open_data(config, self.is_main)
         checks.check_fits_data(self.data.meta, model_config, self.data_dir)
         data_lib.check_token_range(self.data, model_config.vocab_size)
@@ -62,13 +70,20 @@ class Trainer:
     def train(self) -> dict:
         """Train to max_steps, or until SIGTERM/SIGINT; returns a summary of the last logged
         metrics (with `final_step`, `checkpoint_dir` and `stopped_by`)."""
-        c = self.config
-        lock = None
-        if self.is_main and not storage.is_remote(c.run_dir):  # one trainer per local run_dir
-            os.makedirs(c.run_dir, exist_ok=True)
-            lock = RunLock(c.run_dir, self.log)
-        with lock or contextlib.nullcontext():
+        if self._lock is not None and not self._lock.held:  # a second train() of this Trainer
+            self._lock.acquire()
+        try:
             return self._train()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give up the run directory's lock (train() does at its end)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __del__(self):
+        self.release()
 
     def _train(self) -> dict:
         c, program = self.config, self.program
