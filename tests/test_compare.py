@@ -326,6 +326,32 @@ def test_grid_stops_when_a_run_is_interrupted(tmp_path, monkeypatch):
     assert run_grid(runs, log=lambda s: None) == {"none-s0": "stopped"}
 
 
+def test_an_interrupted_grid_exits_75_and_one_out_has_one_compare(tmp_path, monkeypatch, capsys):
+    """compare.py after a run stopped by SIGINT exits 75 like train.py (run it again to resume);
+    a second compare.py on an --out that a live one holds refuses in one sentence."""
+    import subprocess
+    import sys
+    out = tmp_path / "o"
+    args = ["--out", str(out), "--runs_dir", str(tmp_path / "runs"), "--schedules", "none",
+            "--seeds", "0", "--config.max_steps=4"]
+    monkeypatch.setattr(compare_runs, "train_run",
+                        lambda run, log=print: {"final_step": 2, "stopped_by": "SIGINT"})
+    assert compare_cli.main(args) == 75
+    assert not (out / "compare.lock").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        (out / "compare.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        capsys.readouterr()
+        assert compare_cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"compare.py: error: --out {str(out)!r} is in use by process {holder.pid} on "
+                       f"{socket.gethostname()} (lock {out / 'compare.lock'}); wait for that run, use "
+                       "another --out, or delete the lock file if that run is no longer alive."], err
+    finally:
+        holder.kill()
+
+
 # ---- the grid and user mistakes ---------------------------------------------------------------------
 
 def test_schedules_seeds_variants_and_run_names(tmp_path):

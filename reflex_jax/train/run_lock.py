@@ -29,9 +29,14 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: str, log: Callable[[str], None] = print):
-        self.path = os.path.join(run_dir, LOCK)
+    """The lock of `directory` (`lock_name` in it); its refusal names the directory as `what` and
+    suggests `elsewhere` (compare.py locks its --out the same way)."""
+
+    def __init__(self, directory: str, log: Callable[[str], None] = print, lock_name: str = LOCK,
+                 what: str = "run_dir", elsewhere: str = "use another --config.run_dir"):
+        self.path = os.path.join(directory, lock_name)
         self.log = log
+        self.what, self.elsewhere = what, elsewhere
         self.held = False
 
     def _owner(self) -> dict:
@@ -61,14 +66,14 @@ class RunLock:
                 who = (f"process {owner.get('pid')} on {owner.get('host')}" if owner
                        else "another process")
                 raise TrainingError(
-                    f"run_dir {os.path.dirname(self.path)!r} is in use by {who} (lock "
-                    f"{self.path}); wait for that run, use another --config.run_dir, or delete "
+                    f"{self.what} {os.path.dirname(self.path)!r} is in use by {who} (lock "
+                    f"{self.path}); wait for that run, {self.elsewhere}, or delete "
                     "the lock file if that run is no longer alive.") from None
             except OSError as e:  # a read-only disk or directory, no permission, a full disk
                 raise TrainingError(
-                    f"cannot write to run_dir {os.path.dirname(self.path)!r} ({e.strerror or e}); "
-                    "make it writable or use another --config.run_dir (sample.py reads a run "
-                    "without writing to it).") from None
+                    f"cannot write to {self.what} {os.path.dirname(self.path)!r} "
+                    f"({e.strerror or e}); make it writable or {self.elsewhere} (sample.py reads "
+                    "a run without writing to it).") from None
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
             self.held = True

@@ -77,6 +77,14 @@ def _compare(argv: list[str]) -> int:
     if args.plan:
         _print_plan(runs, recorded)
         return 0
+    from reflex_jax.train.run_lock import RunLock
+    # one compare.py per --out: two would train the same runs and the last report would win
+    with RunLock(args.out, lock_name="compare.lock", what="--out",
+                 elsewhere="use another --out"):
+        return _train_and_report(args, argv, runs, recorded)
+
+
+def _train_and_report(args, argv: list[str], runs: Sequence[Run], recorded: dict) -> int:
     t0 = time.perf_counter()
     controls = _controls(args.controls, runs)
     outcome = {} if args.report_only else run_grid(runs, retry_failed=args.retry_failed, recorded=recorded)
@@ -91,7 +99,8 @@ def _compare(argv: list[str]) -> int:
         print(f"  {g['group']:24s} final val loss {fmt_stat(g['final_val_loss'])}"
               + (f"  bpb {fmt_stat(bpb)}" if bpb["n"] else "")
               + (f"  exact match {fmt_stat(em, 3)}" if em["n"] else ""))
-    return 0
+    # like train.py: 75 when a run was stopped (SIGINT/SIGTERM) after saving; run again to resume
+    return 75 if "stopped" in outcome.values() else 0
 
 
 def _controls(text: str, runs: Sequence[Run]) -> list[str]:
