@@ -785,8 +785,9 @@ def test_prepare_onto_a_full_disk_is_one_sentence_and_keeps_the_old_data(tmp_pat
         assert len(err) == 1, err
         assert re.fullmatch(rf"reflex_jax\.data: error: could not write [\d,]+ bytes in '{small}' "
                             rf"\(No space left on device\), so '{out}' was not published and its "
-                            rf"earlier preparation is unchanged; free space there or pass another "
-                            rf"--out\.", err[0]), err[0]
+                            rf"earlier preparation is unchanged; free space there or write the data "
+                            rf"elsewhere \(prepare's --out; train\.py writes a task's data under "
+                            rf"--config\.run_dir\)\.", err[0]), err[0]
         assert D.data_fingerprint(out) == fp  # the old data is still there, whole
         assert sorted(os.listdir(small)) == ["out"]  # no temporary directory left behind
         # into an empty directory: nothing is published
@@ -813,8 +814,9 @@ def test_prepare_past_a_file_size_limit_is_one_sentence(tmp_path):
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(
         rf"reflex_jax\.data: error: could not write [\d,]+ bytes in '{tmp_path}' \(File too large\), "
-        rf"so '{out}' was not published and nothing was left there; free space there or pass another "
-        rf"--out\.", err[0]), err
+        rf"so '{out}' was not published and nothing was left there; free space there or write the "
+        rf"data elsewhere \(prepare's --out; train\.py writes a task's data under "
+        rf"--config\.run_dir\)\.", err[0]), err
     assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
