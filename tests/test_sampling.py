@@ -275,7 +275,7 @@ def test_prompt_plus_new_tokens_must_fit_block_size():
     (["hello"], {}, "prompts must be lists of token ids; encode text"),
     ([[1, 300]], {}, "token id 300 outside the model's vocab 0..258"),
     ([[1]], {"max_new_tokens": -1}, "max_new_tokens=-1 must be a non-negative integer"),
-    ([[1]], {"temperature": -0.5}, "temperature=-0.5 must be >= 0"),
+    ([[1]], {"temperature": -0.5}, "temperature=-0.5 must be a finite number >= 0"),
     ([[1]], {"top_k": -2}, "top_k=-2 must be >= 0"),
     ([[1]], {"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
     ([[1]], {"eos_id": 259}, "eos_id=259 is outside the model's vocab"),
