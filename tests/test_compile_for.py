@@ -70,8 +70,9 @@ def test_reported_memory_is_the_compilers(tmp_path):
     B, T = 16, 64
     sds = lambda dtype: jax.ShapeDtypeStruct((B, T + 1), dtype,  # noqa: E731
                                              sharding=program.batch_sharding)
-    mem = program.train_step.lower(program.abstract_state, sds(jnp.int32),
-                                   sds(jnp.float32)).compile().memory_analysis()
+    batch = {"tokens": sds(jnp.int32), "mask": sds(jnp.float32), "segment_ids": sds(jnp.int32),
+             "positions": sds(jnp.int32)}  # data.document_mask is on by default
+    mem = program.train_step.lower(program.abstract_state, batch).compile().memory_analysis()
     got = rep["per_device_bytes"]
     assert (got["temp"], got["arguments"], got["outputs"]) == (
         mem.temp_size_in_bytes, mem.argument_size_in_bytes, mem.output_size_in_bytes)

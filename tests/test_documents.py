@@ -19,7 +19,7 @@ from reflex_jax.train.program import TrainProgram
 from reflex_jax.train.step import StepSettings
 from marks import fast_only, slow
 
-PLANS = ["none", "all", "recent:2,1", ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 1), (0, 1))), "gqa:2",
+PLANS = ["none", "all", "recent:1,1", ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 1), (0, 1))), "gqa:2",
          "kv:4,3,2,1", "cla:2", "yoco", "fewer:all", "sharev:all", "route", "value_residual"]
 PLAN_IDS = ["none", "all", "recent", "explicit", "gqa", "kv", "cla", "yoco", "fewer", "sharev",
             "route", "value_residual"]

@@ -81,8 +81,12 @@ def _fused_causal(q_BTHD, k_BTHD, v_BTHD, segment_ids_BT, backend: str, kernels:
         try:
             return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, mask=mask, is_causal=True,
                                                 implementation="cudnn")
-        except NotImplementedError as e:  # JAX's own check of dtype, head size and lengths
+        # JAX's own checks of dtype, head size and lengths (NotImplementedError), and of the
+        # mask's dtype (ValueError: it makes a bias only in bfloat16 or float16)
+        except (NotImplementedError, ValueError) as e:
             reason = str(e).strip().rstrip(".")
+            if mask is not None and isinstance(e, ValueError):
+                reason = f"{reason} ({q_BTHD.dtype} with a document mask)"
     if strict:
         raise ConfigError(f"model.attention={backend!r} cannot take this attention call ({reason}); "
                           f"use --config.model.attention=auto to fall back to XLA for it.")
