@@ -136,6 +136,17 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best",
                           "converted-weights or run directory.")
 
 
+class _NoUntrackedSaveWarning(logging.Filter):
+    """Orbax warns at every save without metrics while it tracks the best step; saves between
+    evals have none by design (their step is kept by the latest-N rule)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Requested `tracked_metric`; did not provide metrics" not in record.getMessage()
+
+
+_UNTRACKED_SAVE = _NoUntrackedSaveWarning()
+
+
 class RunCheckpoints:
     """`<run_dir>/checkpoints/<step>/{params,opt}`: orbax CheckpointManager with keep-last-N plus
     the best step by validation loss (`track_best`).
@@ -223,6 +234,8 @@ class RunCheckpoints:
         if not storage.is_remote(self.directory):
             _check_space(self.directory, step, (params, opt_state), self._intact_text)
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        if _UNTRACKED_SAVE not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(_UNTRACKED_SAVE)
         try:
             self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                             opt=ocp.args.StandardSave(opt_state)),

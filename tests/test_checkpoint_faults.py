@@ -282,6 +282,27 @@ def test_a_failed_metrics_write_is_one_sentence_and_leaves_no_torn_line(tmp_path
     assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+@pytest.mark.slow
+def test_a_failed_checksum_write_is_one_sentence_and_the_step_stays_unverified(tmp_path):
+    run = tmp_path / "run"
+    sums = run / "checkpoint_checksums"
+    sums.mkdir(parents=True)
+    if subprocess.run(["mount", "--bind", str(sums), str(sums)]).returncode:
+        pytest.skip("could not bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(sums)]).returncode:
+            pytest.skip("could not remount read-only here")
+        with pytest.raises(CheckpointError, match=r"writing the checksums of checkpoint step 2 in "
+                                                  r".*checkpoint_checksums failed \(.*Read-only file "
+                                                  r"system.*\); the step is saved but unverified"):
+            _train(str(run), 4)
+    finally:
+        subprocess.run(["umount", str(sums)])
+    reader = ckpt.RunCheckpoints(str(run), read_only=True)
+    assert 2 in reader.all_steps() and not reader.verified(2)
+
+
 def _cli(args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
                            os.path.join(ROOT, "configs/tiny.py")] + args, cwd=ROOT,
@@ -311,4 +332,7 @@ def test_runs_without_evals_save_without_warnings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         Trainer(small_config(tmp_path / "quiet", max_steps=4, checkpoint_interval=2,
                              eval_interval=0), log=lambda s: None).train()
+        # saves between evals (steps 2 and 6 here) carry no metrics, and say nothing of it
+        Trainer(small_config(tmp_path / "between", max_steps=8, checkpoint_interval=2,
+                             eval_interval=4), log=lambda s: None).train()
     assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]

@@ -869,3 +869,28 @@ def test_a_symlink_out_of_a_txt_directory_is_skipped_and_named(tmp_path, capsys)
     assert b"SECRET" not in bytes(int(i) for i in ids if i < 256)
     assert meta["splits"]["train"]["rows"] == 3
     assert "outside_source_dir 1" in capsys.readouterr().out
+
+
+def test_an_unreachable_hub_is_one_sentence_at_once(tmp_path, monkeypatch):
+    """No network: the hub libraries would retry for ~23 s, a line per try; the host's name not
+    resolving ends it at once, in one sentence, for datasets, tokenizers and snapshots alike."""
+    import time
+    from reflex_jax.errors import ConvertError
+    from reflex_jax.interop.hub import snapshot
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"'someone/rows' is not a local path, and the HF hub cannot "
+                                         r"be reached to load it as a dataset \(name resolution of "
+                                         r"hub.invalid failed: .*\); pass local"):
+        prepare("someone/rows", "bytes", str(tmp_path / "out"), progress=False)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer 'someone/tok' is not a local tokenizer "
+                                                r"directory, and the HF hub cannot be reached"):
+        load_tokenizer("someone/tok")
+    with pytest.raises(ConvertError, match=r"--hf 'someone/model' is not a local directory, and the "
+                                           r"HF hub cannot be reached to fetch it"):
+        snapshot("someone/model", ["*.json"], "--hf", "a local directory")
+    assert time.monotonic() - t0 < 5
+    assert not os.path.exists(tmp_path / "out")

@@ -327,3 +327,29 @@ def test_resume_logs_changed_settings_keeps_every_config_and_refuses_changed_dat
     said = []
     assert Trainer(other, log=said.append).train()["final_step"] == 6
     assert any("resuming on changed data" in s for s in said)
+
+
+def test_the_progress_bar_times_training_not_the_first_compile(tmp_path):
+    """The first call of the step compiles (slow); the bar starts after it returns, so its rate
+    and ETA are of training alone (started before, a minute's run read hours)."""
+    import jax.numpy as jnp
+    from reflex_jax.run_config import model_config_from
+    from reflex_jax.train.loop import TrainLoop
+    from reflex_jax.train.step import TrainState
+    c = small_config(tmp_path / "bar", max_steps=5, log_interval=0)
+    checkpoints = ckpt.RunCheckpoints(c.run_dir, async_save=False, track_best=False)
+    loop = TrainLoop(c, model_config_from(c), checkpoints, 0, evaluate=lambda p: {},
+                     stop_requested=lambda: False)
+    calls = []
+
+    def step(state, batch):
+        if not calls:
+            time.sleep(1.5)  # the compile
+        calls.append(1)
+        return state, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "lr": jnp.float32(0.1)}
+    state = TrainState(step=jnp.int32(0), params={"w": jnp.ones(2)}, opt_state={"m": jnp.zeros(2)})
+    try:
+        loop.run(state, step, lambda s: {})
+        assert loop.bar.n == 5 and loop.bar.format_dict["elapsed"] < 1.0
+    finally:
+        loop.close()

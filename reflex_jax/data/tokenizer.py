@@ -44,6 +44,14 @@ class HFTokenizer:
     def __init__(self, name: str):
         from transformers import AutoTokenizer  # heavy import, only when needed
         self.name = os.path.abspath(name) if os.path.isdir(name) else name
+        if not os.path.isdir(name):
+            from ..hub_access import offline_hint, unreachable_reason
+            why = unreachable_reason()
+            if why:
+                raise MissingFileError(
+                    f"tokenizer {name!r} is not a local tokenizer directory, and the HF hub cannot "
+                    f"be reached to fetch it ({why}); use a local dir, 'bytes' for the built-in "
+                    f"byte tokenizer, or {offline_hint()}.")
         try:
             self.tok = AutoTokenizer.from_pretrained(self.name)
         except OSError as e:

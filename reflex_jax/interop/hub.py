@@ -18,6 +18,13 @@ def snapshot(hub_id: str, patterns: Sequence[str], flag: str, local: str) -> str
     """The local directory of `hub_id`'s files matching `patterns`; `flag` and `local` (what the
     flag takes locally) name the fix in the error."""
     from huggingface_hub import snapshot_download
+
+    from ..hub_access import offline_hint, unreachable_reason
+    why = unreachable_reason()
+    if why:
+        raise ConvertError(f"{flag} {hub_id!r} is not {local}, and the HF hub cannot be reached to "
+                           f"fetch it ({why}); download it where there is network and pass the "
+                           f"local directory instead, or {offline_hint()}.")
     try:
         return snapshot_download(hub_id, allow_patterns=list(patterns))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user

@@ -62,7 +62,9 @@ class TrainLoop:
         self.tokens_per_step = c.batch_size * seq_len
         self.flops_per_token = flops.train_flops_per_token(model_config, seq_len)
         self.peak = flops.device_peak(model_config.compute_dtype)[0] * jax.device_count()
-        self.bar = progress_bar(c.max_steps, start, is_main)
+        # the bar starts after the first step returns (its compile), so that its rate and ETA
+        # are of training alone (a bar started before read hours for a minute's run)
+        self.bar, self.is_main = None, is_main
         self.pending: list = []  # (step, metrics on device) not yet checked/logged
         self.last_saved = checkpoints.latest_step()
         self.start = start
@@ -121,6 +123,8 @@ class TrainLoop:
         self.checkpoints.check_for_errors()  # a failed background save stops the run now
         self.steps_since += 1
         self.pending.append((step, metrics))
+        if self.bar is None:
+            self.bar = progress_bar(c.max_steps, step - 1, self.is_main)
         self.bar.update(1)
         val = None
         if c.eval_interval and (step % c.eval_interval == 0 or step == c.max_steps):
@@ -148,7 +152,8 @@ class TrainLoop:
         self.summary.update(row)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         self.checkpoints.close()
         self.metrics_log.close()
 
