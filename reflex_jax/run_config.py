@@ -48,6 +48,7 @@ def base_config() -> ConfigDict:
     c.data.tokenizer = "bytes"     # for built-in tasks; prepared dirs name their own tokenizer
     c.data.loss_on = "all"         # all | answer (answer-only loss when the data has a mask)
     c.data.document_mask = True    # packed windows: tokens attend only within their row / file
+    c.data.prefetch = 1            # batches read and placed ahead of the step (0: in the step's path)
     c.data.task_rows = 20000       # built-in tasks: rows generated for training
     c.data.task_val_rows = 256
     c.data.resume_on_changed_data = False  # resume although the data's fingerprint changed
@@ -84,6 +85,8 @@ def base_config() -> ConfigDict:
     c.eval_exact_match = 64        # built-in tasks: rows scored by greedy generation at eval
     c.log_interval = 10
     c.checkpoint_interval = 500
+    c.checkpoint_minutes = 0.0     # also save when this many minutes passed since the last save
+    c.profile_steps = ""           # "START:END": a jax.profiler trace of steps START+1..END
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.tensorboard = False

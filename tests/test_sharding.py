@@ -433,3 +433,49 @@ def test_two_processes_with_a_config_error_both_exit_with_one_sentence(tmp_path)
         assert p.returncode == 2 and any(line.endswith(want) for line in log.splitlines()), \
             log[-3000:]
     assert time.time() - start < 120  # nobody waits minutes in the shutdown barrier
+
+
+def _launch_pair(run, run_kw, tmp_path, tag):
+    port = _free_port()
+    return [_train(_cli(run, **run_kw) + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                          f"--process_id={i}"], 1, tmp_path / f"{tag}{i}.log")
+            for i in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", ["one host", "both hosts, a second apart"])
+def test_sigterm_to_some_hosts_stops_every_host_at_one_step(tmp_path, signalled):
+    """Two processes on loopback: SIGTERM to one of them (or to both at different steps) stops
+    both at the same step (JAX's preemption sync point), one collective save, both exit 75; the
+    resumed run's losses equal an uninterrupted run's bit for bit."""
+    run_kw = {"max_steps": 300, "checkpoint_interval": 0, "eval_interval": 0,
+              "eval_exact_match": 0, "mesh.data": 2, "model.block_size": 32}
+    run = tmp_path / "run"
+    procs = _launch_pair(run, run_kw, tmp_path, "first")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if (run / "metrics.jsonl").exists() and len(_read_metrics(run)) >= 5:
+                break
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        if signalled != "one host":
+            time.sleep(1.0)
+            procs[0].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=120)  # no hang: both end
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [open(tmp_path / f"first{i}.log").read() for i in range(2)]
+    assert [p.returncode for p in procs] == [75, 75], "\n".join(x[-3000:] for x in logs)
+    step = int(re.search(r"stopped by SIGTERM \(preemption, agreed by every host\) at step (\d+)",
+                         logs[0]).group(1))
+    assert ckpt.RunCheckpoints(str(run), read_only=True).latest_step() == step
+    assert step < run_kw["max_steps"], "the run ended before the signal"
+    for i, p in enumerate(_launch_pair(run, run_kw, tmp_path, "resumed")):
+        _wait(p, tmp_path / f"resumed{i}.log")
+    straight = tmp_path / "straight"
+    for i, p in enumerate(_launch_pair(straight, run_kw, tmp_path, "straight")):
+        _wait(p, tmp_path / f"straight{i}.log")
+    assert [r["loss"] for r in _read_metrics(run)] == [r["loss"] for r in _read_metrics(straight)]

@@ -339,7 +339,7 @@ def test_the_progress_bar_times_training_not_the_first_compile(tmp_path):
     c = small_config(tmp_path / "bar", max_steps=5, log_interval=0)
     checkpoints = ckpt.RunCheckpoints(c.run_dir, async_save=False, track_best=False)
     loop = TrainLoop(c, model_config_from(c), checkpoints, 0, evaluate=lambda p: {},
-                     stop_requested=lambda: False)
+                     stop_at=lambda s: False)
     calls = []
 
     def step(state, batch):
@@ -353,3 +353,52 @@ def test_the_progress_bar_times_training_not_the_first_compile(tmp_path):
         assert loop.bar.n == 5 and loop.bar.format_dict["elapsed"] < 1.0
     finally:
         loop.close()
+
+
+def test_a_time_based_save_comes_before_the_step_interval(tmp_path, monkeypatch):
+    """checkpoint_minutes saves once that much time passed since the last save, whichever of it
+    and checkpoint_interval comes first. A fake clock, 20 s later at each read (one read per step,
+    one per save): the 1.5-minute limit is reached at step 5; 7 is the final save."""
+    import reflex_jax.train.loop as loop_module
+    c = small_config(tmp_path / "timed", max_steps=7, checkpoint_interval=100,
+                     checkpoint_minutes=1.5)
+    now = [0.0]
+
+    def clock():
+        now[0] += 20.0
+        return now[0]
+    real = loop_module.TrainLoop.__init__
+    monkeypatch.setattr(loop_module.TrainLoop, "__init__",
+                        lambda self, *a, **kw: real(self, *a, **dict(kw, clock=clock)))
+    Trainer(c, log=lambda s: None).train()
+    assert ckpt.RunCheckpoints(c.run_dir, read_only=True).all_steps() == [5, 7]
+
+
+def test_checkpoint_minutes_is_checked():
+    from reflex_jax.train.checks import check_run_config
+    c = small_config("/tmp/unused", checkpoint_minutes=-1.0)
+    with pytest.raises(TrainingError, match=r"checkpoint_minutes=-1.0 must be a number >= 0"):
+        check_run_config(c)
+
+
+def test_prefetched_batches_are_the_same_batches(tmp_path):
+    """data.prefetch reads the next batches on a thread while the step runs: the losses are those
+    of reading each batch in the step's path, bit for bit."""
+    losses = {}
+    for prefetch in (0, 2):
+        run = tmp_path / f"p{prefetch}"
+        Trainer(small_config(run, max_steps=6, **{"data.prefetch": prefetch}),
+                log=lambda s: None).train()
+        losses[prefetch] = [r["loss"] for r in read_metrics(run)]
+    assert len(losses[0]) == 6 and losses[0] == losses[2]
+
+
+def test_a_profile_window_writes_a_trace_and_rows_carry_step_and_data_time(tmp_path):
+    run = tmp_path / "prof"
+    Trainer(small_config(run, max_steps=5, profile_steps="2:4"), log=lambda s: None).train()
+    traces = [os.path.join(root, f) for root, _, files in os.walk(run / "profile") for f in files]
+    assert any(t.endswith(".xplane.pb") for t in traces), traces
+    rows = read_metrics(run)
+    assert all(r["step_s"] > 0 and 0 <= r["data_wait_s"] <= r["step_s"] for r in rows), rows
+    with pytest.raises(TrainingError, match=r"profile_steps='4:2' must be START:END"):
+        Trainer(small_config(tmp_path / "bad", profile_steps="4:2"), log=lambda s: None)

@@ -2,8 +2,10 @@
 nothing) into one sentence naming the config field to change."""
 from __future__ import annotations
 
+import math
 import os
 import sys
+from typing import Optional
 
 from ..errors import TrainingError
 
@@ -22,6 +24,15 @@ def check_run_config(c) -> None:
     for name in ("eval_interval", "checkpoint_interval", "log_interval"):
         if getattr(c, name) < 0:
             raise TrainingError(f"{name}={getattr(c, name)} must be >= 0 (0 turns it off).")
+    minutes = c.get("checkpoint_minutes", 0)
+    if not isinstance(minutes, (int, float)) or not math.isfinite(minutes) or minutes < 0:
+        raise TrainingError(f"checkpoint_minutes={minutes} must be a number >= 0 (0 turns time-based "
+                            "saves off).")
+    profile_window(c.get("profile_steps", ""))
+    prefetch = c.data.get("prefetch", 0)
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise TrainingError(f"data.prefetch={prefetch!r} must be an integer >= 0 (batches read "
+                            "ahead of the step; 0 reads each in the step's path).")
     if c.keep_checkpoints < 1:  # the checkpoint manager kept 1 for any smaller value, silently
         raise TrainingError(f"keep_checkpoints={c.keep_checkpoints} must be >= 1 (the newest "
                             "checkpoints kept besides the best); set --config.keep_checkpoints=1 "
@@ -77,3 +88,14 @@ def check_fits_mesh(c, batch_shards: int) -> None:
             f"batch_size/grad_accum = {micro} rows per micro-batch must be divisible by "
             f"config.mesh data*fsdp = {batch_shards} (every batch shard takes an equal slice); change "
             "--config.batch_size or the mesh.")
+
+
+def profile_window(text: str) -> Optional[tuple[int, int]]:
+    """(START, END) of `profile_steps` "START:END" (steps START+1..END are traced), or None."""
+    if not text:
+        return None
+    start, sep, end = str(text).partition(":")
+    if not (sep and start.strip().isdigit() and end.strip().isdigit()) or int(end) <= int(start):
+        raise TrainingError(f"profile_steps={text!r} must be START:END with 0 <= START < END "
+                            "(steps START+1..END are traced), e.g. --config.profile_steps=10:15.")
+    return int(start), int(end)

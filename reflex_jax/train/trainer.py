@@ -19,6 +19,7 @@ from ..run_config import model_config_from
 from . import checks, validation
 from .evaluator import Evaluator
 from .loop import StopRequest, TrainLoop
+from .prefetch import Prefetcher
 from .program import TrainProgram
 from .run_data import open_data
 from .run_files import RunFiles
@@ -100,12 +101,16 @@ class Trainer:
         self.run_files.record_config(start)
         with StopRequest() as stop:
             loop = TrainLoop(c, program.model_config, checkpoints, start, evaluate=self.evaluator,
-                             stop_requested=stop.stop_requested, is_main=self.is_main)
+                             stop_at=stop.stop_at, is_main=self.is_main)
+            fetch = lambda s: program.put_batch(self.train_loader.batch(s))  # noqa: E731
+            if c.data.get("prefetch", 0) > 0:  # read and place the next batches during the step
+                fetch = Prefetcher(fetch, int(c.data.prefetch))
             try:
-                state, _ = loop.run(state, program.train_step,
-                                    lambda s: program.put_batch(self.train_loader.batch(s)))
+                state, _ = loop.run(state, program.train_step, fetch)
             finally:
                 loop.close()
+                if isinstance(fetch, Prefetcher):
+                    fetch.close()
         loop.summary.update({"checkpoint_dir": checkpoints.directory, "stopped_by": stop.reason})
         self.state = state
         return loop.summary

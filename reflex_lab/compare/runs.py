@@ -20,7 +20,8 @@ from .grid import CompareError, Run
 RUN_MARKER = "compare_run.json"  # per run dir: wall time, trained-by-compare bookkeeping, failures
 # config fields that do not change what a run computes (they may differ between a run and the grid)
 IGNORED_FIELDS = ("run_dir", "async_checkpoints", "tensorboard", "wandb", "keep_checkpoints",
-                  "checkpoint_interval", "log_interval")
+                  "checkpoint_interval", "checkpoint_minutes", "log_interval", "profile_steps",
+                  "data.prefetch")
 
 
 def now_utc() -> str:
@@ -73,7 +74,8 @@ def _normalised(config_dict: dict) -> dict:
     if flat.get("data.document_mask") is False:
         # what every run recorded before the switch existed did, so their fingerprints still hold
         del flat["data.document_mask"]
-    return {k: v for k, v in flat.items() if k.split(".")[0] not in IGNORED_FIELDS}
+    return {k: v for k, v in flat.items()
+            if k.split(".")[0] not in IGNORED_FIELDS and k not in IGNORED_FIELDS}
 
 
 def config_fingerprint(config_dict: dict) -> str:
