@@ -113,3 +113,10 @@ def test_every_function_compiles_for_gpu_hosts(tmp_path, capsys):
     assert rep["n_devices"] == 16 and rep["n_hosts"] == 2 and "H100" in rep["device_kind"]
     assert rep["fits"] is True and set(rep["functions"]) == {"train_step", "eval_step",
                                                               "prefill", "decode"}
+    # the compiler reports no cost for a deviceless GPU: the roofline uses the model's FLOPs and
+    # the stated bytes floor, labelled as such, instead of a vacuous 100%
+    assert rep["functions"]["train_step"]["flops"] == 0 and rep["cost_source"].startswith("analytic")
+    mem, pd = rep["functions"]["train_step"]["memory"], rep["per_device_bytes"]
+    assert rep["bytes_per_step"] == 2 * (mem["temp"] + 2 * pd["params"] + pd["opt_state"])
+    assert rep["flops_per_step"] == 0 and 0 < rep["roofline_mfu"] <= 1.0
+    assert "[analytic (the compiler reports no cost for this target)" in text

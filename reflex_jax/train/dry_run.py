@@ -144,12 +144,22 @@ def report(program, target=None, log=lambda s: None) -> dict:
     n = len(devices)
     tokens = c.batch_size * program.seq_len
     model_flops = flops.train_flops_per_token(cfg, program.seq_len) * tokens / n
+    step_flops, step_bytes, source = step["flops"], step["bytes_accessed"], "compiler"
+    if not step_flops and not step_bytes and step["memory"]:
+        # a deviceless GPU compile reports no cost at all: the model's FLOPs, and a floor of
+        # the bytes: every temporary written and read once, params, gradients and optimizer
+        # state read and written once
+        step_bytes = 2 * (step["memory"]["temp"] + 2 * per_device["params"]
+                          + per_device["opt_state"])
+        source = ("analytic (the compiler reports no cost for this target): the model's FLOPs; "
+                  "bytes a floor, every temporary written and read once, params, gradients and "
+                  "optimizer state read and written once")
     out = {"target": getattr(target, "name", None) or devices[0].platform,
            "device_kind": devices[0].device_kind, "n_devices": n,
            "n_hosts": len({d.process_index for d in devices}), "mesh": dict(mesh.shape),
            "schedule": cfg.schedule_table(), "per_device_bytes": per_device,
            "hbm_bytes": chip.hbm_bytes if chip else None,
-           "flops_per_step": step["flops"], "bytes_per_step": step["bytes_accessed"],
+           "flops_per_step": step_flops, "bytes_per_step": step_bytes, "cost_source": source,
            "model_flops_per_step": model_flops, "compile_s": sum(f["compile_s"] for f in
                                                                  functions.values()),
            "functions": functions}
@@ -164,9 +174,9 @@ def report(program, target=None, log=lambda s: None) -> dict:
         # cost_analysis counts a loop body once (the grad-accumulation scan, the chunked loss)
         # and a Pallas (Mosaic) kernel only by the cost it declares (splash attention declares
         # none), so the model's own FLOP count is the floor of the work; the bytes are a floor too
-        work = max(step["flops"], model_flops)
+        work = max(step_flops, model_flops)
         out["roofline_flops"] = work
-        bound = max(work / chip.peak_bf16_flops, step["bytes_accessed"] / chip.hbm_bandwidth)
+        bound = max(work / chip.peak_bf16_flops, step_bytes / chip.hbm_bandwidth)
         out["roofline_step_s"] = bound
         out["roofline_mfu"] = model_flops / (bound * chip.peak_bf16_flops) if bound else None
         out["chip"] = {"name": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
@@ -211,6 +221,8 @@ def format_report(program, rep: dict) -> str:
 def _verdict_lines(rep: dict) -> list[str]:
     flops_s = (f"{rep['flops_per_step']:.4g} FLOPs and {rep['bytes_per_step']:.4g} bytes per step "
                "per device")
+    if rep.get("cost_source", "compiler") != "compiler":
+        flops_s += f" [{rep['cost_source']}]"
     need, have = rep["peak_total_bytes"], rep["hbm_bytes"]
     if rep["fits"] is None:
         return [f"compiler cost: {flops_s}"]
