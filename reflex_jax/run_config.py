@@ -79,7 +79,9 @@ def base_config() -> ConfigDict:
     c.max_steps = 1000
     c.batch_size = 8               # global sequences per optimizer step
     c.grad_accum = 1               # micro-batches per step (batch_size must divide by it)
-    c.remat = False
+    # rematerialisation policy (model/remat.py): none | block | nothing_saveable | dots_saveable |
+    # offload; True/False mean block/none
+    c.remat = config_dict.FieldReference(False, field_type=(bool, str))
     c.eval_interval = 200
     c.eval_batches = 8
     c.eval_exact_match = 64        # built-in tasks: rows scored by greedy generation at eval

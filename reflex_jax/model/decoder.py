@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Optional
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ from ..kernels import DEFAULT, KernelChoices
 from .config import ModelConfig
 from .kv import KV, Cache
 from .layers import Block, Norm, normal_init
+from .remat import checkpoint_policy, remat_policy
 
 # flax's remat marks static arguments by position only (no names; `self` is 0): find
 # Block.__call__'s `deterministic` by name, so that a change to that signature cannot mark another
@@ -48,7 +49,7 @@ class Decoder(nn.Module):
     Without them a row is one document at positions 0..T-1.
     """
     cfg: ModelConfig
-    remat: bool = False  # recompute block activations in the backward pass
+    remat: Union[bool, str] = False  # a policy of model/remat.py (True: block, False: none)
     kernels: KernelChoices = DEFAULT
 
     @nn.compact
@@ -81,8 +82,10 @@ class Decoder(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         block_cls = Block
-        if self.remat:
-            block_cls = nn.remat(Block, static_argnums=(_DETERMINISTIC_ARGNUM,), prevent_cse=True)
+        policy = remat_policy(self.remat)
+        if policy != "none":
+            block_cls = nn.remat(Block, static_argnums=(_DETERMINISTIC_ARGNUM,), prevent_cse=True,
+                                 policy=checkpoint_policy(policy, self.kernels.resolved_platform()))
         earlier: list[KV] = []
         v_first = None  # layer 0's V of these tokens, for value_residual
         for layer in range(cfg.n_layer):

@@ -29,6 +29,8 @@ def check_run_config(c) -> None:
         raise TrainingError(f"checkpoint_minutes={minutes} must be a number >= 0 (0 turns time-based "
                             "saves off).")
     profile_window(c.get("profile_steps", ""))
+    from ..model.remat import remat_policy
+    remat_policy(c.get("remat", False))
     prefetch = c.data.get("prefetch", 0)
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise TrainingError(f"data.prefetch={prefetch!r} must be an integer >= 0 (batches read "

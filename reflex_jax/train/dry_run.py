@@ -197,7 +197,7 @@ def format_report(program, rep: dict) -> str:
              f"batch {B} x {T + 1} split {sharding.format_spec(program.batch_sharding.spec, 2)} "
              f"({B // sharding.batch_shards(program.mesh)} rows per batch shard, "
              f"{B // c.grad_accum} per micro-batch x {c.grad_accum}); "
-             f"remat {bool(c.remat)}; compute {cfg.dtype}, params {cfg.param_dtype}",
+             f"remat {program.remat}; compute {cfg.dtype}, params {cfg.param_dtype}",
              f"per device: params {_mib(pd['params'])}, optimizer {_mib(pd['opt_state'])}"]
     step = rep["functions"]["train_step"]["memory"]
     if step:

@@ -18,6 +18,7 @@ from .. import sharding
 from ..errors import TrainingError
 from ..kernels import DEFAULT, KernelChoices
 from ..model import Decoder, abstract_params, param_logical_axes
+from ..model.remat import remat_policy
 from ..run_config import model_config_from
 from . import checks, step, validation
 from .optim import make_optimizer
@@ -47,7 +48,8 @@ class TrainProgram:
         # the step's kernels are the mesh's platform's, and the TPU kernel's shard_map needs the mesh
         self.kernels = dataclasses.replace(kernels, platform=kernels.platform or self.platform,
                                            mesh=kernels.mesh or self.mesh)
-        self.model = Decoder(self.model_config, remat=bool(config.remat), kernels=self.kernels)
+        self.remat = remat_policy(config.remat)
+        self.model = Decoder(self.model_config, remat=self.remat, kernels=self.kernels)
         self.tx, self.lr_schedule = make_optimizer(config.optim, config.max_steps)
         self.step_settings = StepSettings(self.model, config.data.loss_on, config.grad_accum,
                                           config.seed, self.kernels)
