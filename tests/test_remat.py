@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reflex_jax import ConfigError, hardware, sharding
+from reflex_jax import ConfigError, hardware
 from reflex_jax.model import Decoder, ModelConfig, init_params
 from reflex_jax.model.remat import REMAT_POLICIES, remat_policy
 from marks import needs_libtpu
