@@ -139,3 +139,24 @@ def local_cache_dir(path) -> str:
     path = resolve(path)
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(root, "reflex_jax", scheme(path), _SCHEME.sub("", path))
+
+
+def copy_dir_to_local(remote: str, local: str) -> None:
+    """The files of the flat remote directory `remote` in `local` (replaced whole, atomically:
+    written to a temporary directory beside it, then renamed)."""
+    import shutil
+    tmp = f"{local}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for name in listdir(remote):
+            data = _call(join(remote, name), lambda p: p.read_bytes())
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        old = f"{local}.old-{os.getpid()}"
+        if os.path.exists(local):
+            os.replace(local, old)
+        os.replace(tmp, local)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -152,16 +152,6 @@ def test_local_paths_and_remote_ones_without_their_package(tmp_path):
             storage.exists("az://container/run")
 
 
-def test_token_data_in_a_bucket_is_refused_in_one_sentence(tmp_path):
-    from reflex_jax.errors import TrainingError
-    from reflex_jax.run_config import load_config
-    from reflex_jax.train.trainer import Trainer
-    c = load_config(os.path.join(ROOT, "configs", "tiny.py"))
-    c.run_dir, c.data.task, c.data.dir = str(tmp_path / "run"), "", f"gs://{BUCKET}/tokens"
-    with pytest.raises(TrainingError, match="is remote, but token data is memory-mapped"):
-        Trainer(c, log=lambda s: None)
-
-
 @pytest.mark.slow
 def test_storage_paths_on_the_emulator(gcs):
     run = f"gs://{BUCKET}/paths/run"
@@ -273,3 +263,41 @@ def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
     assert sample.returncode == 0, sample.stdout + sample.stderr
     prompt, new = sample.stdout.strip().splitlines()[-1].split(" | ")
     assert prompt == "1,2,3" and [int(t) for t in new.split(",") if t] == list(want)
+
+
+@pytest.mark.slow
+def test_training_on_data_in_a_bucket_equals_the_local_copy(gcs, tmp_path):
+    """data.dir=gs://...: each host copies the prepared directory to its disk (once: a second run
+    reuses the copy) and trains exactly as on the local directory, resume included; a bucket
+    path without a prepared directory is one sentence."""
+    from reflex_jax.data import prepare_task
+    local = str(tmp_path / "kv")
+    prepare_task("kv_recall", local, n_train=400, n_val=16, verbose=False)
+    remote = f"gs://{BUCKET}/data/kv"
+    for name in os.listdir(local):
+        with open(os.path.join(local, name), "rb") as f:
+            data = f.read()
+        storage._call(storage.join(remote, name), lambda p, d=data: p.write_bytes(d))
+    runs = {"bucket": (str(tmp_path / "rb"), remote), "local": (str(tmp_path / "rl"), local)}
+    for steps in (4, 6):  # 6: a resume from step 4
+        for run, data_dir in runs.values():
+            args = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                    os.path.join(ROOT, "configs", "tiny.py"), f"--config.run_dir={run}",
+                    f"--config.max_steps={steps}", "--config.checkpoint_interval=2",
+                    f"--config.data.dir={data_dir}", "--config.data.task="] + TINY
+            done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                  env=dict(os.environ, JAX_PLATFORMS="cpu", **gcs))
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = {k: _metrics(run) for k, (run, _) in runs.items()}
+    assert [r["step"] for r in rows["bucket"]] == list(range(1, 7))
+    assert [r["loss"] for r in rows["bucket"]] == [r["loss"] for r in rows["local"]]
+    copy = storage.local_cache_dir(remote)
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(local))
+    meta = json.loads(open(os.path.join(runs["bucket"][0], "meta.json")).read())
+    assert meta["data_dir"] == remote
+    empty = subprocess.run(args[:-len(TINY) - 2] + [f"--config.data.dir=gs://{BUCKET}/nothing",
+                                                    "--config.data.task="] + TINY,
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu", **gcs))
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: data directory 'gs://{BUCKET}/nothing' holds no meta.json"), empty.stderr

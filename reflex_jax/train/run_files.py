@@ -52,7 +52,8 @@ class RunFiles:
             ckpt.write_json(storage.join(self.run_dir, "config.json"), c.to_dict())
             ckpt.write_json(storage.join(self.run_dir, ckpt.META),
                             {"tokenizer": data.meta["tokenizer"],
-                             "data_dir": os.path.abspath(data_dir),
+                             "data_dir": storage.resolve(data_dir) if storage.is_remote(data_dir)
+                             else os.path.abspath(data_dir),
                              "data_fingerprint": fingerprint,
                              "template": data.meta.get("template"), "task": c.data.task or None})
         sharding.sync_processes("run files written")
