@@ -243,6 +243,8 @@ class RunCheckpoints:
         except Exception as e:  # noqa: BLE001 - storage errors of every kind, named below
             raise self._save_failed(step, e) from None
         self._unsealed.append(step)
+        if not self.manager.is_saving_in_progress():  # a synchronous save: verified at once
+            self._seal()
 
     def _intact_text(self) -> str:
         try:
@@ -266,6 +268,10 @@ class RunCheckpoints:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(self._unsealed[-1] if self._unsealed else "?", e) from None
+        self._seal()
+
+    def _seal(self) -> None:
+        """Checksum the saved steps (their saves have finished)."""
         if self.sums is not None and jax.process_index() == 0:  # one writer on a shared disk
             present = set(self.manager.all_steps())
             for step in self._unsealed:
@@ -283,11 +289,15 @@ class RunCheckpoints:
         self._unsealed = []
 
     def check_for_errors(self) -> None:
-        """Raise now (one sentence) if a background save has failed."""
+        """Raise now (one sentence) if a background save has failed; checksum the steps whose
+        save has finished (so a step is verified soon after it is written, not at the next
+        save: a run killed in between would resume from the step before)."""
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(self._unsealed[-1] if self._unsealed else "?", e) from None
+        if self._unsealed and not self.manager.is_saving_in_progress():
+            self._seal()  # no wait: nothing is in flight (and a wait may be collective)
 
     # ---- which steps -------------------------------------------------------------------------
     def latest_step(self) -> Optional[int]:
@@ -369,8 +379,12 @@ class RunCheckpoints:
         self._say_passed_over(newest_first[0], step, log)
         newer = [s for s in self.all_steps() if s > step]
         if newer and not storage.is_remote(self.directory):
-            _set_aside(self.directory, newer, log,
-                       {s: "unverified" for s in newer if not self.verified(s)})
+            from .sharding import sync_processes
+            why = {s: "unverified" for s in newer if not self.verified(s)}
+            sync_processes("every process chose its step")  # before any file moves
+            if jax.process_index() == 0:  # one mover on a shared disk
+                _set_aside(self.directory, newer, log, why)
+            sync_processes("newer steps set aside")
             self.manager.reload()
         return step, params, opt
 

@@ -291,19 +291,23 @@ def logical_rules_for_flax(mesh: Mesh):
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
                                  process_id: int = -1, timeout_s: int = 300,
-                                 auto: bool = False) -> bool:
+                                 auto: bool = False, heartbeat_s: int = 100) -> bool:
     """Start multi-host JAX when asked (flags) or when the environment says so.
 
     Explicit: coordinator address + process count + index (e.g. two GPU nodes, or CPU processes on
     loopback). `auto` (train.py --multihost): `jax.distributed.initialize()` detects the cluster
     itself (Cloud TPU pod workers, SLURM, Open MPI, Kubernetes). Without flags, a SLURM job with
     several tasks or a GKE TPU slice with several hosts starts multi-host too. Must run before
-    anything touches JAX devices. Returns whether JAX runs multi-process.
+    anything touches JAX devices. Returns whether JAX runs multi-process. `heartbeat_s`: a
+    process silent that long (killed, its host gone) makes JAX end the others (JAX's default 100).
     """
+    if heartbeat_s < 1:
+        raise UsageError(f"--heartbeat_s={heartbeat_s} must be >= 1 (seconds).")
+    hb = {"heartbeat_timeout_seconds": int(heartbeat_s)}
     if auto and coordinator:
         raise UsageError("use either --multihost (auto-detected cluster) or --coordinator, not both.")
     if auto:
-        _initialize({})
+        _initialize(dict(hb))
         return True
     if coordinator:
         host, _, port = coordinator.rpartition(":")
@@ -318,14 +322,14 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
         # CPU processes need a cross-process collectives backend; GPU/TPU ignore the setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         _initialize(dict(coordinator_address=coordinator, num_processes=num_processes,
-                         process_id=process_id, initialization_timeout=timeout_s))
+                         process_id=process_id, initialization_timeout=timeout_s, **hb))
         return True
     if num_processes > 1 or process_id >= 0:
         raise UsageError("--num_processes/--process_id need --coordinator host:port as well.")
     slurm_tasks = os.environ.get("SLURM_NTASKS", "1")
     tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if (slurm_tasks.isdigit() and int(slurm_tasks) > 1) or "," in tpu_hosts:
-        _initialize({})
+        _initialize(dict(hb))
         return True
     return False
 

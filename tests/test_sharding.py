@@ -479,3 +479,38 @@ def test_sigterm_to_some_hosts_stops_every_host_at_one_step(tmp_path, signalled)
     for i, p in enumerate(_launch_pair(straight, run_kw, tmp_path, "straight")):
         _wait(p, tmp_path / f"straight{i}.log")
     assert [r["loss"] for r in _read_metrics(run)] == [r["loss"] for r in _read_metrics(straight)]
+
+
+@pytest.mark.slow
+def test_a_killed_host_ends_the_other_within_the_heartbeat_and_the_run_resumes(tmp_path):
+    """SIGKILL to one of two processes: the other ends (JAX's heartbeat, --heartbeat_s 10) within
+    seconds, not minutes, and the pair started again resumes from the last committed step."""
+    run_kw = {"max_steps": 2000, "checkpoint_interval": 5, "eval_interval": 0,
+              "eval_exact_match": 0, "mesh.data": 2, "model.block_size": 32}
+    run = tmp_path / "run"
+    port = _free_port()
+    procs = [_train(_cli(run, **run_kw) + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                          f"--process_id={i}", "--heartbeat_s=10"], 1,
+                    tmp_path / f"first{i}.log") for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if (run / "checkpoints" / "10").exists():
+                break
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        procs[0].wait(timeout=120)
+        ended = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    log0 = open(tmp_path / "first0.log").read()
+    assert procs[0].returncode not in (0, None) and ended < 45, (ended, log0[-3000:])
+    assert "heartbeat" in log0
+    saved = ckpt.RunCheckpoints(str(run), read_only=True).latest_step()
+    assert saved and saved % 5 == 0
+    for i, p in enumerate(_launch_pair(run, {**run_kw, "max_steps": saved + 2}, tmp_path, "again")):
+        out = _wait(p, tmp_path / f"again{i}.log")
+        if i == 0:
+            assert f"resuming {run} from step {saved}" in out

@@ -40,6 +40,9 @@ def parse_args(argv: Optional[Sequence[str]]):
     p.add_argument("--coordinator", default="", help="multi-host: coordinator host:port (process 0)")
     p.add_argument("--num_processes", type=int, default=0, help="multi-host: number of processes")
     p.add_argument("--process_id", type=int, default=-1, help="multi-host: this process's index")
+    p.add_argument("--heartbeat_s", type=int, default=100,
+                   help="multi-host: a process silent this many seconds (killed, its host gone) "
+                        "ends the others (JAX's distributed heartbeat)")
     p.add_argument("--multihost", action="store_true", help="multi-host on a cluster JAX detects "
                    "itself (Cloud TPU pod, SLURM, Open MPI, Kubernetes); no other flags needed")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
@@ -66,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from .. import sharding
         from ..train.trainer import Trainer  # imports only; no device is touched yet
         sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
-                                              args.process_id, auto=args.multihost)
+                                              args.process_id, auto=args.multihost,
+                                              heartbeat_s=args.heartbeat_s)
         trainer = Trainer(config)
         summary = trainer.train()
     if trainer.is_main:
@@ -86,7 +90,8 @@ def _dry_run(config, args) -> int:
         target = resolve_target(args.compile_for)
     else:  # every process of a multi-host job compiles its part of the same program
         sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
-                                              args.process_id, auto=args.multihost)
+                                              args.process_id, auto=args.multihost,
+                                              heartbeat_s=args.heartbeat_s)
     import jax
     program = TrainProgram(config, devices=target.devices if target else None)
     is_main = jax.process_index() == 0
