@@ -344,7 +344,8 @@ class RunCheckpoints:
 
     def _verified_first(self, order: list[int]) -> list[int]:
         """`order` with the verified steps first: an unverified one only when none restores."""
-        return [s for s in order if self.verified(s)] + [s for s in order if not self.verified(s)]
+        verified = {s: self.verified(s) for s in order}
+        return [s for s in order if verified[s]] + [s for s in order if not verified[s]]
 
     def _say_passed_over(self, wanted: int, chosen: int, log: Callable) -> None:
         if chosen != wanted and not self.verified(wanted) and self.verified(chosen):

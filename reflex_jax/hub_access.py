@@ -10,6 +10,7 @@ import socket
 from typing import Optional
 from urllib.parse import urlparse
 
+OFFLINE_HINT = "HF_HUB_OFFLINE=1 uses a copy already in the HF cache"
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
@@ -31,6 +32,3 @@ def unreachable_reason() -> Optional[str]:
         return f"name resolution of {host} failed: {e.strerror or e}"
     return None
 
-
-def offline_hint() -> str:
-    return "HF_HUB_OFFLINE=1 uses a copy already in the HF cache"

@@ -471,15 +471,15 @@ def test_config_json_and_index_mistakes_are_one_sentence(tmp_path):
     directory = _small_dir(tmp_path / "m")
     cfg_path = os.path.join(directory, "config.json")
     good = open(cfg_path).read()
-    with open(cfg_path, "w") as f:
-        f.write("{not json")
-    with pytest.raises(ConvertError, match=r"^'.*config\.json' is not valid JSON \(.*\); it should "
-                                           r"be the checkpoint's config\.json"):
-        load_gpt2(directory)
-    with open(cfg_path, "w") as f:
-        f.write("[1, 2]")
-    with pytest.raises(ConvertError, match="holds a JSON list, not an object"):
-        load_gpt2(directory)
+
+    def refused(path, text, match):
+        with open(path, "w") as f:
+            f.write(text)
+        with pytest.raises(ConvertError, match=match):
+            load_gpt2(directory)
+    refused(cfg_path, "{not json", r"^'.*config\.json' is not valid JSON \(.*\); it should "
+                                  r"be the checkpoint's config\.json")
+    refused(cfg_path, "[1, 2]", "holds a JSON list, not an object")
     with open(cfg_path, "w") as f:
         f.write(good)
     # an index whose weight_map leaves the directory: refused before anything is opened
@@ -491,10 +491,7 @@ def test_config_json_and_index_mistakes_are_one_sentence(tmp_path):
         with pytest.raises(ConvertError, match=rf"maps tensors to {re.escape(repr(target))}, a "
                                                "path that leaves the checkpoint directory"):
             load_gpt2(directory)
-    with open(index, "w") as f:
-        f.write('{"weight_map": ')
-    with pytest.raises(ConvertError, match="is not valid JSON"):
-        load_gpt2(directory)
+    refused(index, '{"weight_map": ', "is not valid JSON")
     with open(index, "w") as f:
         json.dump({"weight_map": {"wte.weight": "a.safetensors"}}, f)
     assert load_gpt2(directory).files == ["a.safetensors"]  # a sharded checkpoint still loads

@@ -130,17 +130,16 @@ def val_batches(data: TokenData, batch_size: int, seq_len: int, n_batches: int,
         tokens_BT = np.full((batch_size, length), data.pad_id, np.int32)
         mask_BT = np.zeros((batch_size, length), np.float32)
         valid_BT = np.zeros((batch_size, length), np.float32)
+        index_BT = np.zeros((batch_size, length), np.int64)  # each slot's stream position
         for j, (a, b) in enumerate(windows[i * batch_size:(i + 1) * batch_size]):
             tokens_BT[j, :b - a] = tokens[a:b]
             mask_BT[j, :b - a] = mask[a:b]
             valid_BT[j, :b - a] = 1.0
+            index_BT[j] = a + np.arange(length)
         batch = {"tokens": tokens_BT, "mask": mask_BT, "valid": valid_BT}
         if documents:
-            # stream positions of each window's slots; padding reads on past the window, and
-            # whatever documents it falls into, only later padding can see it
-            index_BT = np.zeros((batch_size, length), np.int64)
-            for j, (a, _) in enumerate(windows[i * batch_size:(i + 1) * batch_size]):
-                index_BT[j] = a + np.arange(length)
+            # padding reads on past the window: whatever documents it falls into, only later
+            # padding can see it
             batch.update(window_documents(index_BT, starts))
         out.append(batch)
     return out

@@ -192,12 +192,12 @@ def file_rows(path: str) -> Iterator[Any]:
 
 def hub_rows(hub_id: str, split: str):
     """(row iterator, row count, fingerprint) of an HF hub dataset split."""
-    from ..hub_access import offline_hint, unreachable_reason
+    from ..hub_access import OFFLINE_HINT, unreachable_reason
     why = unreachable_reason()
     if why:
         raise DataError(f"{hub_id!r} is not a local path, and the HF hub cannot be reached to load "
                         f"it as a dataset ({why}); pass local .jsonl/.json/.parquet/.csv/.txt "
-                        f"files, or prepare where there is network ({offline_hint()}).")
+                        f"files, or prepare where there is network ({OFFLINE_HINT}).")
     try:
         import datasets
         ds = datasets.load_dataset(hub_id, split=split)

@@ -45,13 +45,13 @@ class HFTokenizer:
         from transformers import AutoTokenizer  # heavy import, only when needed
         self.name = os.path.abspath(name) if os.path.isdir(name) else name
         if not os.path.isdir(name):
-            from ..hub_access import offline_hint, unreachable_reason
+            from ..hub_access import OFFLINE_HINT, unreachable_reason
             why = unreachable_reason()
             if why:
                 raise MissingFileError(
                     f"tokenizer {name!r} is not a local tokenizer directory, and the HF hub cannot "
                     f"be reached to fetch it ({why}); use a local dir, 'bytes' for the built-in "
-                    f"byte tokenizer, or {offline_hint()}.")
+                    f"byte tokenizer, or {OFFLINE_HINT}.")
         try:
             self.tok = AutoTokenizer.from_pretrained(self.name)
         except OSError as e:

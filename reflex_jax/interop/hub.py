@@ -19,12 +19,12 @@ def snapshot(hub_id: str, patterns: Sequence[str], flag: str, local: str) -> str
     flag takes locally) name the fix in the error."""
     from huggingface_hub import snapshot_download
 
-    from ..hub_access import offline_hint, unreachable_reason
+    from ..hub_access import OFFLINE_HINT, unreachable_reason
     why = unreachable_reason()
     if why:
         raise ConvertError(f"{flag} {hub_id!r} is not {local}, and the HF hub cannot be reached to "
                            f"fetch it ({why}); download it where there is network and pass the "
-                           f"local directory instead, or {offline_hint()}.")
+                           f"local directory instead, or {OFFLINE_HINT}.")
     try:
         return snapshot_download(hub_id, allow_patterns=list(patterns))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
