@@ -130,12 +130,13 @@ def compile_all(program, log=lambda s: None, names=FUNCTIONS) -> dict:
     return out
 
 
-def report(program, target=None, log=lambda s: None) -> dict:
-    """The dry run of a TrainProgram as a JSON-able dict (see docs/training.md, "Dry run")."""
+def report(program, target=None, log=lambda s: None, names=FUNCTIONS) -> dict:
+    """The dry run of a TrainProgram as a JSON-able dict (see docs/training.md, "Dry run"); `names`
+    picks the programs to compile (the train step always: the roofline is its)."""
     c, cfg, mesh = program.config, program.model_config, program.mesh
     chip = getattr(target, "chip", None)
     devices = list(mesh.devices.flat)
-    functions = compile_all(program, log)
+    functions = compile_all(program, log, names=("train_step", *names))
     step = functions["train_step"]
     state = program.abstract_state
     per_device = {"params": per_device_bytes(state.params),
