@@ -68,7 +68,7 @@ def test_convert_sample_and_data_mistakes_are_one_sentence(capsys, tmp_path):
     assert "--hf" in _one_line_error(capsys, "convert_weights.py")
     out = ["--out", str(tmp_path / "out")]
     for argv, message in [
-            (["--hf", "x"], "--hf needs --config (the target architecture)"),
+            (["--hf", str(tmp_path / "no" / "dir")], "is neither an existing directory nor an HF hub"),
             (["--export", "hf"], "--export needs --run, the run or params directory to export."),
             (["--original", "x", "--layers", "0,1"], "--layers applies to --hf imports only"),
             (["--original", "x", "--run", "r"], "--run and --step apply to --export only"),

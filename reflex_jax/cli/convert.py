@@ -1,7 +1,9 @@
-"""Convert weights in and out: HF GPT-2 or the original PyTorch Reflex code in, HF or original out.
+"""Convert weights in and out: HF GPT-2 / Llama / Mistral / Qwen2 or the original PyTorch Reflex code
+in, HF or original out.
 
     python convert_weights.py --hf ai-forever/rugpt3large_based_on_gpt2 --config configs/reflex.py \\
         --out weights/rugpt3large_reflex [--layers 0,4,8,12,16,20] [--config.model.n_layer=6]
+    python convert_weights.py --hf Qwen/Qwen2-0.5B --out weights/qwen2   # the source's own model
     python convert_weights.py --original ckpt_2000.pt --out weights/original
     python convert_weights.py --export hf --run runs/reflex --out export/reflex_hf
     python convert_weights.py --export original --run runs/reflex --out export/reflex_original
@@ -28,13 +30,15 @@ def parse_args(argv: Optional[Sequence[str]]):
     """(flags, config overrides): every `--config.<field>` word is an override."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="import an HF GPT-2 checkpoint: a local directory or a hub id")
+    src.add_argument("--hf", help="import an HF checkpoint (model_type gpt2, llama, mistral or "
+                     "qwen2): a local directory or a hub id")
     src.add_argument("--original", help="import the original PyTorch Reflex code's model: a "
                      "PyTorchModelHubMixin directory, a hub id of one, or a notebook ckpt_*.pt")
     src.add_argument("--export", choices=EXPORTS, help="export --run as an HF trust_remote_code "
                      "directory (hf) or in the original code's format (original)")
     p.add_argument("--config", help="with --hf: config file whose .model section is the target "
-                   "architecture")
+                   "architecture (default: the source's own, exactly; --config.model.* overrides "
+                   "apply to either)")
     p.add_argument("--run", help="with --export: a train.py run directory or a params directory")
     p.add_argument("--step", type=int, default=None, help="with --export from a run: this step "
                    "(default: the best checkpoint)")
@@ -47,9 +51,6 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 
 def _check_flags(args, overrides: Sequence[str]) -> None:
-    if args.hf and not args.config:
-        raise UsageError("--hf needs --config (the target architecture), e.g. --config "
-                         "configs/reflex.py.")
     if args.export and not args.run:
         raise UsageError("--export needs --run, the run or params directory to export.")
     if not args.hf:
@@ -69,12 +70,18 @@ def _done(out: str) -> None:
 
 
 def import_hf(args, overrides: Sequence[str]) -> None:
-    from ..interop.hf_gpt2 import convert_to_dir, parse_layers
-    from ..run_config import load_config, model_config_from, split_overrides
-    config = load_config(args.config, split_overrides(overrides))
-    seed = args.seed if args.seed is not None else int(config.get("seed", 0))
-    report = convert_to_dir(args.hf, model_config_from(config), args.out,
-                            parse_layers(args.layers), seed)
+    """Onto --config's model, or without it onto the source's own (exact) model + overrides."""
+    from ..interop.hf_gpt2 import parse_layers
+    from ..interop.hf_import import convert_to_dir
+    from ..run_config import load_config, model_config_from, model_overrides, split_overrides
+    layers = parse_layers(args.layers)
+    if args.config:
+        config = load_config(args.config, split_overrides(overrides))
+        cfg, model, seed = model_config_from(config), None, int(config.get("seed", 0))
+    else:
+        cfg, model, seed = None, model_overrides(overrides), 0
+    seed = args.seed if args.seed is not None else seed
+    report = convert_to_dir(args.hf, cfg, args.out, layers, seed, model)
     print(report.table())
     _done(args.out)
 

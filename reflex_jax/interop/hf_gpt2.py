@@ -37,7 +37,7 @@ def parse_layers(text: Optional[str]) -> Optional[list[int]]:
                            "--layers 0,4,8,12.") from None
 
 
-def _pick_layers(cfg: ModelConfig, source: Source, layers: Optional[Sequence[int]]) -> list[int]:
+def pick_layers(cfg: ModelConfig, source: Source, layers: Optional[Sequence[int]]) -> list[int]:
     n_src = source.n_layer
     if layers is None:
         if cfg.n_layer > n_src:
@@ -85,7 +85,7 @@ def convert_gpt2(cfg: ModelConfig, source: Source, layers: Optional[Sequence[int
     from ..model import abstract_params
     check_shapes(source)   # the source against its own config.json, before any reshape
     _check_shapes(cfg, source)  # then the target against the source
-    picked = _pick_layers(cfg, source, layers)
+    picked = pick_layers(cfg, source, layers)
     # Target shapes/dtypes without allocating; fresh values are only computed if something is new.
     flat = {".".join(k): v for k, v in traverse_util.flatten_dict(abstract_params(cfg)).items()}
     w = ParamWriter(source, flat)
@@ -95,7 +95,7 @@ def convert_gpt2(cfg: ModelConfig, source: Source, layers: Optional[Sequence[int
     _map_norm(w, cfg, "ln_f", "ln_f")
     w.finish()
     notes += _conversion_notes(cfg, source) + _head_plan_notes(cfg)
-    params = _with_fresh_params(w, cfg, seed)
+    params = w.params(cfg, seed)
     return params, Report(source.describe(), cfg.schedule_table(), picked, w.rows, notes)
 
 
@@ -264,39 +264,13 @@ def _conversion_notes(cfg: ModelConfig, source: Source) -> list[str]:
     return notes
 
 
-def _with_fresh_params(w: ParamWriter, cfg: ModelConfig, seed: int):
-    """The params tree: what the writer filled, freshly initialised values for the rest."""
-    import jax
-    from flax import traverse_util
-    from ..model import init_params
-    if len(w.written) < len(w.flat):
-        fresh = jax.jit(lambda key: init_params(cfg, key))(jax.random.PRNGKey(seed))
-        for key, value in traverse_util.flatten_dict(fresh).items():
-            if ".".join(key) not in w.written:
-                w.flat[".".join(key)] = value
-    return traverse_util.unflatten_dict({tuple(k.split(".")): jax.numpy.asarray(v)
-                                         for k, v in w.flat.items()})
-
-
 def convert_to_dir(hf: str, cfg: ModelConfig, out: str, layers: Optional[Sequence[int]] = None,
                    seed: int = 0):
-    """Load `hf`, convert it onto `cfg` and save a params directory at `out`. Returns the Report."""
-    from ..checkpoint import save_params
-    source = load_gpt2(hf)
-    params, report = convert_gpt2(cfg, source, layers, seed)
-    meta = {"source": source.hub_id or source.directory, "source_dir": source.directory,
-            "source_files": source.files,
-            "source_config": {k: source.config.get(k) for k in
-                              ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size",
-                               "activation_function", "layer_norm_epsilon")},
-            "layers": report.layers, "seed": seed, "totals": report.totals(), "notes": report.notes}
-    if cfg.mlp == "swiglu":
-        meta["swiglu_alpha"] = SWIGLU_ALPHA
-    if source.tokenizer:
-        meta["tokenizer"] = source.tokenizer
-    save_params(out, cfg, params, meta)
-    return report
+    """Load `hf`, convert it onto `cfg` and save a params directory at `out`. Returns the Report.
+    (hf_import.convert_to_dir, which also reads Llama-family checkpoints.)"""
+    from .hf_import import convert_to_dir as convert
+    return convert(hf, cfg, out, layers, seed)
 
 
 __all__ = ["ConvertError", "Source", "Report", "Row", "SWIGLU_ALPHA", "check_shapes", "load_gpt2",
-           "matching_config", "parse_layers", "convert_gpt2", "convert_to_dir"]
+           "matching_config", "parse_layers", "pick_layers", "convert_gpt2", "convert_to_dir"]

@@ -1,4 +1,6 @@
-"""Reading an HF GPT-2 checkpoint (a local directory or a hub id) into numpy, without running code.
+"""Reading an HF checkpoint (a local directory or a hub id) into numpy, without running code, and
+the GPT-2 source: its tensors and their shapes against its config.json (the Llama family's are in
+hf_llama.py).
 
 `model.safetensors` is read through the safetensors library (numpy); `pytorch_model.bin` only
 through `torch.load(weights_only=True)`: a pickle that would execute code is refused. Everything is
@@ -21,12 +23,13 @@ from .hub import looks_like_hub_id, snapshot
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json")
+                   "tokenizer.model", "special_tokens_map.json")
 
 
 @dataclasses.dataclass
 class Source:
-    """An HF GPT-2 checkpoint: config.json and float32 tensors named without the `transformer.` prefix."""
+    """An HF GPT-2 checkpoint: config.json and float32 tensors named without the `transformer.` prefix
+    (the Llama family's subclass is hf_llama.LlamaSource)."""
     where: str                       # what the user passed (local dir or hub id)
     directory: str                   # local directory holding the files
     hub_id: Optional[str]
@@ -34,9 +37,13 @@ class Source:
     tensors: dict[str, np.ndarray]
     files: list[str]
 
+    family = "GPT-2"      # for messages
+    layer_prefix = "h"    # source layer i's tensors are named `h.{i}.*`
+
     @property
     def n_layer(self) -> int:
-        return len({k.split(".")[1] for k in self.tensors if k.startswith("h.")})
+        prefix = self.layer_prefix + "."
+        return len({k.split(".")[1] for k in self.tensors if k.startswith(prefix)})
 
     @property
     def n_head(self) -> int:
@@ -52,7 +59,7 @@ class Source:
     def tensor(self, name: str) -> np.ndarray:
         if name not in self.tensors:
             raise ConvertError(f"the checkpoint in {self.where!r} has no tensor {name!r}; it is not a "
-                               "complete GPT-2 checkpoint (re-save it with save_pretrained).")
+                               f"complete {self.family} checkpoint (re-save it with save_pretrained).")
         return self.tensors[name]
 
     def describe(self) -> str:
@@ -165,11 +172,12 @@ def _weight_files(directory: str) -> list[str]:
         if os.path.exists(os.path.join(directory, index)):
             return _index_files(directory, index)
     raise ConvertError(f"{directory!r} holds neither {SAFETENSORS} nor {TORCH_BIN}; point --hf at an HF "
-                       "GPT-2 checkpoint directory (saved with save_pretrained).")
+                       "checkpoint directory (saved with save_pretrained).")
 
 
-def load_gpt2(hf: str) -> Source:
-    """Read an HF GPT-2 checkpoint from a local directory or a hub id (never trust_remote_code)."""
+def open_checkpoint(hf: str) -> tuple[str, Optional[str], dict]:
+    """(local directory, hub id or None, config.json) of a local directory or a hub id (never
+    trust_remote_code)."""
     path = os.path.abspath(os.path.expanduser(hf))
     if os.path.isdir(path):
         directory, hub_id = path, None
@@ -180,12 +188,13 @@ def load_gpt2(hf: str) -> Source:
                            "(owner/name); fix the path.")
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
-        raise ConvertError(f"{directory!r} has no config.json; point --hf at an HF GPT-2 checkpoint "
+        raise ConvertError(f"{directory!r} has no config.json; point --hf at an HF checkpoint "
                            "directory (saved with save_pretrained).")
-    config = _read_json_object(cfg_path, "config.json (the GPT-2 settings)")
-    if config.get("model_type", "gpt2") != "gpt2":
-        raise ConvertError(f"{hf!r} is a {config['model_type']!r} model; convert_weights reads GPT-2 "
-                           "checkpoints (model_type 'gpt2') only.")
+    return directory, hub_id, _read_json_object(cfg_path, "config.json (the model's settings)")
+
+
+def read_tensors(directory: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(weight files, float32 tensors under their stored names) of a checkpoint directory."""
     files = _weight_files(directory)
     tensors: dict[str, np.ndarray] = {}
     for name in files:
@@ -194,12 +203,29 @@ def load_gpt2(hf: str) -> Source:
             raise ConvertError(f"{full!r} is listed in the index but missing; download the checkpoint "
                                "again.")
         part = _load_safetensors_file(full) if name.endswith(".safetensors") else _load_torch_file(full)
-        for k, v in part.items():
-            k = k[len("transformer."):] if k.startswith("transformer.") else k
-            # h.N.attn.bias / masked_bias are causal-mask buffers of old checkpoints, not weights.
-            if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k):
-                continue
-            tensors[k] = v
+        tensors.update(part)
+    return files, tensors
+
+
+def load_gpt2(hf: str) -> Source:
+    """Read an HF GPT-2 checkpoint from a local directory or a hub id (never trust_remote_code)."""
+    directory, hub_id, config = open_checkpoint(hf)
+    if config.get("model_type", "gpt2") != "gpt2":
+        raise ConvertError(f"{hf!r} is a {config['model_type']!r} model; load_gpt2 reads GPT-2 "
+                           "checkpoints (model_type 'gpt2') only, so use hf_import.load_hf.")
+    return gpt2_source(hf, directory, hub_id, config)
+
+
+def gpt2_source(hf: str, directory: str, hub_id: Optional[str], config: dict) -> Source:
+    """The GPT-2 Source of an opened checkpoint, its shapes checked against its config.json."""
+    files, stored = read_tensors(directory)
+    tensors: dict[str, np.ndarray] = {}
+    for k, v in stored.items():
+        k = k[len("transformer."):] if k.startswith("transformer.") else k
+        # h.N.attn.bias / masked_bias are causal-mask buffers of old checkpoints, not weights.
+        if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k):
+            continue
+        tensors[k] = v
     source = Source(hf, directory, hub_id, config, tensors, files)
     check_shapes(source)
     return source

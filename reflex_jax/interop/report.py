@@ -26,6 +26,7 @@ class Report:
     layers: list[int]
     rows: list[Row]
     notes: list[str]
+    source_layer: str = "h"    # source layer j's tensors are `{source_layer}.{j}.*`
 
     def totals(self) -> dict[str, int]:
         out = {s: 0 for s in ("copied", "sliced", "constant", "new", "dropped")}
@@ -36,12 +37,13 @@ class Report:
     def table(self) -> str:
         """Rows grouped over layers (h_{i} <- h.{j}, with i -> j as in the `layers` line)."""
         groups: dict[tuple, list] = {}
+        src = self.source_layer
         for r in self.rows:
             key = (r.status, re.sub(r"^h_\d+\.", "h_{i}.", r.target),
-                   re.sub(r"^h\.\d+\.", "h.{j}.", r.source))
+                   re.sub(rf"^{src}\.\d+\.", src + ".{j}.", r.source))
             groups.setdefault(key, []).append(r.n_params)
         lines = [f"source: {self.source}", f"target: {self.target}",
-                 "layers: " + ", ".join(f"h_{i} <- h.{j}" for i, j in enumerate(self.layers)),
+                 "layers: " + ", ".join(f"h_{i} <- {src}.{j}" for i, j in enumerate(self.layers)),
                  "", "| status | params | target | source |", "|---|---:|---|---|"]
         order = {"copied": 0, "sliced": 1, "constant": 2, "new": 3, "dropped": 4}
         for (status, target, source), counts in sorted(groups.items(), key=lambda kv: order[kv[0][0]]):
@@ -82,6 +84,19 @@ class ParamWriter:
         self.flat[target] = np.asarray(value, np.float32).astype(leaf.dtype)
         self.written.add(target)
         self.rows.append(Row(status, target, source_desc, int(value.size)))
+
+    def params(self, cfg, seed: int):
+        """The params tree: what was put, freshly initialised values (from `seed`) for the rest."""
+        import jax
+        from flax import traverse_util
+        from ..model import init_params
+        if len(self.written) < len(self.flat):
+            fresh = jax.jit(lambda key: init_params(cfg, key))(jax.random.PRNGKey(seed))
+            for key, value in traverse_util.flatten_dict(fresh).items():
+                if ".".join(key) not in self.written:
+                    self.flat[".".join(key)] = value
+        return traverse_util.unflatten_dict({tuple(k.split(".")): jax.numpy.asarray(v)
+                                             for k, v in self.flat.items()})
 
     def finish(self) -> None:
         for target, leaf in self.flat.items():
