@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .errors import MeshError, UsageError
+from .errors import MeshError, ReflexError, UsageError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -346,6 +346,25 @@ def _initialize(kwargs: dict) -> None:
         raise UsageError(f"could not join the multi-host job at {where} ({first[:200]}); start every "
                          "process with the same --coordinator and --num_processes and a distinct "
                          "--process_id.") from e
+
+
+# what a collective or the coordination service says when a peer process died (gloo on CPUs;
+# the heartbeat and unhealthy-task errors of JAX's coordination service everywhere)
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Gloo", "heartbeat timeout",
+              "tasks are unhealthy", "stopped sending heartbeats")
+
+
+def lost_peer(error: BaseException) -> Optional[str]:
+    """The first line of `error` when it says that another process of a multi-host job is gone
+    (its collectives fail), else None."""
+    if (jax.process_count() < 2 or isinstance(error, ReflexError)
+            or not isinstance(error, (jax.errors.JaxRuntimeError, ValueError))):
+        return None
+    text = str(error).strip()
+    if not any(p in text for p in _PEER_GONE):
+        return None
+    first = text.splitlines()[0]
+    return first[:300]
 
 
 def sync_processes(name: str) -> None:

@@ -50,7 +50,7 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 
 DOES_NOT_FIT = 3  # exit status of a dry run whose compiled step does not fit the chip's memory
-STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: requeue (EX_TEMPFAIL)
+STOPPED = 75  # stopped by SIGTERM/SIGINT after saving, or a peer process lost: requeue (EX_TEMPFAIL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -72,7 +72,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                               args.process_id, auto=args.multihost,
                                               heartbeat_s=args.heartbeat_s)
         trainer = Trainer(config)
-        summary = trainer.train()
+        try:
+            summary = trainer.train()
+        except Exception as e:  # noqa: BLE001 - only a lost peer is handled; the rest re-raises
+            cause = sharding.lost_peer(e)
+            if cause is None:
+                raise
+            _exit_lost_peer(cause, config.run_dir)
     if trainer.is_main:
         print(_summary_lines(summary))
     if summary["stopped_by"]:  # a scheduler must tell preemption from completion
@@ -144,6 +150,17 @@ def _exit_after_error(status: int):
             sys.stderr.flush()
             os._exit(status)
     sys.exit(status)
+
+
+def _exit_lost_peer(cause: str, run_dir: str) -> None:
+    """Another process of the job is gone: one sentence and exit STOPPED at once. Waiting would
+    not help: JAX's shutdown barrier would abort this process after the heartbeat timeout with a
+    page of coordination-service errors."""
+    print(f"{PROG}: error: another process of this multi-host run is gone ({cause}); start every "
+          f"process again to resume {_short(run_dir)} from its last committed step.",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(STOPPED)
 
 
 def _short(path: str) -> str:
