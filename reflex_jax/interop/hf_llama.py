@@ -44,8 +44,8 @@ class LlamaSource(Source):
     layer_prefix = "layers"
 
     def get(self, key: str):
-        """A config.json setting, else HF's default for this model_type."""
-        if self.config.get(key) is not None:
+        """A config.json setting (null included), else HF's default for this model_type."""
+        if key in self.config:
             return self.config[key]
         return _DEFAULTS[self.model_type].get(key)
 
@@ -89,7 +89,8 @@ class LlamaSource(Source):
 
     @property
     def max_positions(self) -> int:
-        return int(self.get("max_position_embeddings"))
+        return int(self.get("max_position_embeddings") or _DEFAULTS[self.model_type][
+            "max_position_embeddings"])
 
     @property
     def window(self) -> Optional[int]:
@@ -469,7 +470,7 @@ def _conversion_notes(cfg: ModelConfig, source: LlamaSource) -> list[str]:
     if cfg.rope_theta != source.rope_theta:
         notes.append(f"model.rope_theta={cfg.rope_theta:g} differs from the source's "
                      f"{source.rope_theta:g}, so every position's rotation changes.")
-    biased = sorted({p for p, b in source.biases().items() if b})
+    biased = [p for p, b in source.biases().items() if b]
     if biased and not cfg.bias:
         notes.append(f"model.bias=False: the source's {', '.join(biased)} biases are dropped, so "
                      "the function changes.")
