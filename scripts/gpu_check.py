@@ -59,7 +59,7 @@ NEEDS_TRAIN = ("mfu", "memory")  # read the train section's measurements
 # imports, with what needs them
 NEEDS_MODULES = {"train": ("ml_collections",), "mfu": ("ml_collections",),
                  "memory": ("ml_collections",)}
-DEFAULT_BUDGET_S = 420.0
+DEFAULT_BUDGET_S = 360.0
 # Dense bf16 datasheet peaks of GPUs that reflex_jax.hardware.CHIPS (the compile targets) does not
 # list; CHIPS comes first. nvidia.com/en-us/data-center/h100: H100 PCIe BF16 1,513 TFLOPS with
 # sparsity, dense is half.
@@ -353,13 +353,15 @@ class Check:
         self.log(f"{self.device.device_kind} ({self.platform}, {len(jax.devices())} device(s)), "
                  f"jax {jax.__version__}; sections: {', '.join(self.args.sections)}")
         self.write()
-        if "memory" in self.args.sections and not _missing_modules(("ml_collections",)):
-            self._start_prediction(self._reference_accum())  # runs beside the GPU sections
         sections = {"parity": self.parity, "cudnn": self.cudnn, "train": self.train,
                     "mfu": self.mfu, "memory": self.memory, "decode": self.decode}
-        for name in self.args.sections:
-            self.run_section(name, sections[name])
-        self._stop_prediction()
+        try:
+            if "memory" in self.args.sections and not _missing_modules(("ml_collections",)):
+                self._start_prediction(self._reference_accum())  # runs beside the GPU sections
+            for name in self.args.sections:
+                self.run_section(name, sections[name])
+        finally:
+            self._stop_prediction()
         self.result["summary"] = self.summary()
         self.write()
         print("\n".join(self.result["summary"]), flush=True)
@@ -629,6 +631,9 @@ class Check:
 
     def memory(self) -> dict:
         mem = self.train_memory
+        if not mem:
+            return {"status": "skipped", "reason": "the train section did not measure the `all` "
+                    "step, whose memory this section reads"}
         compiled = mem.get("compiled") or {}
         after = mem.get("after_steps")
         out: dict = {"grad_accum": mem.get("grad_accum"),

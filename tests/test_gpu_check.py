@@ -132,6 +132,7 @@ def test_reading_the_attention_kernel_from_hlo():
     assert gpu_check._backend_in("%d = dot(a, b)") == "xla"
 
 
+@pytest.mark.slow
 def test_cudnn_variants_on_the_cpu():
     """The cuDNN section's variants, run on the CPU: `cudnn` refuses in the project's sentence,
     `auto` and `xla` compile to XLA attention and agree, plain causal and with documents."""
