@@ -1,5 +1,5 @@
 """HF Llama-family checkpoints (model_type llama, mistral, qwen2) -> params for any reflex
-`ModelConfig` (the mapping, what is accepted and what is refused: docs/convert.md#llama-family).
+`ModelConfig` (the mapping, what is accepted and what is refused: docs/convert.md#llama-family-checkpoints).
 
     source = load_llama("Qwen/Qwen2-0.5B")                    # or a local HF directory
     params, report = convert_llama(equivalent_config(source), source)   # exact: none or gqa:G
