@@ -147,7 +147,13 @@ def _first_line(error: BaseException) -> str:
 
 def _missing_modules(names) -> list[str]:
     import importlib.util
-    return [m for m in names if importlib.util.find_spec(m) is None]
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a parent package missing; a module blocked with None
+            return True
+    return [m for m in names if missing(m)]
 
 
 def _missing_sentence(section: str, missing: list[str]) -> str:

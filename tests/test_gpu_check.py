@@ -89,6 +89,24 @@ def test_parity_section_alone(tmp_path):
     assert res["sections"]["parity"]["status"] == "ok"
 
 
+def test_a_missing_ml_collections_is_named_in_the_sections_it_stops(tmp_path):
+    """The GPU machine's image has no ml_collections: the sections that build the train step's
+    program say so (with the install line) instead of raising."""
+    out = tmp_path / "check.json"
+    code = ("import runpy, sys; sys.modules['ml_collections'] = None; "
+            f"sys.argv = [{SCRIPT!r}, '--smoke', '--sections', 'mfu,memory', '--json', {str(out)!r}]; "
+            f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert list(sections) == ["train", "mfu", "memory"]
+    for sec in sections.values():
+        assert sec["status"] == "skipped"
+        assert "ml_collections is not installed" in sec["reason"]
+        assert "pip install ml-collections" in sec["reason"]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--sections", "parity,gpus"], "'gpus'"),
