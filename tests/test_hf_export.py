@@ -1,10 +1,18 @@
 """The HF trust_remote_code export: the PyTorch port loaded by transformers reproduces the JAX
 decoder's logits, greedy generation (cached, uncached, left-padded batches), the self-heads-only
-KV cache, and unsupported configs are refused in one sentence."""
+KV cache, and unsupported configs are refused in one sentence. A client of the export gets
+sample.py's answer: the chat template gives sample.py's prompt ids for every template, the
+generation config decodes as sample.py does, and docs/export.md's snippets print sample.py's
+answer; the export prints no transformers advice about a missing torch."""
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +22,8 @@ from safetensors.numpy import load_file
 torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from reflex_jax.data import ByteTokenizer  # noqa: E402
+from reflex_jax.data import DEFAULT_TEMPLATE, ByteTokenizer, load_tokenizer  # noqa: E402
+from reflex_jax.data.templates import chat_template  # noqa: E402
 from reflex_jax.errors import ConvertError  # noqa: E402
 from reflex_jax.interop.hf_export import hf_tokenizer, write_hf  # noqa: E402
 from reflex_jax.model import Decoder, ModelConfig, abstract_params  # noqa: E402
@@ -251,3 +260,182 @@ def test_convert_weights_exports_a_params_directory(tmp_path, capsys):
     assert convert.main(["--export", "original", "--run", other, "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("convert_weights.py: error: model.mlp='gelu'") and "\n" not in err
+
+
+# ---- what a transformers client needs: sample.py's prompt ids and decoding ----------------------
+
+QUESTIONS = ["Сколько будет 13 плюс 19?", "2+2", "a {{ b }} {% raw %} \\n \"q\" {# c #}"]
+# the default, one without text before the question, and one whose literals hold what Jinja and
+# format strings treat specially: quotes, backslashes, braces ({{ }} is one brace), block, comment
+# and raw-block markers, a tab, a CR-LF, a character outside the BMP, the question twice
+TEMPLATES = [DEFAULT_TEMPLATE, "{question} => {answer}",
+             'Q: "{question}" \\ }} %}} {{% #}} {{#}} {{{{- y -}}}} {{%- raw -%}}\t😀\r\n{question}?'
+             "\nA: {answer}"]
+sample_cli = pytest.importorskip("reflex_jax.cli.sample")
+
+
+def bpe_tokenizer(directory: str) -> str:
+    """A byte-level BPE tokenizer (rugpt3's kind: merges, prefix spaces, bos/eos/pad) trained on a
+    few lines and saved as transformers files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"Вопрос: Сколько будет {a} плюс {b}?\n### Ответ: {a + b}"
+                             for a in range(20) for b in range(20)], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+    return directory
+
+
+def chat_ids(tok, messages, **kw):
+    return tok.apply_chat_template(messages, add_generation_prompt=True, **kw)["input_ids"]
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_chat_template_gives_sample_pys_prompt_ids(tokenizer, tmp_path):
+    """apply_chat_template on the export's tokenizer = the ids `sample.py --template instruct`
+    feeds, for every template; the bare text = what `--template none` feeds."""
+    name = "bytes" if tokenizer == "bytes" else bpe_tokenizer(str(tmp_path / "bpe"))
+    cfg = tiny(vocab_size=512)
+    out = write_hf(cfg, random_params(cfg), str(tmp_path / "hf"), tokenizer=name,
+                   template=DEFAULT_TEMPLATE)
+    assert os.path.isfile(os.path.join(out, "chat_template.jinja"))
+    tok, ref = AutoTokenizer.from_pretrained(out, trust_remote_code=True), load_tokenizer(name)
+    for template in TEMPLATES:
+        if template != DEFAULT_TEMPLATE:  # the exported one is checked as written
+            tok.chat_template = chat_template(template)
+        for q in QUESTIONS:
+            user = [{"role": "user", "content": q}]
+            want = sample_cli._instruct(ref, [q], template)[0]
+            assert want[0] == ref.bos_id and len(want) > len(ref.encode(q)) + 1
+            assert chat_ids(tok, user, sanitize_control_tokens=True) == want
+            assert tok(q)["input_ids"] == ref.encode(q)  # --template none: the raw text
+            # answered turns before the question are training rows (bos + row + eos)
+            row = [{"role": "user", "content": "2+3"}, {"role": "assistant", "content": "5"}]
+            rendered = template.replace("{question}", "2+3").replace("{answer}", "5")
+            rendered = rendered.replace("{{", "{").replace("}}", "}")
+            assert chat_ids(tok, row + user) == [ref.bos_id, *ref.encode(rendered), ref.eos_id,
+                                                 *want]
+    # a special token's text in a question: the byte tokenizer encodes it as bytes (transformers
+    # does with sanitize_control_tokens), a transformers tokenizer as the special token
+    tok.chat_template = chat_template(DEFAULT_TEMPLATE)
+    special = [{"role": "user", "content": "<s>"}]
+    want = sample_cli._instruct(ref, ["<s>"], DEFAULT_TEMPLATE)[0]
+    assert want.count(ref.bos_id) == (1 if tokenizer == "bytes" else 2)
+    assert chat_ids(tok, special, sanitize_control_tokens=tokenizer == "bytes") == want
+    with pytest.raises(Exception, match=r"trained on questions \(role user\) and answers \(role "
+                                        r"assistant\) only; drop the system message"):
+        tok.apply_chat_template([{"role": "system", "content": "be brief"}] + user)
+
+
+def test_plain_templates_give_no_chat_template_and_a_greedy_generation_config(tmp_path):
+    """Text data (no template) and templates without {question}/{answer} ask no question: no chat
+    template. generation_config.json: greedy, the tokenizer's ids, block_size tokens at most."""
+    from transformers import GenerationConfig
+    cfg = tiny(vocab_size=259)
+    assert chat_template(None) is None and chat_template("") is None
+    for k, template in enumerate([None, "{context}\n{question}: {answer}", "{text}{answer}"]):
+        out = write_hf(cfg, random_params(cfg), str(tmp_path / str(k)), tokenizer="bytes",
+                       template=template)
+        assert not os.path.exists(os.path.join(out, "chat_template.jinja"))
+        assert AutoTokenizer.from_pretrained(out, trust_remote_code=True).chat_template is None
+    gen = GenerationConfig.from_pretrained(out)
+    assert (gen.do_sample, gen.max_length, gen.bos_token_id, gen.eos_token_id,
+            gen.pad_token_id) == (False, cfg.block_size, 257, 258, 256)
+    bare = write_hf(cfg, random_params(cfg), str(tmp_path / "bare"))  # no tokenizer: no ids
+    assert json.load(open(os.path.join(bare, "generation_config.json"))) == {
+        "do_sample": False, "max_length": cfg.block_size}
+
+
+def _stderr_without_torch(code: str, cwd: str) -> str:
+    """stderr of `code` run in a fresh interpreter where torch cannot be imported (as after
+    `pip install -e .`, which brings transformers but not torch)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+    run = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stderr
+
+
+@pytest.mark.slow
+def test_export_prints_no_pytorch_advice(tmp_path):
+    """Without torch, importing transformers advises installing it; `convert_weights.py --export
+    hf` needs no torch and must not print that advice."""
+    from reflex_jax.checkpoint import save_params
+    advice = "PyTorch was not found"
+    assert advice in _stderr_without_torch("import transformers", str(tmp_path))  # the control
+    cfg = tiny(vocab_size=259)
+    save_params(str(tmp_path / "run"), cfg, random_params(cfg),
+                meta={"tokenizer": "bytes", "template": DEFAULT_TEMPLATE})
+    err = _stderr_without_torch(
+        "from reflex_jax.cli import convert\n"
+        "assert convert.main(['--export', 'hf', '--run', 'run', '--out', 'hf']) == 0",
+        str(tmp_path))
+    assert advice not in err and err.strip() == "", err
+    assert os.path.isfile(tmp_path / "hf" / "chat_template.jinja")
+    assert os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS") is None  # set around the import only
+
+
+DOC_DIR, DOC_QUESTION = "export/tiny", "Сколько будет 13 плюс 19?"
+
+
+def doc_snippets() -> list[str]:
+    """The python blocks of docs/export.md that load DOC_DIR (the client's code)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "export.md"),
+              encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    snippets = [b for b in blocks if DOC_DIR in b]
+    assert len(snippets) == 2 and all(DOC_QUESTION in b for b in snippets)
+    return snippets
+
+
+def answering_params(cfg):
+    """random_params with untied head whose eos column is a scaled copy of a token's that the
+    model emits early: greedy rows then stop at eos after differing numbers of tokens, as a
+    trained model's answers do."""
+    params = jax.tree_util.tree_map(np.array, random_params(cfg))
+    tok = ByteTokenizer()
+    first = Generator(cfg, compiler_options=FAST).generate(
+        params, [sample_cli._instruct(tok, [q], DEFAULT_TEMPLATE)[0] for q in QUESTIONS],
+        max_new_tokens=8, temperature=0.0)
+    params["lm_head"][:, tok.eos_id] = 1.05 * params["lm_head"][:, first[0][3]]
+    return params
+
+
+@pytest.mark.slow
+def test_docs_snippets_print_sample_pys_answer(tmp_path):
+    """The exported run answers a transformers client exactly as `sample.py --template instruct`
+    does (greedy, its default): docs/export.md's two snippets (pipeline, and apply_chat_template +
+    generate), run as written on the export, print sample.py's completion for each question, and
+    the pipeline's token ids are sample.py's prompt and new ids followed by eos."""
+    from reflex_jax.checkpoint import save_params
+    from reflex_jax.cli import convert
+    cfg = tiny(vocab_size=259, block_size=128, tie_embeddings=False)
+    run, out = str(tmp_path / "run"), str(tmp_path / "export")
+    save_params(run, cfg, answering_params(cfg),
+                meta={"tokenizer": "bytes", "template": DEFAULT_TEMPLATE})
+    assert convert.main(["--export", "hf", "--run", run, "--out", out]) == 0
+    args = ["--run", run, "--template", "instruct"] + [a for q in QUESTIONS for a in ("--prompt", q)]
+    rows = [line.split(" | ") for line in
+            sample_cli.generate_lines(sample_cli.parse_args(args + ["--print_tokens"]))]
+    rows = [([int(t) for t in p.split(",")], [int(t) for t in n.split(",") if t]) for p, n in rows]
+    texts = sample_cli.generate_lines(sample_cli.parse_args(args))[::2]  # between: "-" * 40
+    assert len({len(new) for _, new in rows}) > 1  # rows stop at eos after different lengths
+    assert any(len(p) + len(new) < cfg.block_size for p, new in rows)
+    tok = ByteTokenizer()
+    for (prompt, new), text, q in zip(rows, texts, QUESTIONS):
+        namespace = {}
+        for code in doc_snippets():
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(code.replace(DOC_DIR, out).replace(f'"{DOC_QUESTION}"', repr(q)),
+                     namespace)
+            assert tok.decode(prompt) + printed.getvalue()[:-1] == text  # print adds a newline
+        got = namespace["chat"](namespace["messages"], return_tensors=True)[0]
+        stopped = len(prompt) + len(new) < cfg.block_size
+        assert got["generated_token_ids"] == prompt + new + ([tok.eos_id] if stopped else [])

@@ -1,6 +1,7 @@
 """Row templates: a format string with named placeholders whose last one is the answer."""
 from __future__ import annotations
 
+import json
 import string
 from typing import Any, Optional, Sequence
 
@@ -100,6 +101,46 @@ def render_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
         raise DataError(f"template {template!r} must use exactly the placeholders {{question}} and "
                         f"{{answer}} to render task prompts; got {sorted(set(t.placeholders))}.")
     return t.prompt({"question": question})
+
+
+def chat_template(template: Optional[str]) -> Optional[str]:
+    """`template` as a transformers chat template (Jinja). A user message renders as bos + the
+    template up to its last {question}, filled; the generation prompt as the header (the text from
+    there to {answer}); an assistant message as header + answer + eos. So
+    `apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)` gives
+    exactly `prompt_tokens(tok, q, template)`, and answered turns are training rows one after
+    another. None for no template (text data) or one render_prompt refuses (placeholders other
+    than {question} and {answer}): there is no question to fill."""
+    if not template:
+        return None
+    try:
+        render_prompt("", template)
+    except DataError:
+        return None
+    user, text = ["bos_token"], ""
+    for literal, name, _, _ in _parse(template):  # escaped braces split literals: join them
+        text += literal
+        if name == "question":
+            user += [_jinja_string(text), "message['content']"] if text else ["message['content']"]
+            text = ""
+    header = _jinja_string(text)  # what follows the last question: the answer's header
+    return "\n".join([
+        "{%- for message in messages -%}",
+        "{%- if message['role'] == 'user' -%}",
+        "{{- " + " + ".join(user) + " -}}",
+        "{%- elif message['role'] == 'assistant' -%}",
+        "{{- " + header + " + message['content'] + eos_token -}}",
+        "{%- else -%}",
+        "{{- raise_exception('this model was trained on questions (role user) and answers (role "
+        "assistant) only; drop the ' + message['role'] + ' message.') -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + header + " -}}{%- endif -%}"])
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal: Jinja reads the escapes JSON writes."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def prompt_tokens(tok, question: str, template: str = DEFAULT_TEMPLATE) -> list[int]:

@@ -19,7 +19,8 @@ def export_run(kind: str, run: str, out: str, *, step: Optional[int] = None) -> 
     meta = read_checkpoint_meta(run)
     if kind == "hf":
         from .hf_export import write_hf
-        write_hf(cfg, params, out, tokenizer=meta.get("tokenizer"), meta=meta)
+        write_hf(cfg, params, out, tokenizer=meta.get("tokenizer"), template=meta.get("template"),
+                 meta=meta)
         return (f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained("
                 f"{out!r}, trust_remote_code=True)")
     from .original import write_original

@@ -3,7 +3,9 @@
 `write_hf(cfg, params, out)` writes what `AutoModelForCausalLM.from_pretrained(out,
 trust_remote_code=True)` loads: config.json (every ModelConfig field plus the resolved per-layer
 head plan), model.safetensors (the params in their param dtype, under PyTorch names), the
-PyTorch port of the decoder (hf_remote/*.py, copied as they are) and, when asked, the tokenizer.
+PyTorch port of the decoder (hf_remote/*.py, copied as they are), generation_config.json (greedy,
+as sample.py decodes) and, when asked, the tokenizer with the training template as its chat
+template.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from typing import Optional
 
 import numpy as np
@@ -21,7 +24,9 @@ from ..model import ModelConfig
 
 REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
 CONFIG_FILE, MODELING_FILE = "configuration_reflex_jax.py", "modeling_reflex_jax.py"
-WEIGHTS, META = "model.safetensors", "reflex_meta.json"
+WEIGHTS, META, GENERATION = "model.safetensors", "reflex_meta.json", "generation_config.json"
+# set while transformers is imported: its "PyTorch was not found" advice is logged as advisory
+NO_ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
 AUTO_MAP = {"AutoConfig": "configuration_reflex_jax.ReflexJaxConfig",
             "AutoModelForCausalLM": "modeling_reflex_jax.ReflexJaxForCausalLM"}
 
@@ -86,6 +91,12 @@ def hf_config(cfg: ModelConfig, special_ids: dict) -> dict:
             "reflex_model": cfg.to_dict(), "layer_plan": layer_plan(cfg)}
 
 
+def generation_config(cfg: ModelConfig, special_ids: dict) -> dict:
+    """generate()'s defaults: greedy (sample.py's default), stopping at the tokenizer's eos or at
+    the model's block_size (what positions it has), padding with its pad."""
+    return {"do_sample": False, "max_length": cfg.block_size, **special_ids}
+
+
 def _linear(kernel, n_in: int) -> np.ndarray:
     """A flax kernel (input axes first) as a torch Linear weight [out, in]."""
     k = np.asarray(kernel)
@@ -132,12 +143,13 @@ def hf_tensors(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
 
 
 def write_hf(cfg: ModelConfig, params, out: str, *, tokenizer: Optional[str] = None,
-             meta: Optional[dict] = None) -> str:
+             template: Optional[str] = None, meta: Optional[dict] = None) -> str:
     """Write the transformers directory `out` (see the module docstring); returns its path.
 
     `tokenizer` is what `reflex_jax.data.load_tokenizer` takes ('bytes', a tokenizer directory
-    or a hub id); its files are saved next to the weights. `meta` (provenance) goes to
-    reflex_meta.json.
+    or a hub id); its files are saved next to the weights, with `template` (the run's training
+    template, data/templates.py) as its chat template when it asks a question. `meta`
+    (provenance) goes to reflex_meta.json.
     """
     from ..checkpoint import check_params_fit
     from ..storage import is_remote
@@ -151,9 +163,13 @@ def write_hf(cfg: ModelConfig, params, out: str, *, tokenizer: Optional[str] = N
     os.makedirs(out, exist_ok=True)
     special_ids = {}
     if tok is not None:
+        from ..data.templates import chat_template
+        tok.chat_template = chat_template(template)
         tok.save_pretrained(out)
         special_ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                        "pad_token_id": tok.pad_token_id}
+    with open(os.path.join(out, GENERATION), "w", encoding="utf-8") as f:
+        json.dump(generation_config(cfg, special_ids), f, indent=2)
     from safetensors.numpy import save_file
     save_file(tensors, os.path.join(out, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
@@ -196,8 +212,25 @@ def byte_tokenizer_hf():
                                    eos_token="</s>")
 
 
+def import_transformers_quietly() -> None:
+    """Import transformers without its "PyTorch was not found" advice (an export needs only its
+    tokenizers; the machine that loads the export needs torch, and transformers says so there)."""
+    if "transformers" in sys.modules:
+        return
+    before = os.environ.get(NO_ADVICE)
+    os.environ[NO_ADVICE] = "1"  # read when transformers/__init__ logs the advice
+    try:
+        import transformers  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ[NO_ADVICE]
+        else:
+            os.environ[NO_ADVICE] = before
+
+
 def hf_tokenizer(name: str, cfg: ModelConfig):
     """Tokenizer `name` as a transformers tokenizer, its pad set (to eos if it has none)."""
+    import_transformers_quietly()
     if name == "bytes":
         tok = byte_tokenizer_hf()
     else:
