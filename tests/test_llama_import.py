@@ -317,6 +317,20 @@ def test_damaged_tensor_is_named(saved, tmp_path):
         load_hf(str(directory))
 
 
+def test_tied_matrix_stored_as_lm_head_only(tmp_path):
+    """safetensors keeps a shared tensor once; some checkpoints keep it as lm_head.weight."""
+    from safetensors.numpy import load_file, save_file
+    model = make_model("qwen2", 2, True, n_layer=1)
+    path = os.path.join(save(model, tmp_path / "m"), "model.safetensors")
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, path, metadata={"format": "pt"})
+    source = load_hf(str(tmp_path / "m"))
+    params, report = convert_hf(equivalent_config(source), source)
+    np.testing.assert_array_equal(params["wte"], model.model.embed_tokens.weight.detach().numpy())
+    assert report.totals()["dropped"] == 0
+
+
 # ---- without --config: the source's own model -------------------------------------------------------
 
 def test_equivalent_config_from_config_json(saved, tmp_path):

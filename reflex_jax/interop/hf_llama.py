@@ -149,6 +149,9 @@ def llama_source(hf: str, directory: str, hub_id: Optional[str], config: dict) -
             continue
         tensors[k] = v
     source = LlamaSource(hf, directory, hub_id, config, tensors, files)
+    if source.tied and "embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
+        # safetensors stores a tied matrix once, under either name
+        tensors["embed_tokens.weight"] = tensors.pop("lm_head.weight")
     check_shapes(source)
     return source
 
