@@ -376,7 +376,7 @@ def test_export_prints_no_pytorch_advice(tmp_path):
         "from reflex_jax.cli import convert\n"
         "assert convert.main(['--export', 'hf', '--run', 'run', '--out', 'hf']) == 0",
         str(tmp_path))
-    assert advice not in err and err.strip() == "", err
+    assert advice not in err and "[transformers]" not in err, err
     assert os.path.isfile(tmp_path / "hf" / "chat_template.jinja")
     assert os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS") is None  # set around the import only
 
