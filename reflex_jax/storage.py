@@ -141,22 +141,62 @@ def local_cache_dir(path) -> str:
     return os.path.join(root, "reflex_jax", scheme(path), _SCHEME.sub("", path))
 
 
-def copy_dir_to_local(remote: str, local: str) -> None:
-    """The files of the flat remote directory `remote` in `local` (replaced whole, atomically:
-    written to a temporary directory beside it, then renamed)."""
-    import shutil
-    tmp = f"{local}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        for name in listdir(remote):
-            data = _call(join(remote, name), lambda p: p.read_bytes())
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-        old = f"{local}.old-{os.getpid()}"
-        if os.path.exists(local):
-            os.replace(local, old)
-        os.replace(tmp, local)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _filesystem(path: str):
+    """(fsspec filesystem, its path) of a remote path, for what etils.epath cannot do."""
+    def get(_):
+        import fsspec.core
+        return fsspec.core.url_to_fs(path)
+    return _call(path, get)
+
+
+def size(path) -> int:
+    """Bytes in the file `path` (local or remote)."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, p = _filesystem(path)
+    return int(fs.size(p))
+
+
+def read_range(path, start: int, end: int) -> bytes:
+    """Bytes start..end-1 of the file `path` (remote: one ranged request)."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    fs, p = _filesystem(path)
+    return fs.cat_file(p, start=start, end=end)
+
+
+def read_bytes(path) -> bytes:
+    path = os.fspath(path)
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return _call(path, lambda p: p.read_bytes())
+
+
+def remove(path) -> None:
+    """Remove the file `path` if it exists."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    if exists(path):
+        _call(path, lambda p: p.unlink())
+
+
+def upload_dir(local: str, remote: str, last: str = "") -> None:
+    """The files of the flat local directory `local` into `remote`; `last` (a name) is uploaded
+    after every other file, so that a reader who waits for it sees a complete directory."""
+    names = sorted(os.listdir(local), key=lambda n: n == last)
+    for name in names:
+        with open(os.path.join(local, name), "rb") as f:
+            data = f.read()
+        try:
+            _call(join(remote, name), lambda p, d=data: p.write_bytes(d))
+        except FileNotFoundError:
+            raise MissingFileError(f"cannot write {join(remote, name)!r}: its bucket does not "
+                                   "exist; create it or fix the path.") from None

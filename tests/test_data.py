@@ -894,3 +894,38 @@ def test_an_unreachable_hub_is_one_sentence_at_once(tmp_path, monkeypatch):
         snapshot("someone/model", ["*.json"], "--hf", "a local directory")
     assert time.monotonic() - t0 < 5
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_ranged_array_reads_what_a_memmap_reads_and_caches_chunks(tmp_path):
+    """RangedArray (data in a bucket, read by range) over a local file: slices, integers, negative
+    indices, index arrays and the loader's wrap-around windows equal np.memmap's; only the chunks
+    a read touches are fetched, each once; a file cut short is one sentence."""
+    from reflex_jax.data.loader import window
+    from reflex_jax.data.ranged import RangedArray
+    path = tmp_path / "t.bin"
+    stream = np.arange(1000, dtype=np.uint16) * 7
+    stream.tofile(path)
+    ref = np.memmap(path, np.uint16, "r")
+    ranged = RangedArray(str(path), np.uint16, len(stream), str(tmp_path / "cache"), chunk_bytes=64)
+    assert ranged.chunk_items == 32 and len(ranged) == 1000 and ranged.shape == (1000,)
+    np.testing.assert_array_equal(ranged[100:140], ref[100:140])  # two chunks
+    assert ranged.fetched_bytes == 128
+    assert sorted(os.listdir(tmp_path / "cache")) == ["3.chunk", "4.chunk"]
+    np.testing.assert_array_equal(ranged[100:140], ref[100:140])
+    assert ranged.fetched_bytes == 128  # from memory the second time
+    for key in (slice(0, 1), slice(990, None), slice(5, 5), slice(0, 100, 9), 999, -1, 31, 32):
+        np.testing.assert_array_equal(ranged[key], ref[key])
+    index = np.array([[5, 999], [-3, 64]])
+    np.testing.assert_array_equal(ranged[index], ref[index])
+    np.testing.assert_array_equal(window(ranged, 980, 50), window(ref, 980, 50))
+    np.testing.assert_array_equal(np.asarray(ranged), ref)
+    again = RangedArray(str(path), np.uint16, len(stream), str(tmp_path / "cache"), chunk_bytes=64)
+    np.testing.assert_array_equal(again[100:140], ref[100:140])
+    assert again.fetched_bytes == 0  # from the cache directory
+    with pytest.raises(IndexError):
+        ranged[1000]
+    short = RangedArray(str(path), np.uint16, 1100, str(tmp_path / "c2"), chunk_bytes=64)
+    from reflex_jax.errors import DataError
+    with pytest.raises(DataError, match=r"ended 24 bytes early in chunk 34; .* prepare the "
+                                          r"directory again\.$"):
+        short[1090]

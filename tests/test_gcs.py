@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from reflex_jax import checkpoint as ckpt
@@ -266,18 +267,56 @@ def test_train_kill_resume_load_and_sample_in_a_bucket(gcs):
 
 
 @pytest.mark.slow
+def test_prepare_into_a_bucket_and_read_only_the_windows_of_this_host(gcs, tmp_path, monkeypatch):
+    """`prepare --out gs://...` writes the same files as a local preparation (meta.json last; the
+    same preparation again is up to date, another one refused without --overwrite), and a loader
+    on the bucket reads by range only the chunks its own rows' windows touch, giving the local
+    batches exactly."""
+    from reflex_jax.cli.data import main as data_main
+    from reflex_jax.data import BatchLoader, TokenData, prepare, ranged
+    from reflex_jax.errors import DataError
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i} " * (i % 7 + 1), "answer": f"a{i}"},
+                                       ensure_ascii=False) + "\n" for i in range(300)),
+                    encoding="utf-8")
+    remote, local = f"gs://{BUCKET}/data/rows", str(tmp_path / "rows")
+    for out in (local, remote):
+        assert data_main(["prepare", "--source", str(rows), "--tokenizer", "bytes", "--out", out,
+                          "--val_fraction", "0.1"]) == 0
+    assert storage.listdir(remote) == sorted(os.listdir(local))
+    for name in os.listdir(local):
+        if name != "meta.json":
+            with open(os.path.join(local, name), "rb") as f:
+                assert storage.read_bytes(storage.join(remote, name)) == f.read(), name
+    assert data_main(["prepare", "--source", str(rows), "--tokenizer", "bytes", "--out", remote,
+                      "--val_fraction", "0.1"]) == 0  # up to date
+    with pytest.raises(DataError, match="already holds data prepared from"):
+        prepare(str(rows), "bytes", remote, val_fraction=0.2, verbose=False)
+    monkeypatch.setattr(ranged, "CHUNK_BYTES", 256)
+    on_bucket, on_disk = TokenData.open(remote), TokenData.open(local)
+    assert on_bucket.remote and not on_disk.remote
+    loaders = [BatchLoader(d, "train", 8, 16, seed=3, process_index=1, process_count=2,
+                           documents=True) for d in (on_bucket, on_disk)]
+    for step in range(5):
+        a, b = (x.batch(step) for x in loaders)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    tokens = on_bucket.split("train")
+    size = len(tokens) * tokens.dtype.itemsize
+    assert 0 < tokens.fetched_bytes < size / 2, (tokens.fetched_bytes, size)
+    cache = os.path.join(on_bucket._files, "chunks", "train.tokens.bin")
+    assert len(os.listdir(cache)) == tokens.fetched_bytes // 256 + (tokens.fetched_bytes % 256 > 0)
+
+
+@pytest.mark.slow
 def test_training_on_data_in_a_bucket_equals_the_local_copy(gcs, tmp_path):
-    """data.dir=gs://...: each host copies the prepared directory to its disk (once: a second run
-    reuses the copy) and trains exactly as on the local directory, resume included; a bucket
+    """data.dir=gs://...: each host reads its windows by range (cached on its disk: a second run
+    reuses the cache) and trains exactly as on the local directory, resume included; a bucket
     path without a prepared directory is one sentence."""
     from reflex_jax.data import prepare_task
     local = str(tmp_path / "kv")
-    prepare_task("kv_recall", local, n_train=400, n_val=16, verbose=False)
     remote = f"gs://{BUCKET}/data/kv"
-    for name in os.listdir(local):
-        with open(os.path.join(local, name), "rb") as f:
-            data = f.read()
-        storage._call(storage.join(remote, name), lambda p, d=data: p.write_bytes(d))
+    for out in (local, remote):
+        prepare_task("kv_recall", out, n_train=400, n_val=16, verbose=False)
     runs = {"bucket": (str(tmp_path / "rb"), remote), "local": (str(tmp_path / "rl"), local)}
     for steps in (4, 6):  # 6: a resume from step 4
         for run, data_dir in runs.values():
@@ -291,8 +330,11 @@ def test_training_on_data_in_a_bucket_equals_the_local_copy(gcs, tmp_path):
     rows = {k: _metrics(run) for k, (run, _) in runs.items()}
     assert [r["step"] for r in rows["bucket"]] == list(range(1, 7))
     assert [r["loss"] for r in rows["bucket"]] == [r["loss"] for r in rows["local"]]
-    copy = storage.local_cache_dir(remote)
-    assert sorted(os.listdir(copy)) == sorted(os.listdir(local))
+    cache, = os.listdir(storage.local_cache_dir(remote))  # one preparation's cache
+    cache = os.path.join(storage.local_cache_dir(remote), cache)
+    assert sorted(os.listdir(cache)) == ["chunks", "meta.json", "train.offsets.npy",
+                                         "train.source_rows.npy", "val.offsets.npy",
+                                         "val.source_rows.npy"]
     meta = json.loads(open(os.path.join(runs["bucket"][0], "meta.json")).read())
     assert meta["data_dir"] == remote
     empty = subprocess.run(args[:-len(TINY) - 2] + [f"--config.data.dir=gs://{BUCKET}/nothing",

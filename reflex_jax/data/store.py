@@ -31,9 +31,14 @@ def split_path(directory: str, split: str, what: str) -> str:
 
 
 def read_data_meta(directory: str) -> Optional[dict]:
-    """meta.json of a prepared directory, or None where there is none (or it is unreadable)."""
+    """meta.json of a prepared directory (local or in a bucket), or None where there is none (or
+    it is unreadable)."""
+    from .. import storage
+    path = storage.join(directory, "meta.json")
     try:
-        with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+        if storage.is_remote(directory):
+            return json.loads(storage.read_text(path)) if storage.exists(path) else None
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
@@ -42,8 +47,11 @@ def read_data_meta(directory: str) -> Optional[dict]:
 class TokenData:
     """An opened prepared directory: meta plus memory-mapped token/mask files per split."""
 
-    def __init__(self, directory: str, meta: dict):
+    def __init__(self, directory: str, meta: dict, files: Optional[str] = None):
+        # `directory` names the data (in messages and runs); `files` holds them on this host
+        # (differs for a directory in a bucket: see `open`)
         self.directory, self.meta = directory, meta
+        self._files = files or directory
         self.vocab_size: int = meta["vocab_size"]
         self.bos_id, self.eos_id, self.pad_id = meta["bos_id"], meta["eos_id"], meta["pad_id"]
         self.kind: str = meta["kind"]
@@ -52,6 +60,11 @@ class TokenData:
 
     @classmethod
     def open(cls, directory: str) -> "TokenData":
+        """A prepared directory on this host, or in a bucket (gs://...): then the small files are
+        copied to this host's cache and the token and mask files are read by range (ranged.py)."""
+        from .. import storage
+        if storage.is_remote(directory):
+            return cls._open_remote(storage.resolve(directory))
         hint = (f"prepare it with `python -m reflex_jax.data prepare --out {directory} ...` (or "
                 "`... task`) first")
         if not os.path.isdir(directory):
@@ -73,6 +86,30 @@ class TokenData:
                                     f"{info['tokens']:,} tokens; {hint} again.")
         return data
 
+    @classmethod
+    def _open_remote(cls, remote: str) -> "TokenData":
+        from .. import storage
+        from .ranged import local_files
+        local = local_files(remote)
+        meta = read_data_meta(local)
+        if meta is None or meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{remote!r} has an unreadable meta.json or one from another format "
+                            f"version (want {FORMAT_VERSION}); prepare it again.")
+        data = cls(remote, meta, files=local)
+        for split, info in meta["splits"].items():
+            for what, itemsize in (("tokens.bin", data.dtype.itemsize), ("mask.bin", 1)):
+                path = storage.join(remote, f"{split}.{what}")
+                got = storage.size(path) if storage.exists(path) else -1
+                if got != info["tokens"] * itemsize:
+                    raise DataError(f"{path!r} is missing or has the wrong size for "
+                                    f"{info['tokens']:,} tokens; prepare {remote!r} again.")
+        return data
+
+    @property
+    def remote(self) -> bool:
+        """Whether the token and mask files are read by range from a bucket."""
+        return self._files != self.directory
+
     @property
     def splits(self) -> list[str]:
         return list(self.meta["splits"])
@@ -86,8 +123,16 @@ class TokenData:
         self._check_split(name)
         key = (name, what)
         if key not in self._cache:
-            path = split_path(self.directory, name, what)
-            if what == "tokens.bin":
+            path = split_path(self._files, name, what)
+            if self.remote and what.endswith(".bin"):
+                from .. import storage
+                from .ranged import RangedArray
+                self._cache[key] = RangedArray(
+                    storage.join(self.directory, f"{name}.{what}"),
+                    self.dtype if what == "tokens.bin" else np.uint8,
+                    self.meta["splits"][name]["tokens"],
+                    os.path.join(self._files, "chunks", f"{name}.{what}"))
+            elif what == "tokens.bin":
                 self._cache[key] = np.memmap(path, self.dtype, "r")
             elif what == "mask.bin":
                 self._cache[key] = np.memmap(path, np.uint8, "r")
@@ -114,6 +159,9 @@ class TokenData:
         """The largest token id in a split's token file (-1 if empty), read from the file itself in
         chunks (about 1 ms per 10M tokens from the page cache), cached."""
         key = (name, "max_id")
+        recorded = self.meta["splits"][name].get("max_id")
+        if self.remote and recorded is not None:  # reading every chunk would defeat ranged reads
+            return int(recorded)
         if key not in self._cache:
             tokens = self.split(name)
             self._cache[key] = max([-1] + [int(tokens[c:c + _SCAN_CHUNK].max())

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import storage
 from ..errors import DataError
 from .store import SPLIT_FILES, read_data_meta, split_path
 
@@ -167,6 +168,9 @@ def publish(tmp_dir: str, out_dir: str, meta: dict) -> None:
     text = json.dumps(meta, ensure_ascii=False, indent=1, default=list)  # tuples of task options
     with open_output(meta_tmp) as f:
         write_all(f, text.encode("utf-8"), meta_tmp)
+    if storage.is_remote(out_dir):
+        _upload(tmp_dir, out_dir, meta)
+        return
     touched = False
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -186,7 +190,25 @@ def publish(tmp_dir: str, out_dir: str, meta: dict) -> None:
         raise WriteFailed(out_dir, None, e, partly_published=touched) from None
 
 
+def _upload(tmp_dir: str, out_dir: str, meta: dict) -> None:
+    """publish() into a bucket: its meta.json removed first (a reader never pairs it with new
+    token files), the split files uploaded, stale ones of an earlier preparation removed, meta.json
+    uploaded last."""
+    storage.remove(storage.join(out_dir, "meta.json"))
+    for split in ("train", "val"):
+        for what in SPLIT_FILES:
+            if split not in meta["splits"]:
+                storage.remove(storage.join(out_dir, f"{split}.{what}"))
+    storage.upload_dir(tmp_dir, out_dir, last="meta.json")
+
+
 def make_tmp_dir(out_dir: str) -> str:
+    """A temporary directory on the file system of out_dir (so that publishing is a rename); for a
+    bucket, in this host's cache."""
+    if storage.is_remote(out_dir):
+        parent = os.path.dirname(storage.local_cache_dir(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix="prepare.tmp-", dir=parent)
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         os.makedirs(parent, exist_ok=True)

@@ -13,8 +13,8 @@ def open_data(config, is_main: bool):
     """(TokenData, its local directory) of the run `config`."""
     c = config
     if c.data.dir:
-        if storage.is_remote(c.data.dir):
-            return data_lib.TokenData.open(_local_copy(c.data.dir)), c.data.dir
+        if storage.is_remote(c.data.dir):  # read by range, cached on this host (data/ranged.py)
+            return data_lib.TokenData.open(c.data.dir), c.data.dir
         if not os.path.isdir(c.data.dir):
             raise TrainingError(
                 f"data directory {c.data.dir!r} does not exist; prepare it with "
@@ -34,26 +34,6 @@ def open_data(config, is_main: bool):
         return data_lib.TokenData.open(out), out
     raise TrainingError("no training data: set --config.data.dir to a prepared directory or "
                         "--config.data.task to a built-in task.")
-
-
-def _local_copy(remote: str) -> str:
-    """A prepared directory in a bucket, copied to this host's disk (token files are memory-mapped)
-    unless the copy there already has the same meta.json; every host keeps its own copy."""
-    meta = storage.join(remote, "meta.json")
-    if not storage.exists(meta):
-        raise TrainingError(f"data directory {remote!r} holds no meta.json; prepare it with "
-                            "`python -m reflex_jax.data prepare --out DIR ...` and copy DIR there "
-                            "(gsutil -m cp -r DIR gs://...).")
-    local = storage.local_cache_dir(remote)
-    try:
-        with open(os.path.join(local, "meta.json"), encoding="utf-8") as f:
-            same = f.read() == storage.read_text(meta)
-    except OSError:
-        same = False
-    if not same:
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        storage.copy_dir_to_local(remote, local)
-    return local
 
 
 def task_options(data_config) -> dict:
