@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import functools
 import json
@@ -407,7 +408,8 @@ class Check:
                 if dev not in programs:  # a CPU-only machine: the device is the CPU, one compile
                     model = Decoder(cfg, kernels=KernelChoices(platform=dev.platform))
                     f = jax.jit(lambda p, t, model=model: model.apply({"params": p}, t))
-                    with jax.default_matmul_precision(precision):
+                    with (jax.default_matmul_precision(precision) if precision
+                          else contextlib.nullcontext()):
                         programs[dev] = f.lower(p, t).compile()
                 compiled = programs[dev]
                 backends[where] = _backend_in(compiled.as_text())
@@ -657,6 +659,7 @@ class Check:
             out["predicted"] = {
                 "target": rep.get("target"), "device_kind": rep.get("device_kind"),
                 "train_step": rep["functions"]["train_step"].get("memory"),
+                "train_step_refused": rep["functions"]["train_step"].get("out_of_memory"),
                 "params_bytes": rep["per_device_bytes"]["params"],
                 "opt_state_bytes": rep["per_device_bytes"]["opt_state"],
                 "peak_total_bytes": rep.get("peak_total_bytes"), "fits": rep.get("fits"),
@@ -786,7 +789,8 @@ def reference_config(sizes: dict, schedule: str, grad_accum: Optional[int] = Non
 
 # ---- the cuDNN section's variants ------------------------------------------------------------------
 
-def attention_variant(cfg, tokens, documents: Optional[dict], platform: str, reps: int) -> dict:
+def attention_variant(cfg, params, tokens, documents: Optional[dict], platform: str,
+                      reps: int) -> dict:
     """A jitted loss + gradients of `cfg` on `platform`: which attention kernel the compiled HLO
     holds, the refusal sentence of an explicit backend or auto's reason to fall back, the median
     time of a call, and the logits and gradients (numpy, for comparisons)."""
@@ -796,11 +800,8 @@ def attention_variant(cfg, tokens, documents: Optional[dict], platform: str, rep
     import optax
     from reflex_jax.errors import ReflexError
     from reflex_jax.kernels import KernelChoices
-    from reflex_jax.model import Decoder, init_params
+    from reflex_jax.model import Decoder
     model = Decoder(cfg, kernels=KernelChoices(platform=platform))
-    xla = type(cfg)(**dict(cfg.to_dict(), attention="xla"))  # the same params for every backend
-    params = init_params(xla, jax.random.PRNGKey(0), model=Decoder(xla, kernels=KernelChoices(
-        platform=platform)))
     seg = pos = None
     if documents is not None:
         seg, pos = jnp.asarray(documents["segment_ids"]), jnp.asarray(documents["positions"])
@@ -848,10 +849,15 @@ def attention_variant(cfg, tokens, documents: Optional[dict], platform: str, rep
 
 
 def attention_variants(sizes: dict, device) -> dict:
+    import jax
     import numpy as np
-    from reflex_jax.model import ModelConfig
+    from reflex_jax.kernels import KernelChoices
+    from reflex_jax.model import Decoder, ModelConfig, init_params
     from reflex_lab.bench.train import bench_documents
     fields = dict(REFERENCE_BLOCKS, **sizes["cudnn_model"], dtype="bfloat16")
+    xla = ModelConfig(**fields, attention="xla")  # the params are the same for every backend
+    params = init_params(xla, jax.random.PRNGKey(0),
+                         model=Decoder(xla, kernels=KernelChoices(platform=device.platform)))
     B, T = sizes["cudnn_batch"], fields["block_size"]
     tokens = np.random.default_rng(0).integers(0, fields["vocab_size"], (B, T + 1)).astype(np.int32)
     docs = {k: v[:, :-1] for k, v in bench_documents(tokens).items()}
@@ -860,8 +866,8 @@ def attention_variants(sizes: dict, device) -> dict:
                  "model": {**fields, "batch": B},
                  "head_dim": fields["n_embd"] // fields["n_head"], "variants": {}}
     for label, documents in (("causal", None), ("documents", docs)):
-        rows = {a: attention_variant(ModelConfig(**fields, attention=a), tokens, documents,
-                                     device.platform, sizes["cudnn_reps"])
+        rows = {a: attention_variant(ModelConfig(**fields, attention=a), params, tokens,
+                                     documents, device.platform, sizes["cudnn_reps"])
                 for a in ("cudnn", "auto", "xla")}
         ref = rows["xla"]
         for a, row in rows.items():
