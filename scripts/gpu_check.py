@@ -360,6 +360,13 @@ class Check:
         self.log(f"{self.device.device_kind} ({self.platform}, {len(jax.devices())} device(s)), "
                  f"jax {jax.__version__}; sections: {', '.join(self.args.sections)}")
         self.write()
+        if self.platform == "cpu" and not self.args.smoke:
+            self.result["error"] = "JAX found no GPU"
+            self.write()
+            raise UsageError(f"JAX found no GPU here (its devices are {self.device.device_kind!r}"
+                             "), and the full sizes are for one H100 or H200; install the JAX "
+                             "CUDA plugin that matches jax (pip install \"jax[cuda13]==<jax "
+                             "version>\") on a GPU machine, or add --smoke for the CPU.")
         sections = {"parity": self.parity, "cudnn": self.cudnn, "train": self.train,
                     "mfu": self.mfu, "memory": self.memory, "decode": self.decode}
         try:

@@ -123,6 +123,17 @@ def test_command_line_mistakes_are_one_sentence(args, words):
     assert proc.stdout == ""
 
 
+def test_the_full_sizes_refuse_a_machine_without_a_gpu(tmp_path):
+    out = tmp_path / "check.json"
+    proc = _run("--json", str(out), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("gpu_check.py: error: JAX found no GPU here"), proc.stderr
+    assert "--smoke" in lines[-1]
+    res = json.loads(out.read_text())
+    assert res["error"] == "JAX found no GPU" and res["versions"]["jax"]
+
+
 def test_mfu_and_memory_bring_the_train_section():
     args = gpu_check.parse_args(["--sections", "memory,mfu"])
     assert args.sections == ["train", "mfu", "memory"]
