@@ -518,3 +518,48 @@ def test_a_killed_host_ends_the_other_within_the_heartbeat_and_the_run_resumes(t
         out = _wait(p, tmp_path / f"again{i}.log")
         if i == 0:
             assert f"resuming {run} from step {saved}" in out
+
+
+_CLOCKED_TRAIN = """
+import sys
+import reflex_jax.train.loop as loop
+rate = float(sys.argv[1])  # seconds that pass at each read of this process's fake clock
+now = [0.0]
+def clock():
+    now[0] += rate
+    return now[0]
+real = loop.TrainLoop.__init__
+loop.TrainLoop.__init__ = lambda self, *a, **kw: real(self, *a, **dict(kw, clock=clock))
+sys.argv = ["train.py"] + sys.argv[2:]
+from reflex_jax.cli.train import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_time_based_save_is_agreed_by_every_host(tmp_path):
+    """checkpoint_minutes on two processes whose clocks disagree (fake clocks: process 0's gains
+    20 s per read, process 1's 3 s, so process 1 alone would never save): process 0's clock
+    decides for both, so both take part in the same collective saves, at steps 5 and 10 (one
+    clock read at start, one per step, one per save; 1.5 minutes), then the final step 12."""
+    script = tmp_path / "clocked_train.py"
+    script.write_text(_CLOCKED_TRAIN)
+    run = tmp_path / "run"
+    run_kw = {"max_steps": 12, "checkpoint_interval": 100, "checkpoint_minutes": 1.5,
+              "eval_interval": 0, "eval_exact_match": 0, "mesh.data": 2, "model.block_size": 32}
+    port = _free_port()
+    procs = []
+    for i, rate in enumerate((20.0, 3.0)):
+        log = open(tmp_path / f"p{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(rate), "--config", os.path.join(ROOT, "configs/tiny.py")]
+            + _cli(run, **run_kw) + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                     f"--process_id={i}", "--heartbeat_s=10"],
+            cwd=ROOT, env=_env(1), stdout=log, stderr=subprocess.STDOUT, text=True))
+    try:
+        for i, p in enumerate(procs):
+            _wait(p, tmp_path / f"p{i}.log", timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    assert ckpt.RunCheckpoints(str(run), read_only=True).all_steps() == [5, 10, 12]
