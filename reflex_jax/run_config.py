@@ -85,6 +85,10 @@ def base_config() -> ConfigDict:
     c.eval_interval = 200
     c.eval_batches = 8
     c.eval_exact_match = 64        # built-in tasks: rows scored by greedy generation at eval
+    c.eval_tasks = ""              # lm-eval tasks scored on the live params, comma-separated
+    c.eval_tasks_interval = 0      # every this many steps and at the last (0: off)
+    c.eval_task_paths = ""         # directories of task YAMLs, comma-separated
+    c.eval_tasks_limit = 0.0       # documents per task (0: all; below 1: a fraction)
     c.log_interval = 10
     c.checkpoint_interval = 500
     c.checkpoint_minutes = 0.0     # also save when this many minutes passed since the last save
