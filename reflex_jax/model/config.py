@@ -68,6 +68,7 @@ class ModelConfig:
     reflex_min_self: int = 1                  # `all`: every layer keeps at least this many self heads
     value_residual: bool = False              # layer l >= 1's V mixed with layer 0's (ResFormer)
     attention: str = "auto"                   # auto | xla | cudnn | flash (docs/attention.md#backends)
+    scan_layers: str = "auto"                 # auto | on | off: scan repeating layers (docs/model.md)
     # the old name of head_plan, accepted as an alias (not stored: to_dict writes head_plan)
     reflex: dataclasses.InitVar[Union[str, Sequence, None]] = None
 
@@ -87,7 +88,8 @@ class ModelConfig:
             raise ConfigError(f"pos_emb='rope' needs an even head size, got {self.head_dim}; "
                               "change n_embd or n_head.")
         for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
-                              ("pos_emb", ("learned", "rope")), ("attention", ATTENTION_BACKENDS)):
+                              ("pos_emb", ("learned", "rope")), ("attention", ATTENTION_BACKENDS),
+                              ("scan_layers", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; use one of "
                                   f"{' | '.join(allowed)}.")
@@ -150,7 +152,7 @@ class ModelConfig:
         return "\n".join(rows)
 
     # ---- comparison ------------------------------------------------------------------------
-    RUNTIME_FIELDS = ("attention",)  # how the model computes, not what it is: free on resume
+    RUNTIME_FIELDS = ("attention", "scan_layers")  # how it computes, not what: free on resume
 
     def model_differences(self, other: "ModelConfig") -> list[str]:
         """Fields (other than RUNTIME_FIELDS) in which `other` describes a different model."""

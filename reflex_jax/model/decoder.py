@@ -3,6 +3,8 @@
 Layers are an unrolled Python loop: every layer has its own head split, so `nn.scan` does not fit.
 Each block returns the K/V it computed; later blocks receive the tuple of all earlier K/V
 (model/kv.py says which head reads which), and with `value_residual` also layer 0's fresh V.
+Runs of layers that repeat (same shapes, same relative sources) are one `jax.lax.scan` instead,
+with the same params and the same results (model/scan.py, `ModelConfig.scan_layers`).
 
 The same code runs training/prefill (no cache) and cached decoding: with `cache` given, every layer
 writes its new K/V into its own cache at `cache_index` and attends over the whole cache; cross heads
@@ -24,6 +26,7 @@ from .config import ModelConfig
 from .kv import KV, Cache
 from .layers import Block, Norm, normal_init
 from .remat import checkpoint_policy, remat_policy
+from .scan import run_scan, scan_runs, uses_scan
 
 # flax's remat marks static arguments by position only (no names; `self` is 0): find
 # Block.__call__'s `deterministic` by name, so that a change to that signature cannot mark another
@@ -83,18 +86,36 @@ class Decoder(nn.Module):
 
         block_cls = Block
         policy = remat_policy(self.remat)
+        jax_policy = "none"
         if policy != "none":
+            jax_policy = checkpoint_policy(policy, self.kernels.resolved_platform())
             block_cls = nn.remat(Block, static_argnums=(_DETERMINISTIC_ARGNUM,), prevent_cse=True,
-                                 policy=checkpoint_policy(policy, self.kernels.resolved_platform()))
-        earlier: list[KV] = []
+                                 policy=jax_policy)
+        runs = {}
+        if not self.is_initializing() and uses_scan(cfg.scan_layers, cache is not None, T):
+            runs = {r.start: r for r in scan_runs(cfg)}
+        needed = _read_outside_runs(cfg, runs.values(), cache is not None)
+        params = nn.meta.unbox(self.variables.get("params", {})) if runs else {}
+        stream = self.scope.rngs.get("dropout") if runs and not deterministic else None
+        earlier: list[Optional[KV]] = []
         v_first = None  # layer 0's V of these tokens, for value_residual
-        for layer in range(cfg.n_layer):
+        layer = 0
+        while layer < cfg.n_layer:
+            run = runs.get(layer)
+            if run is not None:
+                x, kvs = run_scan(run, cfg, self.kernels, params, x, earlier, positions_BT, cache,
+                                  cache_index, key_mask_BS, deterministic, v_first,
+                                  segment_ids_BT, jax_policy, stream, needed)
+                earlier.extend(kvs)
+                layer = run.stop
+                continue
             x, own, v_fresh = block_cls(cfg, layer, self.kernels, name=f"h_{layer}")(
                 x, tuple(earlier), positions_BT, None if cache is None else cache[layer],
                 cache_index, key_mask_BS, deterministic, v_first, segment_ids_BT)
             earlier.append(own)
             if layer == 0 and cfg.value_residual:
                 v_first = v_fresh
+            layer += 1
         h = Norm(cfg, name="ln_f")(x)
         head = wte
         if not cfg.tie_embeddings:
@@ -102,6 +123,20 @@ class Decoder(nn.Module):
                               (cfg.n_embd, cfg.vocab_size), cfg.params_dtype).T
         out = h if return_hidden else logits_from_hidden(h, head)
         return out if cache is None else (out, tuple(earlier))
+
+
+def _read_outside_runs(cfg: ModelConfig, runs, cached: bool) -> set:
+    """The layers whose K/V something outside a scanned run reads: the sources of the unrolled
+    layers and the layers a run's first window holds (with a cache: every layer)."""
+    if cached:
+        return set(range(cfg.n_layer))
+    inside = {layer for r in runs for layer in range(r.start, r.stop)}
+    out = {g.source for p in cfg.layers if p.layer not in inside for g in p.cross}
+    for g in (g for p in cfg.layers if p.layer not in inside for g in p.cross):
+        out.update(layer for layer, _ in g.mixture)
+    for r in runs:
+        out.update(r.start - e for e, n in enumerate(r.window, 1) if n and r.start - e >= 0)
+    return out
 
 
 def logits_from_hidden(h_BTE, head_VE):
