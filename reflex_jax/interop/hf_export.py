@@ -37,7 +37,7 @@ SUPPORTED = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"),
 KNOWN_FIELDS = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "norm",
                 "norm_eps", "mlp", "bias", "pos_emb", "rope_theta", "tie_embeddings", "dropout",
                 "dtype", "param_dtype", "head_plan", "reflex_window", "reflex_min_self", "attention",
-                "value_residual"}
+                "value_residual", "scan_layers"}
 # Plan fields the port reads (every head plan of model/plans.py); a plan field it does not know
 # must keep its default.
 PLAN_FIELDS = {"layer", "n_self", "cross", "n_kv"}

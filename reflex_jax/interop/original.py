@@ -474,7 +474,7 @@ def export_refusal(cfg: ModelConfig) -> Optional[str]:
 # fields an export keeps as they are (sizes, runtime) or checks above; bias=False exports as zeros
 _EXPORT_FREE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "bias",
                 "rope_theta", "dropout", "dtype", "param_dtype", "head_plan", "reflex_window",
-                "reflex_min_self", "attention")
+                "reflex_min_self", "attention", "scan_layers")
 
 
 def original_config(cfg: ModelConfig) -> ModelConfig:
