@@ -84,6 +84,10 @@ def test_bench_smoke_run_writes_the_json(tmp_path):
         assert key in r, key
     assert 0 < r["mfu"] and r["reflex_vs_vanilla_step_time"] > 0 and r["decode_cached_vs_recompute_512"] > 0
     assert r["kv_bytes_exact"] is True and r["kv_bytes_reflex_vs_vanilla"] == pytest.approx(7 / 8)
+    for key in ("reflex_vs_vanilla_step_time", "document_mask_step_time"):  # one rep: no interval
+        assert f"{key}_ci95" in r and r[f"{key}_ci95"] is None
+    a, b = (res["train"][f"jax {x} float32"]["step_s_all"] for x in ("all", "none"))
+    assert r["reflex_vs_vanilla_step_time"] == pytest.approx(a[0] / b[0])
     assert {"jax all float32", "jax none float32", "jax all docs float32"} <= set(res["train"])
     assert res["train"]["jax all docs float32"]["document_mask"] and r["document_mask_step_time"] > 0
     if res["env"].get("torch"):
@@ -167,3 +171,27 @@ def test_wall_split_calls_compute_the_step_loss_and_the_decoder_alone(tmp_path):
     np.testing.assert_allclose(grad_losses, [first[0], first[0], first[1]], rtol=1e-5)
     np.testing.assert_allclose(dec_losses[0], dec_losses[1], rtol=1e-4)   # same projection
     assert abs(dec_losses[0] - first[0]) > 1e-3
+
+
+def test_paired_ratio_interval():
+    """The ratio of paired reps is the geometric mean of the per-round ratios; its 95% interval is
+    a t interval on the log ratios (here computed by hand), contains the estimate, narrows with
+    more rounds of the same spread, and is exactly the ratio when every round agrees."""
+    from scipy.stats import t
+
+    from reflex_lab.bench.stats import fmt_ratio, half_width, paired_ratio
+    a, b = [1.10, 0.95, 1.02, 1.00], [1.0, 1.0, 1.0, 1.0]
+    r = paired_ratio(a, b)
+    logs = np.log(np.array(a))
+    half = t.ppf(0.975, 3) * logs.std(ddof=1) / 2
+    assert r["ratio"] == pytest.approx(np.exp(logs.mean()))
+    assert r["ci95"] == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)])
+    assert r["ci95"][0] < r["ratio"] < r["ci95"][1] and r["n"] == 4
+    wider = half_width(r["ci95"], r["ratio"])
+    assert half_width(paired_ratio(a * 4, b * 4)["ci95"], r["ratio"]) < wider / 2
+    same = paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])  # drift between rounds cancels
+    assert same["ratio"] == pytest.approx(2.0) and same["ci95"] == pytest.approx([2.0, 2.0])
+    assert paired_ratio([1.0], [2.0])["ci95"] is None
+    assert fmt_ratio(r) == f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+    with pytest.raises(ValueError, match="as many reps"):
+        paired_ratio([1.0, 2.0], [1.0])

@@ -14,6 +14,7 @@ from reflex_jax.kernels import SWITCHES, KernelChoices
 from ..machine import environment
 from .report import mib
 from .settings import BenchSettings
+from .stats import paired_ratio
 from .timing import interleaved, median
 from .train import JaxTrain
 
@@ -50,21 +51,23 @@ def _variants(s: BenchSettings, dtype: str, tokens_np, log) -> dict[str, JaxTrai
 
 def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """One row per (dtype, ABLATION_STEPS label): median step time, speed-up over the previous
-    step and over the plain port, XLA temp memory, first loss."""
+    step and over the plain port (paired ratios with 95% intervals, stats.py), XLA temp memory,
+    first loss."""
     tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
     out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "rows": []}
     for dtype in s.dtypes:
         variants = _variants(s, dtype, tokens, log)
         times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log,
                             warmup_rounds=2)
-        base = prev = None
-        for label, c in variants.items():
-            t = median(times[label])
-            base = base or t
-            out["rows"].append({"dtype": dtype, "variant": label, "step_s": t, "step_s_all": times[label],
-                                "vs_previous": (prev / t) if prev else None, "vs_plain": base / t,
+        labels = list(variants)
+        for i, (label, c) in enumerate(variants.items()):
+            # speed-ups: the earlier variant's time over this one's, paired by round
+            out["rows"].append({"dtype": dtype, "variant": label, "step_s": median(times[label]),
+                                "step_s_all": times[label],
+                                "vs_previous": paired_ratio(times[labels[i - 1]], times[label])
+                                if i else None,
+                                "vs_plain": paired_ratio(times[labels[0]], times[label]),
                                 "xla_temp_bytes": (c.memory or {}).get("temp_bytes"),
                                 "loss_first": c.losses[0]})
-            prev = t
     out["env"]["load_avg_end"] = os.getloadavg()[0]
     return out

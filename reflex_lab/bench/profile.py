@@ -12,6 +12,7 @@ import numpy as np
 from ..machine import environment
 from . import budget, wall_split
 from .settings import BenchSettings
+from .stats import fmt_ratio, paired_ratio
 from .timing import interleaved, median
 from .train import contenders
 
@@ -26,6 +27,9 @@ def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bo
         cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all",),
                         documents=False)
         times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2)
+        first = next(iter(cs))
+        out.setdefault("step_ratios", {})[dtype] = {  # each contender's time over ours, paired
+            name: paired_ratio(times[name], times[first]) for name in cs if name != first}
         for name, c in cs.items():
             wall = median(times[name])
             log(f"## profiling {name} {dtype} (median step {wall:.3f} s)")
@@ -61,6 +65,10 @@ def markdown(res: dict) -> str:
             lines.append(f"| {cat} | " + " | ".join(cells) + " |")
         lines.append("| **step (median)** | " + " | ".join(f"**{bs[n]['wall_s']:.3f}**"
                                                          for n in names) + " |")
+        ratios = res.get("step_ratios", {}).get(dtype, {})
+        if ratios:
+            lines.append("| step time over the first column's, paired [95%] | – | "
+                         + " | ".join(fmt_ratio(ratios.get(n)) for n in names[1:]) + " |")
         if dtype in res.get("wall_split", {}):
             lines += wall_split.markdown(res["wall_split"][dtype], dtype)
     return "\n".join(lines)

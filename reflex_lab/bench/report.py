@@ -9,6 +9,7 @@ import os
 from reflex_jax.model import ModelConfig, kv_cache_bytes
 
 from .settings import BenchSettings
+from .stats import fmt_ratio, paired_ratio
 
 
 def kv_cache_report(s: BenchSettings) -> dict:
@@ -31,7 +32,18 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
+# ratio key -> (numerator, denominator) contenders of a step-time ratio; a tokens/s ratio of
+# two contenders on the same batch is the inverse step-time ratio, so "ours vs torch" is
+# torch's time over ours
+STEP_RATIOS = {"train_vs_torch_compile": ("torch.compile all", "jax all"),
+               "train_vs_torch_eager": ("torch eager all", "jax all"),
+               "reflex_vs_vanilla_step_time": ("jax all", "jax none"),
+               "document_mask_step_time": ("jax all docs", "jax all")}
+
+
 def _train_ratios(tr: dict, s: BenchSettings) -> dict:
+    """Every ratio of two contenders with its 95% interval (`<key>_ci95`) from the paired,
+    interleaved reps (stats.py)."""
     d0, r = s.dtypes[0], {}
 
     def tok(name, d):
@@ -40,13 +52,14 @@ def _train_ratios(tr: dict, s: BenchSettings) -> dict:
 
     for d in (s.dtypes if tr else ()):
         suffix = "" if d == d0 else f"_{d}"
-        r[f"train_vs_torch_compile{suffix}"] = _ratio(tok("jax all", d), tok("torch.compile all", d))
-        r[f"train_vs_torch_eager{suffix}"] = _ratio(tok("jax all", d), tok("torch eager all", d))
-        r[f"reflex_vs_vanilla_step_time{suffix}"] = _ratio(tr[f"jax all {d}"]["step_s"],
-                                                           tr[f"jax none {d}"]["step_s"])
-        if f"jax all docs {d}" in tr:
-            r[f"document_mask_step_time{suffix}"] = _ratio(tr[f"jax all docs {d}"]["step_s"],
-                                                          tr[f"jax all {d}"]["step_s"])
+        for key, (num, den) in STEP_RATIOS.items():
+            a, b = tr.get(f"{num} {d}"), tr.get(f"{den} {d}")
+            if a is None or b is None:
+                if key != "document_mask_step_time":
+                    r[f"{key}{suffix}"] = r[f"{key}{suffix}_ci95"] = None
+                continue
+            paired = paired_ratio(a["step_s_all"], b["step_s_all"])
+            r[f"{key}{suffix}"], r[f"{key}{suffix}_ci95"] = paired["ratio"], paired["ci95"]
         r[f"mfu{suffix}"] = tr[f"jax all {d}"]["mfu"]
         if tr[f"jax all {d}"].get("mfu_datasheet"):
             r[f"mfu_datasheet{suffix}"] = tr[f"jax all {d}"]["mfu_datasheet"]
@@ -100,7 +113,8 @@ def _header(s: dict, env: dict) -> list[str]:
             f"Model: vocab {s['vocab_size']}, {s['n_layer']} layers x {s['n_head']} heads, n_embd "
             f"{s['n_embd']}, block {s['block_size']}, batch {s['batch']} (pre-RMSNorm, SwiGLU, "
             "learned positions, tied head, bias); AdamW + clip 1.0; same initial weights on all "
-            f"sides; median of {s['train_reps']} interleaved reps.",
+            f"sides; step times: median of {s['train_reps']} interleaved reps; ratios: geometric "
+            "mean of the per-round ratios, with a 95% t interval (reflex_lab/bench/stats.py).",
             "MFU = tokens/s x (6 N + 12 L H D T) / measured matmul peak of the same dtype (best rep "
             "of JAX and PyTorch; N = matmul params, reflex-aware; attention counted over the full "
             "T x T, see reflex_jax/train/flops.py)."]
@@ -145,8 +159,15 @@ def _kv_and_ratios(kv: dict, r: dict) -> list[str]:
              f"{mib(kv['all']['bytes'])} ({kv['all']['kv_heads']} K/V heads) vs `none` "
              f"{mib(kv['none']['bytes'])} ({kv['none']['kv_heads']}): ratio {kv['ratio']:.4f} = "
              f"{kv['expected_ratio']} exactly: {kv['exact']}", "", "| ratio | value |", "|---|---:|"]
+    lines[-2:] = ["| ratio | value [95% interval] |", "|---|---:|"]
     for k, v in r.items():
-        lines.append(f"| {k} | {v if isinstance(v, (str, bool)) or v is None else f'{v:.3f}'} |")
+        if k.endswith("_ci95"):
+            continue
+        if f"{k}_ci95" in r:
+            text = fmt_ratio({"ratio": v, "ci95": r[f"{k}_ci95"]})
+        else:
+            text = v if isinstance(v, (str, bool)) or v is None else f"{v:.3f}"
+        lines.append(f"| {k} | {text} |")
     return lines
 
 
@@ -165,11 +186,11 @@ def ablation_markdown(res: dict) -> str:
     env = res["env"]
     lines = [f"# train-step ablation — {env['date']}, {env['cpu']}, {env['cores']} cores, load "
              f"{env['load_avg_start']:.2f} -> {env['load_avg_end']:.2f}", "",
-             "| dtype | variant | step s | vs previous | vs plain | XLA temp | first loss |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| dtype | variant | step s | speed-up vs previous [95%] | vs plain [95%] | XLA temp | "
+             "first loss |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['dtype']} | {r['variant']} | {r['step_s']:.3f} | "
-                     f"{_f(r['vs_previous'], '{:.2f}x')} | {r['vs_plain']:.2f}x | "
+                     f"{fmt_ratio(r['vs_previous'], 2)} | {fmt_ratio(r['vs_plain'], 2)} | "
                      f"{mib(r['xla_temp_bytes'])} | {r['loss_first']:.4f} |")
     return "\n".join(lines)
 
