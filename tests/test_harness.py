@@ -1,6 +1,7 @@
-"""lm-evaluation-harness on a params directory: evaluate_run (export + lm-eval's `hf` model) and
-the reflex-eval command line score a local multiple-choice task with exactly the accuracies that
-the JAX model's own log-likelihoods of the choices give; user mistakes are one sentence."""
+"""lm-evaluation-harness on a params directory through the HF export: evaluate_run(backend="hf")
+(export + lm-eval's `hf` model) and `reflex-eval --backend hf` score a local multiple-choice task
+with exactly the accuracies that the JAX model's own log-likelihoods of the choices give; user
+mistakes are one sentence. The JAX backend against this one: tests/test_lm_eval_jax.py."""
 import json
 import os
 import sys
@@ -140,7 +141,7 @@ def test_evaluate_run_scores_what_the_jax_model_scores(setup, expected, monkeypa
     acc, acc_norm = expected
     assert 0.0 < acc < 1.0 and acc != acc_norm  # both numbers carry information
     export = str(setup["root"] / "hf")
-    metrics = evaluate_run(setup["run"], [TASK], out_dir=export, batch_size=4,
+    metrics = evaluate_run(setup["run"], [TASK], backend="hf", out_dir=export, batch_size=4,
                            include_path=setup["tasks"], include_defaults=False)
     assert metrics[TASK]["acc,none"] == pytest.approx(acc, abs=1e-9)
     assert metrics[TASK]["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-9)
@@ -162,8 +163,8 @@ def test_cli_main_prints_and_writes_the_same_metrics(setup, expected, monkeypatc
     acc, acc_norm = expected
     out = tmp_path / "results.json"
     status = harness_cli.main(["--run", setup["run"], "--tasks", TASK, "--include_path",
-                            setup["tasks"], "--batch_size", "2", "--device", "cpu",
-                            "--out", str(out)])
+                               setup["tasks"], "--batch_size", "2", "--backend", "hf",
+                               "--device", "cpu", "--out", str(out)])
     assert status == 0
     written = json.loads(out.read_text())[TASK]
     assert (written["acc,none"], written["acc_norm,none"]) == pytest.approx((acc, acc_norm),

@@ -69,8 +69,9 @@ class TrainLoop:
     """The loop from `start` to `config.max_steps` (or a requested stop): each step's batch, the
     compiled step, then pending metrics, the NaN check, logging, evaluation and saving.
 
-    `evaluate(params) -> metrics` runs at every eval_interval; `stop_at(step)` is asked once after
-    every step (StopRequest.stop_at). Saves come every `checkpoint_interval` steps and, with
+    `evaluate(params) -> metrics` runs at every eval_interval, `evaluate_tasks` (an
+    evaluator.TaskEvaluator, or None) when it is due; `stop_at(step)` is asked once after every
+    step (StopRequest.stop_at). Saves come every `checkpoint_interval` steps and, with
     `checkpoint_minutes`, once that many minutes passed since the last save, whichever comes
     first; on several processes process 0's clock decides for all (a save is collective).
     `clock`: seconds, monotonic (tests pass a fake one)."""
@@ -80,6 +81,7 @@ class TrainLoop:
                  is_main: bool = True, clock: Callable[[], float] = time.monotonic):
         c = self.config = config
         self.checkpoints, self.evaluate, self.stop_at = checkpoints, evaluate, stop_at
+        self.evaluate_tasks: Optional[Callable[[object], dict]] = None
         self.clock, self.stopped, self._tracing = clock, False, False
         self.t_saved = clock()
         seq_len = model_config.block_size
@@ -174,9 +176,12 @@ class TrainLoop:
         val = None
         if c.eval_interval and (step % c.eval_interval == 0 or step == c.max_steps):
             val = self.evaluate(state.params)
+        tasks = None  # lm-eval task metrics, logged with the row; never a reason to save
+        if self.evaluate_tasks is not None and self.evaluate_tasks.due(step, step == c.max_steps):
+            tasks = self.evaluate_tasks(state.params)
         if ((c.log_interval and step % c.log_interval == 0) or val is not None
-                or step == c.max_steps or stopping):
-            self.log_row(step, val)
+                or tasks is not None or step == c.max_steps or stopping):
+            self.log_row(step, {**(val or {}), **tasks} if tasks is not None else val)
         if (val or (c.checkpoint_interval and step % c.checkpoint_interval == 0)
                 or self._minutes_due()):
             self.save(step, state, val["val_loss"] if val else None)

@@ -17,7 +17,7 @@ from .. import sharding, storage
 from ..kernels import DEFAULT, KernelChoices
 from ..run_config import model_config_from
 from . import checks, validation
-from .evaluator import Evaluator
+from .evaluator import Evaluator, task_evaluator
 from .loop import StopRequest, TrainLoop
 from .prefetch import Prefetcher
 from .program import TrainProgram
@@ -65,6 +65,7 @@ class Trainer:
                                                  documents=config.data.document_mask)
         self.log(self.train_loader.summary())  # long rows and what the windows reach
         self.evaluator = Evaluator(self.program, self.data)
+        self.task_evaluator = task_evaluator(self.program, self.data)  # lm-eval tasks, or None
         self.run_files = RunFiles(config, self.program.model_config, self.is_main, self.log)
         self.state = None  # the last state of train()
 
@@ -102,6 +103,7 @@ class Trainer:
         with StopRequest() as stop:
             loop = TrainLoop(c, program.model_config, checkpoints, start, evaluate=self.evaluator,
                              stop_at=stop.stop_at, is_main=self.is_main)
+            loop.evaluate_tasks = self.task_evaluator
             fetch = lambda s: program.put_batch(self.train_loader.batch(s))  # noqa: E731
             if c.data.get("prefetch", 0) > 0:  # read and place the next batches during the step
                 fetch = Prefetcher(fetch, int(c.data.prefetch))
