@@ -120,3 +120,13 @@ def test_every_function_compiles_for_gpu_hosts(tmp_path, capsys):
     assert rep["bytes_per_step"] == 2 * (mem["temp"] + 2 * pd["params"] + pd["opt_state"])
     assert rep["flops_per_step"] == 0 and 0 < rep["roofline_mfu"] <= 1.0
     assert "[analytic (the compiler reports no cost for this target)" in text
+
+
+@needs_libtpu
+def test_each_program_says_when_it_starts_compiling(tmp_path, capsys):
+    status, text, _ = _dry(tmp_path, "v5p:2x2x1", capsys, **{"mesh.fsdp": 4, "model.n_layer": 2})
+    assert status == 0, text
+    lines = text.splitlines()
+    for name in ("train_step", "eval_step", "prefill", "decode"):
+        start = lines.index(f"compiling {name} for v5p:2x2x1 (4 x TPU v5) ...")
+        assert lines[start + 1].startswith(f"compiled {name} in "), lines[start:start + 2]

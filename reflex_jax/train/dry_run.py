@@ -10,6 +10,7 @@ measured runs.
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import jax
@@ -115,13 +116,19 @@ def _compile(fn, args) -> dict:
     return {"compile_s": time.perf_counter() - t0, **_cost(compiled), "memory": _memory(compiled)}
 
 
-def compile_all(program, log=lambda s: None, names=FUNCTIONS) -> dict:
+def compile_all(program, log=lambda s: None, names=FUNCTIONS, target=None) -> dict:
     """Compile the functions `names` (of FUNCTIONS); per function its memory, cost and compile
-    time."""
+    time. `log` gets a line as each compile starts (a deep model's can take minutes) and as it
+    ends; `target`: the hardware.Target the devices came from, which the start line names."""
     out = {}
+    devices = list(program.mesh.devices.flat)
+    where = (f"{getattr(target, 'name', None) or devices[0].platform} "
+             f"({len(devices)} x {devices[0].device_kind})")
     for name, (fn, args) in _lowerings(program).items():
         if name not in names:
             continue
+        log(f"compiling {name} for {where} ...")
+        sys.stdout.flush()  # the line shows now, also when stdout is a pipe or a file
         out[name] = _compile(fn, args)
         oom = out[name].get("out_of_memory")
         log(f"compiled {name} in {out[name]['compile_s']:.1f} s" if oom is None else
@@ -136,7 +143,7 @@ def report(program, target=None, log=lambda s: None, names=FUNCTIONS) -> dict:
     c, cfg, mesh = program.config, program.model_config, program.mesh
     chip = getattr(target, "chip", None)
     devices = list(mesh.devices.flat)
-    functions = compile_all(program, log, names=("train_step", *names))
+    functions = compile_all(program, log, names=("train_step", *names), target=target)
     step = functions["train_step"]
     state = program.abstract_state
     per_device = {"params": per_device_bytes(state.params),
