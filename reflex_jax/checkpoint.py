@@ -113,7 +113,8 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best",
 
     For a run directory: `step` picks a specific saved step; otherwise `which` is `best` (lowest
     validation loss, falling back to latest when no eval ran) or `latest`, and a damaged step
-    falls back to the newest intact one, saying so through `log`.
+    falls back to the newest intact one, saying so through `log`. A LoRA run's params are its
+    base's with the step's adapters merged (train/lora.py).
     """
     path = storage.resolve(path)
     if not storage.isdir(path):
@@ -130,6 +131,10 @@ def load_params(path: str, step: Optional[int] = None, which: str = "best",
             chosen, params = ckpts.restore_params_intact(step, which, log)
         finally:
             ckpts.close()
+        from .train import lora
+        ref = lora.read_reference(path)
+        if ref is not None:  # a LoRA run's steps hold adapters: merged into its base
+            return cfg, lora.merged_run_params(cfg, path, params, ref, f"{path} step {chosen}")
         check_params_fit(cfg, params, f"{path} step {chosen}")
         return cfg, params
     raise CheckpointError(f"{path!r} holds neither params/ nor checkpoints/; it is not a "

@@ -75,6 +75,13 @@ def base_config() -> ConfigDict:
 
     c.run_dir = "runs/default"
     c.init_from = ""               # converted params dir or run dir to start from
+
+    # LoRA (train/lora.py): rank > 0 trains low-rank adapters on the frozen init_from params
+    c.lora = ConfigDict()
+    c.lora.rank = 0                # 0: off (every param is trained)
+    c.lora.alpha = 16.0            # the adapters are scaled by alpha / rank
+    c.lora.targets = "q,kv,o,mlp"  # comma-separated: q, k, v, kv (= k,v), o, mlp
+
     c.seed = 0
     c.max_steps = 1000
     c.batch_size = 8               # global sequences per optimizer step

@@ -15,8 +15,12 @@ def export_run(kind: str, run: str, out: str, *, step: Optional[int] = None) -> 
     was written."""
     if kind not in KINDS:
         raise UsageError(f"export kind {kind!r} is unknown; use one of {', '.join(KINDS)}.")
-    cfg, params = load_params(run, step=step)
+    cfg, params = load_params(run, step=step)  # a LoRA run's: its adapters merged into the base
     meta = read_checkpoint_meta(run)
+    from ..train.lora import read_reference
+    ref = read_reference(run) if kind == "hf" else None
+    if ref is not None:  # provenance: the base and the adapters' settings
+        meta = {**meta, "lora": ref}
     if kind == "hf":
         from .hf_export import write_hf
         write_hf(cfg, params, out, tokenizer=meta.get("tokenizer"), template=meta.get("template"),

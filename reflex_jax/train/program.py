@@ -20,7 +20,7 @@ from ..kernels import DEFAULT, KernelChoices
 from ..model import Decoder, abstract_params, param_logical_axes
 from ..model.remat import remat_policy
 from ..run_config import model_config_from
-from . import checks, step, validation
+from . import checks, lora, step, validation
 from .optim import make_optimizer
 from .step import StepSettings, TrainState
 
@@ -51,8 +51,12 @@ class TrainProgram:
         self.remat = remat_policy(config.remat)
         self.model = Decoder(self.model_config, remat=self.remat, kernels=self.kernels)
         self.tx, self.lr_schedule = make_optimizer(config.optim, config.max_steps)
+        # LoRA (train/lora.py): the state's params are the adapters; the frozen base is
+        # `self.frozen`, placed once (set_frozen) and passed to every step, never donated
+        self.lora = lora.spec_from_config(config)
+        self.frozen, self._merge = None, None
         self.step_settings = StepSettings(self.model, config.data.loss_on, config.grad_accum,
-                                          config.seed, self.kernels)
+                                          config.seed, self.kernels, self.lora)
         self._build_shardings()
         self.train_step = self._compile_train_step()
         if token_bytes is None:
@@ -62,16 +66,22 @@ class TrainProgram:
     def _build_shardings(self):
         mesh = self.mesh
         params = abstract_params(self.model_config)
+        # the model's params (the eval step's, sampling's, a LoRA run's frozen base)
         self.param_shardings = sharding.shardings_for(param_logical_axes(self.model_config),
                                                       params, mesh)
-        abstract_opt = jax.eval_shape(self.tx.init, params)
-        opt_shardings = sharding.like_params(abstract_opt, params, self.param_shardings, mesh)
+        self.abstract_model_params = _placed(params, self.param_shardings)
+        trained, trained_shardings = params, self.param_shardings
+        if self.lora is not None:  # the state trains (and saves) the adapters only
+            trained = lora.abstract_adapters(self.model_config, self.lora)
+            trained_shardings = sharding.shardings_for(
+                lora.adapter_logical_axes(self.model_config, self.lora), trained, mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, trained)
+        opt_shardings = sharding.like_params(abstract_opt, trained, trained_shardings, mesh)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+        self.state_shardings = TrainState(step=self.replicated, params=trained_shardings,
                                           opt_state=opt_shardings)
-        self.abstract_state = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+        self.abstract_state = _placed(
+            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trained,
                        opt_state=abstract_opt), self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(mesh)
 
@@ -103,6 +113,13 @@ class TrainProgram:
 
     def _compile_train_step(self):
         fn = functools.partial(step.train_step, self.step_settings, self.tx, self.lr_schedule)
+        if self.lora is not None:
+            jitted = jax.jit(self.with_rules(lambda state, frozen, batch: fn(state, batch, frozen)),
+                             in_shardings=(self.state_shardings, self.param_shardings,
+                                           self.batch_sharding),
+                             out_shardings=(self.state_shardings, self.replicated),
+                             donate_argnums=(0,))
+            return _WithFrozen(jitted, self)
         # the batch sharding is a prefix of the batch dict: every array split by rows
         return jax.jit(self.with_rules(fn),
                        in_shardings=(self.state_shardings, self.batch_sharding),
@@ -117,13 +134,44 @@ class TrainProgram:
                        out_shardings=self.replicated)
 
     def init_state(self, params=None) -> TrainState:
-        """Fresh state created directly with its shardings (no full copy on one device)."""
+        """Fresh state created directly with its shardings (no full copy on one device). LoRA:
+        `params` are the frozen base (placed as `self.frozen`, unless set already) and the state
+        holds fresh adapters."""
         rng = jax.random.PRNGKey(self.config.seed)
+        if self.lora is not None:
+            if params is not None:
+                self.set_frozen(params)
+            if self.frozen is None:
+                raise TrainingError("a LoRA run starts from its frozen base; pass the init_from "
+                                    "params to init_state (or set_frozen) first.")
+            cfg, spec, tx = self.model_config, self.lora, self.tx
+
+            def fresh(rng):
+                adapters = lora.init_adapters(cfg, spec, rng)
+                return TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
+                                  opt_state=tx.init(adapters))
+            return jax.jit(fresh, out_shardings=self.state_shardings)(rng)
         make = jax.jit(functools.partial(step.init_state, self.model, self.tx),
                        out_shardings=self.state_shardings)
         if params is None:
             return make(rng)
         return make(rng, jax.device_put(params, self.param_shardings))
+
+    def set_frozen(self, params) -> None:
+        """Place a LoRA run's frozen base on the mesh (once; every step reads it)."""
+        self.frozen = jax.device_put(params, self.param_shardings)
+        self._merge = None
+
+    def model_params(self, params):
+        """The model's params for the state's `params`: themselves, or (LoRA) the frozen base with
+        the adapters merged (a new copy of the adapted kernels; for evaluation)."""
+        if self.lora is None:
+            return params
+        if self._merge is None:
+            spec = self.lora
+            self._merge = jax.jit(lambda base, a: lora.merge(base, a, spec),
+                                  out_shardings=self.param_shardings)
+        return self._merge(self.frozen, params)
 
     def state_at(self, step_: int, params, opt_state) -> TrainState:
         """The state of a restored step (params and optimizer state already placed)."""
@@ -167,6 +215,27 @@ class TrainProgram:
         from .dry_run import format_report, report
         rep = report(self, target, log)
         return format_report(self, rep), rep
+
+
+def _placed(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings`."""
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+class _WithFrozen:
+    """A LoRA run's compiled train step as `(state, batch) -> (state, metrics)`, like a full run's:
+    the program's frozen base goes along as a separate, not donated argument (its abstract
+    shapes when lowering)."""
+
+    def __init__(self, jitted, program: TrainProgram):
+        self.jitted, self.program = jitted, program
+
+    def __call__(self, state, batch):
+        return self.jitted(state, self.program.frozen, batch)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, self.program.abstract_model_params, batch)
 
 
 def _batch_dtype(key: str):

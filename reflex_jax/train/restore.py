@@ -8,10 +8,11 @@ from .. import checkpoint as ckpt
 from .. import storage
 
 
-def load_init_params(path: str, cfg, abstract_params):
-    """Params for `cfg` from `path`; `abstract_params` carry the shardings to restore onto."""
+def load_init_params(path: str, cfg, abstract_params, step=None):
+    """Params for `cfg` from `path` (a run's best step, or `step`); `abstract_params` carry the
+    shardings to restore onto."""
     if jax.process_count() == 1:
-        _, params = ckpt.load_params(path)
+        _, params = ckpt.load_params(path, step=step)
         ckpt.check_params_fit(cfg, params, path)
         return params
     # multi-host: orbax cannot restore a tree saved on another topology without a target, and
@@ -29,7 +30,7 @@ def load_init_params(path: str, cfg, abstract_params):
         return ckpt.restore_tree(storage.join(path, ckpt.PARAMS), abstract_params)
     run = ckpt.RunCheckpoints(path, read_only=True)
     try:
-        step = run.pick_step()
+        step = run.pick_step(step)
         check(storage.join(run.directory, str(step), "params"), f"{path} step {step}")
         return run.restore_params_intact(step, abstract_params=abstract_params)[1]
     finally:

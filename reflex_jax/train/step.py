@@ -40,6 +40,7 @@ class StepSettings:
     grad_accum: int = 1
     seed: int = 0
     kernels: KernelChoices = DEFAULT
+    lora: Optional[Any] = None         # train/lora.py's LoraSpec: state.params are its adapters
 
 
 def loss_weights(mask_BS, loss_on: str, valid_BS=None):
@@ -73,10 +74,12 @@ def loss_sum(s: StepSettings, params, batch: dict, weights_BT, rng, deterministi
                                           batch["tokens"][:, 1:], weights_BT, s.kernels)
 
 
-def _grads(s: StepSettings, params, batch: dict, weights_BT, rng):
-    """(loss sum, gradient sum) over the batch, micro-batch by micro-batch."""
+def _grads(s: StepSettings, params, batch: dict, weights_BT, rng, to_model=lambda p: p):
+    """(loss sum, gradient sum) over the batch, micro-batch by micro-batch; `to_model` maps the
+    trained params to the model's (LoRA: merges the adapters into the frozen base)."""
     deterministic = s.model.cfg.dropout == 0.0
-    grad_fn = jax.value_and_grad(lambda p, b, w, r: loss_sum(s, p, b, w, r, deterministic))
+    grad_fn = jax.value_and_grad(
+        lambda p, b, w, r: loss_sum(s, to_model(p), b, w, r, deterministic))
     A = s.grad_accum
     if A == 1:
         return grad_fn(params, batch, weights_BT, rng)
@@ -98,13 +101,18 @@ def _grads(s: StepSettings, params, batch: dict, weights_BT, rng):
 
 
 def train_step(s: StepSettings, tx: optax.GradientTransformation, schedule: Callable,
-               state: TrainState, batch: dict):
+               state: TrainState, batch: dict, frozen=None):
     """One optimizer update on `batch` (tokens, mask and, packed, the document inputs); returns
-    (new state, {loss, grad_norm, lr})."""
+    (new state, {loss, grad_norm, lr}). With `s.lora`, `state.params` are the adapters and
+    `frozen` the base they are merged into (train/lora.py); only the adapters get gradients."""
     weights = loss_weights(batch["mask"], s.loss_on)
     total = jnp.maximum(jnp.sum(weights), 1.0)
     rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
-    loss, grads = _grads(s, state.params, batch, weights, rng)
+    to_model = lambda p: p  # noqa: E731
+    if s.lora is not None:
+        from .lora import merge
+        to_model = lambda p: merge(frozen, p, s.lora)  # noqa: E731
+    loss, grads = _grads(s, state.params, batch, weights, rng, to_model)
     with jax.named_scope("optimizer"):  # a name for profiles (bench.py --profile)
         grads = jax.tree_util.tree_map(lambda g: g / total, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

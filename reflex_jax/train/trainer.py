@@ -16,7 +16,7 @@ from .. import data as data_lib
 from .. import sharding, storage
 from ..kernels import DEFAULT, KernelChoices
 from ..run_config import model_config_from
-from . import checks, validation
+from . import checks, lora, validation
 from .evaluator import Evaluator, task_evaluator
 from .loop import StopRequest, TrainLoop
 from .prefetch import Prefetcher
@@ -41,6 +41,7 @@ class Trainer:
         # the lock is taken: a refused trainer has not touched the run (its task data, its files)
         model_config = model_config_from(config)
         checks.check_run_config(config)
+        lora.spec_from_config(config)
         if self.is_main and not storage.is_remote(config.run_dir):  # one trainer per local run_dir
             self._lock = RunLock(config.run_dir, self.log).acquire()
         try:
@@ -101,7 +102,10 @@ class Trainer:
         start = int(state.step)
         self.run_files.record_config(start)
         with StopRequest() as stop:
-            loop = TrainLoop(c, program.model_config, checkpoints, start, evaluate=self.evaluator,
+            evaluate = self.evaluator  # of the model's params (LoRA: the adapters merged)
+            if program.lora is not None:
+                evaluate = lambda p: self.evaluator(program.model_params(p))  # noqa: E731
+            loop = TrainLoop(c, program.model_config, checkpoints, start, evaluate=evaluate,
                              stop_at=stop.stop_at, is_main=self.is_main)
             loop.evaluate_tasks = self.task_evaluator
             fetch = lambda s: program.put_batch(self.train_loader.batch(s))  # noqa: E731
@@ -119,12 +123,18 @@ class Trainer:
 
     def _restore_or_init(self, checkpoints: ckpt.RunCheckpoints) -> TrainState:
         c, program = self.config, self.program
-        if checkpoints.latest_step() is not None:  # the newest intact step (damaged ones: skipped)
+        resuming = checkpoints.latest_step() is not None
+        ref = lora.check_resume(c, program.lora, resuming)  # the same LoRA settings, or none
+        if program.lora is not None:  # the frozen base, placed before the adapters' state
+            self._place_lora_base(ref, resuming)
+        if resuming:  # the newest intact step (damaged ones: skipped)
             abstract = program.abstract_state
             step, params, opt = checkpoints.restore_intact(abstract.params, abstract.opt_state,
                                                            self.log)
             self.log(f"resuming {c.run_dir} from step {step}")
             return program.state_at(step, params, opt)
+        if program.lora is not None:
+            return program.init_state()
         if c.init_from:
             from .restore import load_init_params
             params = load_init_params(c.init_from, program.model_config,
@@ -132,3 +142,19 @@ class Trainer:
             self.log(f"initialised params from {c.init_from}")
             return program.init_state(params)
         return program.init_state()
+
+    def _place_lora_base(self, ref, resuming: bool) -> None:
+        """Load and place a LoRA run's frozen base; a resume checks its fingerprint against the
+        run's reference, a start writes the reference (train/lora.py)."""
+        c, program = self.config, self.program
+        params, path, step = lora.load_base(c, program.model_config,
+                                            program.abstract_model_params, ref, resuming)
+        program.set_frozen(params)
+        del params
+        fingerprint = lora.fingerprint(program.frozen)
+        lora.check_fingerprint(c, ref, resuming, path, fingerprint)
+        if self.is_main and (not resuming or ref.get("base") != path):
+            lora.write_reference(c.run_dir, program.lora, path, step, fingerprint)
+        where = path if step is None else f"{path} step {step}"
+        self.log(f"LoRA rank {program.lora.rank} on {program.lora.spelling} over the frozen "
+                 f"base {where} (fingerprint {fingerprint})")
