@@ -339,3 +339,20 @@ def test_abstract_params_of_the_base_are_the_models():
                             lora.abstract_adapters(cfg, spec))
     assert jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), merged) == \
         jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), abstract_params(cfg))
+
+
+@pytest.mark.slow
+def test_the_dry_run_shows_the_frozen_base_the_adapters_and_their_optimizer_state(tmp_path):
+    c = lora_config(tmp_path / "run", tmp_path / "nowhere")  # a dry run reads no weights
+    program = TrainProgram(c)
+    text, rep = program.dry_run()
+    pd = rep["per_device_bytes"]
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize  # noqa: E731
+                              for x in jax.tree_util.tree_leaves(tree))
+    adapters, base = nbytes(program.abstract_state.params), nbytes(program.abstract_model_params)
+    assert pd["lora_adapters"] == adapters and pd["params"] == base + adapters
+    assert 2 * adapters <= pd["opt_state"] < 2 * adapters + 1024
+    assert all(rep["functions"][f]["memory"] for f in ("eval_step", "prefill", "decode"))
+    assert (f"per device: params {(base + adapters) / 2**20:,.1f} MiB (frozen base "
+            f"{base / 2**20:,.1f} MiB + LoRA adapters {adapters / 2**20:,.1f} MiB)") in text
+    assert "['lora']['h_1']['mlp']['down']['lora_b']" in text

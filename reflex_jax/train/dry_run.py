@@ -48,7 +48,7 @@ def _lowerings(program) -> dict:
     rows_split = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec(
         program.batch_sharding.spec[0]))
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split)  # noqa: E731
-    params = program.abstract_state.params
+    params = program.abstract_model_params  # the model's (a LoRA run's: the merged base)
     out = {"train_step": (program.train_step, (program.abstract_state, program.abstract_batch(
                B, program.batch_keys, rows_split))),
            "eval_step": (program.eval_step, (params, program.abstract_batch(
@@ -146,7 +146,10 @@ def report(program, target=None, log=lambda s: None, names=FUNCTIONS) -> dict:
     functions = compile_all(program, log, names=("train_step", *names), target=target)
     step = functions["train_step"]
     state = program.abstract_state
-    per_device = {"params": per_device_bytes(state.params),
+    # params: everything the step holds; a LoRA run's frozen base and its adapters
+    adapters = per_device_bytes(state.params) if program.lora is not None else None
+    per_device = {"params": per_device_bytes(program.abstract_model_params) + (adapters or 0),
+                  "lora_adapters": adapters,
                   "opt_state": per_device_bytes(state.opt_state),
                   **{k: step["memory"].get(k) for k in ("temp", "arguments", "outputs", "total")}}
     n = len(devices)
@@ -206,7 +209,10 @@ def format_report(program, rep: dict) -> str:
              f"({B // sharding.batch_shards(program.mesh)} rows per batch shard, "
              f"{B // c.grad_accum} per micro-batch x {c.grad_accum}); "
              f"remat {program.remat}; compute {cfg.dtype}, params {cfg.param_dtype}",
-             f"per device: params {_mib(pd['params'])}, optimizer {_mib(pd['opt_state'])}"]
+             f"per device: params {_mib(pd['params'])}"
+             + (f" (frozen base {_mib(pd['params'] - pd['lora_adapters'])} + LoRA adapters "
+                f"{_mib(pd['lora_adapters'])})" if pd.get("lora_adapters") is not None else "")
+             + f", optimizer {_mib(pd['opt_state'])}"]
     step = rep["functions"]["train_step"]["memory"]
     if step:
         lines.append(f"compiled step (per device): temporaries {_mib(step['temp'])} "
@@ -220,7 +226,10 @@ def format_report(program, rep: dict) -> str:
                          f"(temporaries {_mib(m['temp'])})")
     lines += _verdict_lines(rep)
     lines.append("parameter shardings:")
-    for path, x in jax.tree_util.tree_leaves_with_path(program.abstract_state.params):
+    shown = program.abstract_model_params
+    if program.lora is not None:  # the frozen base, then the adapters the state trains
+        shown = {"base": shown, "lora": program.abstract_state.params}
+    for path, x in jax.tree_util.tree_leaves_with_path(shown):
         lines.append(f"  {jax.tree_util.keystr(path):45s} {str(x.shape):18s} "
                      f"{sharding.format_spec(x.sharding.spec, len(x.shape))}")
     return "\n".join(lines)
