@@ -1,0 +1,315 @@
+"""The five evaluations, each a function of a Scorer (scorer.py), a tokenizer and its inputs, each
+returning a JSON-ready dict. docs/study.md#evaluations says what every number means.
+
+* `text_bpb` (bpb and position): bits per byte of whole documents in non-overlapping windows, and
+  the same by position in the window;
+* `forgetting`: a passage, d tokens of the text that follows it, the passage again: loss on both
+  copies by d;
+* `recall`: the built-in `kv_recall` rows (data/tasks.py) with every pair of a context asked,
+  scored on every answer, by number of pairs and by distance;
+* `passkey`: a number hidden at a depth of repetitive filler, then asked for.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..data.encode import RowEncoder
+from ..data.tasks import get_task
+from ..data.templates import DEFAULT_TEMPLATE, render_prompt
+from ..errors import ConfigError, DataError, MissingFileError
+from ..text import decode_user_text
+from .scorer import Scorer
+
+LN2 = math.log(2)
+
+
+# ---------------------------------------------------------------------------------------- text
+
+def text_files(paths: Sequence[str]) -> list[str]:
+    """The .txt files named by `paths` (files, or directories searched recursively), in order."""
+    if not paths:
+        raise ConfigError("no --text given; pass a directory of .txt files or .txt files.")
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True))
+            if not found:
+                raise DataError(f"--text directory {p!r} holds no .txt files; pass a directory "
+                                "of .txt files or .txt files.")
+            out.extend(found)
+        elif os.path.isfile(p):
+            if not p.lower().endswith(".txt"):
+                raise DataError(f"--text file {p!r} is not a .txt file; pass .txt files or a "
+                                "directory of them.")
+            out.append(p)
+        else:
+            raise MissingFileError(f"--text {p!r} does not exist; pass a directory of .txt files "
+                                   "or .txt files.")
+    return out
+
+
+def read_documents(paths: Sequence[str], tok) -> list[dict]:
+    """Each .txt file as one document: its path, UTF-8 byte count and token ids (no specials)."""
+    docs = []
+    for path in text_files(paths):
+        with open(path, "rb") as f:
+            text = decode_user_text(f.read(), f"--text file {path!r}", DataError)
+        if text:
+            docs.append({"path": path, "bytes": len(text.encode("utf-8")),
+                         "ids": np.asarray(tok.encode(text), np.int64)})
+    if not docs:
+        raise DataError(f"the --text files ({', '.join(map(repr, paths))}) hold no text; give "
+                        "non-empty .txt files.")
+    return docs
+
+
+def text_windows(docs: list[dict], bos_id: int, block_size: int,
+                 max_windows: Optional[int] = None) -> tuple[list[np.ndarray], int]:
+    """Each document as bos + its ids, cut into windows of block_size + 1 tokens that start every
+    block_size tokens (a window's last token is the next one's first): every token of the text is
+    a target exactly once, predicted from the tokens before it in its window only. Returns the
+    rows and how many documents they came from (`max_windows`: the first windows only)."""
+    rows = []
+    for n, doc in enumerate(docs, 1):
+        stream = np.concatenate([[bos_id], doc["ids"]])
+        for start in range(0, len(stream) - 1, block_size):
+            rows.append(stream[start:start + block_size + 1])
+            if max_windows is not None and len(rows) >= max_windows:
+                return rows, n
+    return rows, len(docs)
+
+
+def text_bpb(scorer: Scorer, docs: list[dict], byte_lengths: np.ndarray, bos_id: int,
+             block_size: int, buckets: int = 8, max_windows: Optional[int] = None) -> tuple:
+    """({"bpb", ...} over the whole text, {"buckets": [...]} by position in the window)."""
+    rows, n_docs = text_windows(docs, bos_id, block_size, max_windows)
+    s = scorer(rows)
+    targets = np.zeros(s.ce.shape, np.int64)
+    for i, r in enumerate(rows):
+        targets[i, :len(r) - 1] = r[1:]
+    nbytes = np.where(s.valid, byte_lengths[targets], 0)
+    ce = np.where(s.valid, s.ce, 0.0)
+    n_tokens = int(s.valid.sum())
+    whole = {"bpb": _bpb(ce.sum(), nbytes.sum()), "loss": float(ce.sum() / n_tokens),
+             "tokens": n_tokens, "bytes": int(nbytes.sum()), "windows": len(rows),
+             "documents": n_docs}
+    n = max(1, min(buckets, block_size))
+    edges = np.linspace(0, block_size, n + 1).round().astype(int)
+    curve = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        v = s.valid[:, lo:hi]
+        curve.append({"start": int(lo), "stop": int(hi), "tokens": int(v.sum()),
+                      "loss": float(ce[:, lo:hi].sum() / max(v.sum(), 1)),
+                      "bpb": _bpb(ce[:, lo:hi].sum(), nbytes[:, lo:hi].sum())})
+    return whole, {"buckets": curve}
+
+
+def _bpb(ce_nats: float, n_bytes: float) -> Optional[float]:
+    return float(ce_nats / (LN2 * n_bytes)) if n_bytes > 0 else None
+
+
+# ---------------------------------------------------------------------------------- forgetting
+
+def default_passage(block_size: int) -> int:
+    return max(1, block_size // 8)
+
+
+def default_distances(block_size: int, passage: int) -> list[int]:
+    """0, the powers of two from 8 that fit, and the longest distance that fits."""
+    top = block_size - 2 * passage
+    out = [0] + [2 ** k for k in range(3, 32) if 2 ** k < top]
+    return sorted(set(out + [top])) if top > 0 else [0]
+
+
+def forgetting(scorer: Scorer, docs: list[dict], bos_id: int, block_size: int, passage: int,
+               distances: Sequence[int], samples: int, seed: int = 0) -> dict:
+    """Rows bos + passage + filler[:d] + passage, the filler being the text that follows the
+    passage in the source; each sample's passage and filler are the same for every d."""
+    if passage < 1 or 2 * passage > block_size:
+        raise ConfigError(f"--passage {passage} must be between 1 and block_size / 2 = "
+                          f"{block_size // 2} (two copies fit in one window).")
+    top = block_size - 2 * passage
+    bad = [d for d in distances if d < 0 or d > top]
+    if bad:
+        raise ConfigError(f"forgetting distance {bad[0]} needs 1 + 2*{passage} + {bad[0]} = "
+                          f"{1 + 2 * passage + bad[0]} tokens in one window but the model's "
+                          f"block_size={block_size} holds {block_size + 1}; ask for distances "
+                          f"0..{max(top, 0)} or a shorter --passage.")
+    span = passage + max(distances)
+    stream = np.concatenate([d["ids"] for d in docs])
+    if len(stream) < span:
+        raise DataError(f"the --text files hold {len(stream):,} tokens but forgetting needs a "
+                        f"passage and filler of {span:,}; give more text or smaller distances.")
+    starts = np.random.default_rng([seed, 1]).integers(0, len(stream) - span + 1, samples)
+    rows, spans = [], []
+    for d in distances:
+        for o in starts:
+            p, filler = stream[o:o + passage], stream[o + passage:o + passage + d]
+            rows.append(np.concatenate([[bos_id], p, filler, p]))
+            spans.append(d)
+    s = scorer(rows)
+    out = []
+    for i, d in enumerate(distances):
+        block = slice(i * samples, (i + 1) * samples)
+        ce, hit = s.ce[block], s.hit[block]
+        c1, c2 = slice(0, passage), slice(passage + d, 2 * passage + d)
+        out.append({"distance": int(d), "copy1_loss": float(ce[:, c1].mean()),
+                    "copy2_loss": float(ce[:, c2].mean()),
+                    "drop": float(ce[:, c1].mean() - ce[:, c2].mean()),
+                    "copy1_accuracy": float(hit[:, c1].mean()),
+                    "copy2_accuracy": float(hit[:, c2].mean())})
+    return {"passage": passage, "samples": samples, "distances": out}
+
+
+# ------------------------------------------------------------------------------------- recall
+
+def _answer_rows(tok, prompts: Sequence[str], answers: Sequence[str], eos: bool):
+    """(rows, answer target masks): bos + tokens of prompt + answer (tokenised whole, as training
+    rows are) [+ eos]; the mask marks the targets that are answer tokens (and the eos)."""
+    encoded = RowEncoder(tok).encode([p + a for p, a in zip(prompts, answers)],
+                                     [len(p) for p in prompts])
+    rows, masks = [], []
+    for ids, answer in encoded:
+        rows.append(np.concatenate([[tok.bos_id], ids] + ([[tok.eos_id]] if eos else [])))
+        masks.append(np.concatenate([[False], answer] + ([[True]] if eos else [])).astype(bool))
+    return rows, masks
+
+
+def recall_contexts(n_pairs: int, samples: int, seed: int, max_value: int) -> list[list[dict]]:
+    """`samples` kv_recall contexts of `n_pairs` pairs, each asked at every distance 1..n_pairs:
+    the task's own rows, one per distance, drawn from the same generator state."""
+    task = get_task("kv_recall")
+    options = [task.options(n_pairs=n_pairs, distance=d, max_value=max_value)
+               for d in range(1, n_pairs + 1)]
+    rng = random.Random(f"evals:kv_recall:{seed}:{n_pairs}")
+    contexts = []
+    for _ in range(samples):
+        state = rng.getstate()
+        rows = []
+        for opts in options:
+            rng.setstate(state)
+            rows.append(task._row(rng, opts))
+        contexts.append(rows)
+    return contexts
+
+
+def recall_pairs_fit(tok, template: str, block_size: int, n_pairs: int, max_value: int) -> int:
+    """The most tokens a row of `n_pairs` pairs takes (over a few sampled contexts)."""
+    rows = [r for c in recall_contexts(n_pairs, 8, 0, max_value) for r in c]
+    prompts = [render_prompt(r["question"], template) for r in rows]
+    ids, _ = _answer_rows(tok, prompts, [r["answer"] for r in rows], eos=True)
+    return max(len(r) for r in ids)
+
+
+def recall(scorer: Scorer, tok, block_size: int, pairs: Sequence[int], samples: int,
+           template: str = DEFAULT_TEMPLATE, max_value: int = 9, seed: int = 0) -> dict:
+    """Exact match (every answer token and the closing eos the argmax) and answer loss of every
+    answer, by number of pairs and by distance (k: the pair said k pairs before the question)."""
+    out = []
+    for n in pairs:
+        rows = [r for c in recall_contexts(n, samples, seed, max_value) for r in c]
+        prompts = [render_prompt(r["question"], template) for r in rows]
+        ids, masks = _answer_rows(tok, prompts, [r["answer"] for r in rows], eos=True)
+        longest = max(len(r) for r in ids)
+        if longest > block_size + 1:
+            raise ConfigError(f"kv recall rows with {n} pairs take up to {longest} tokens but the "
+                              f"model's block_size={block_size} holds {block_size + 1}; ask for "
+                              "fewer --pairs.")
+        s = scorer(ids)
+        em, loss = _answer_scores(s, masks)
+        dist = np.array([r["distance"] for r in rows])
+        by = [{"distance": int(d), "exact_match": float(em[dist == d].mean()),
+               "answer_loss": float(loss[dist == d].mean()), "answers": int((dist == d).sum())}
+              for d in range(1, n + 1)]
+        out.append({"n_pairs": int(n), "exact_match": float(em.mean()),
+                    "answer_loss": float(loss.mean()), "answers": len(rows), "by_distance": by})
+    return {"template": template, "max_value": max_value, "contexts": samples, "pairs": out}
+
+
+def _answer_scores(s, masks) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: whether every answer target was the argmax, and the answer targets' mean CE."""
+    em, loss = np.zeros(len(masks), bool), np.zeros(len(masks))
+    for i, m in enumerate(masks):
+        t = m[1:]  # target t is token t + 1
+        em[i] = bool(s.hit[i, :len(t)][t].all())
+        loss[i] = float(s.ce[i, :len(t)][t].mean())
+    return em, loss
+
+
+# ------------------------------------------------------------------------------------ passkey
+
+FILLER = ("Трава зелёная. Небо голубое. Солнце жёлтое. Вот так. Туда и обратно. ")
+NEEDLE = "Пароль: {key}. Запомни его. {key} — это пароль. "
+QUESTION = "Какой пароль? Пароль: "
+
+
+def passkey(scorer: Scorer, tok, block_size: int, depths: Sequence[float], samples: int,
+            digits: int = 5, seed: int = 0) -> dict:
+    """Accuracy of the key's tokens (all the argmax: what greedy decoding answers) by depth: the
+    needle sits after that fraction of the filler units that fit in one window."""
+    if digits < 1:
+        raise ConfigError(f"--passkey_digits {digits} must be at least 1.")
+    bad = [d for d in depths if not 0 <= d <= 1]
+    if bad:
+        raise ConfigError(f"passkey depth {bad[0]:g} must be a fraction between 0 and 1 (e.g. "
+                          "--depths 0,0.25,0.5,0.75,1).")
+    rng = np.random.default_rng([seed, 2])
+    keys = [str(k) for k in rng.integers(10 ** (digits - 1), 10 ** digits, samples)]
+    units = _filler_units(tok, block_size, keys)
+    while True:  # BPE may join the pieces a token longer than they measured apart
+        rows, masks, needles = _passkey_rows(tok, depths, keys, units)
+        longest = max(len(r) for r in rows)
+        if longest <= block_size + 1:
+            break
+        if units == 0:
+            raise ConfigError(f"passkey rows take {longest} tokens but the model's block_size="
+                              f"{block_size} holds {block_size + 1}; passkey needs a larger block.")
+        units -= 1
+    s = scorer(rows)
+    em, loss = _answer_scores(s, masks)
+    token_acc = np.array([s.hit[i, :len(m) - 1][m[1:]].mean() for i, m in enumerate(masks)])
+    out = []
+    for i, depth in enumerate(depths):
+        b = slice(i * samples, (i + 1) * samples)
+        out.append({"depth": float(depth), "accuracy": float(em[b].mean()),
+                    "token_accuracy": float(token_acc[b].mean()),
+                    "answer_loss": float(loss[b].mean()), "needle_position": needles[i],
+                    "length": float(np.mean([len(r) for r in rows[b]]))})
+    return {"digits": digits, "samples": samples, "filler_units": units, "depths": out}
+
+
+def _passkey_rows(tok, depths, keys, units: int):
+    prompts, answers, needles = [], [], []
+    for depth in depths:
+        before = int(round(depth * units))
+        needles.append(1 + len(tok.encode(FILLER * before)))  # bos + the filler before it
+        for key in keys:
+            prompts.append(FILLER * before + NEEDLE.format(key=key) + FILLER * (units - before)
+                           + QUESTION)
+            answers.append(key)
+    rows, masks = _answer_rows(tok, prompts, answers, eos=False)
+    return rows, masks, needles
+
+
+def _filler_units(tok, block_size: int, keys: Sequence[str]) -> int:
+    """The most filler units a passkey row of the longest key fits in block_size + 1 tokens."""
+    key = max(keys, key=lambda k: len(tok.encode(k)))
+
+    def length(n: int) -> int:
+        return 1 + len(tok.encode(NEEDLE.format(key=key) + FILLER * n + QUESTION + key))
+    if length(0) > block_size + 1:
+        raise ConfigError(f"a passkey row without filler takes {length(0)} tokens but the model's "
+                          f"block_size={block_size} holds {block_size + 1}; passkey needs a "
+                          "larger block (or fewer --passkey_digits).")
+    n = max(0, (block_size + 1 - length(0)) // max(1, len(tok.encode(FILLER))))
+    while n > 0 and length(n) > block_size + 1:
+        n -= 1
+    while length(n + 1) <= block_size + 1:
+        n += 1
+    return n
