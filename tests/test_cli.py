@@ -17,7 +17,7 @@ def test_console_scripts_resolve_to_callables():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert set(scripts) == {"reflex-train", "reflex-sample", "reflex-convert", "reflex-data",
-                            "reflex-bench", "reflex-compare", "reflex-eval"}
+                            "reflex-bench", "reflex-compare", "reflex-eval", "reflex-evals"}
     for target in scripts.values():
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func)), target
