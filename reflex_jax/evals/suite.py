@@ -159,9 +159,11 @@ def forgetting(scorer: Scorer, docs: list[dict], bos_id: int, block_size: int, p
         block = slice(i * samples, (i + 1) * samples)
         ce, hit = s.ce[block], s.hit[block]
         c1, c2 = slice(0, passage), slice(passage + d, 2 * passage + d)
+        drops = ce[:, c1].mean(axis=1) - ce[:, c2].mean(axis=1)  # per passage, paired
         out.append({"distance": int(d), "copy1_loss": float(ce[:, c1].mean()),
-                    "copy2_loss": float(ce[:, c2].mean()),
-                    "drop": float(ce[:, c1].mean() - ce[:, c2].mean()),
+                    "copy2_loss": float(ce[:, c2].mean()), "drop": float(drops.mean()),
+                    "drop_se": (float(drops.std(ddof=1) / math.sqrt(samples)) if samples > 1
+                                else None),
                     "copy1_accuracy": float(hit[:, c1].mean()),
                     "copy2_accuracy": float(hit[:, c2].mean())})
     return {"passage": passage, "samples": samples, "distances": out}
