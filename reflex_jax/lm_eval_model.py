@@ -14,6 +14,7 @@ hundreds of lengths compiles a handful of programs. Generation is sampling.Gener
 loop, bucketed the same way.
 
     python -m reflex_jax.lm_eval_model --model reflex_jax --model_args run=runs/tiny --tasks ...
+        --batch_size 16
 
 is lm-eval's own command line with this model registered (lm-eval 0.4.13 has no plugin entry
 points, so the import registers it).
@@ -123,7 +124,12 @@ def _int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-@register_model("reflex_jax")
+def _registered(cls):
+    """Registered as lm-eval's `reflex_jax` model (once: not again when run as __main__)."""
+    return cls if __name__ == "__main__" else register_model("reflex_jax")(cls)
+
+
+@_registered
 class ReflexLM(TemplateLM):
     """lm-eval's model interface on a reflex_jax decoder.
 
@@ -331,4 +337,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import reflex_jax.lm_eval_model  # noqa: F401 - registers the package's ReflexLM
     main()
