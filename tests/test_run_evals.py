@@ -275,7 +275,9 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_mistakes_are_one_sentence(tmp_path, capsys, tiny):
-    run = tiny[0]
+    run, cfg, params = tiny
+    bare = save_params(str(tmp_path / "bare"), cfg, params)  # meta.json names no tokenizer
+    assert "names no tokenizer" in one_line_error(capsys, ["--run", bare, "--evals", "passkey"])
     empty = tmp_path / "empty"
     empty.mkdir()
     text = write(tmp_path, {"a.txt": TEXT_A})
