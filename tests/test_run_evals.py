@@ -123,6 +123,9 @@ def test_forgetting_curve_drops_where_the_first_copy_is_in_memory(tmp_path):
         assert row["copy2_accuracy"] == pytest.approx((P - 1) / P if remembered else 0)
         assert row["drop"] == pytest.approx(row["copy1_loss"] - row["copy2_loss"])
         assert row["drop_se"] == pytest.approx(0, abs=1e-6)  # the same drop for every passage
+        # without the first copy nothing in the window repeats: copy 2's place costs ln V a token
+        assert row["control_loss"] == pytest.approx(ln_v, rel=1e-6)
+        assert row["remembered"] == pytest.approx(ln_v - row["copy2_loss"], abs=1e-5)
     assert [r["distance"] for r in f["distances"]] == [0, 16, 32, 33, 48]
 
 

@@ -177,9 +177,9 @@ def summary_lines(result: dict) -> list[str]:
             f"{c['start']}-{c['stop']} {c['bpb']:.3f}" for c in result["position"]["buckets"]
             if c["bpb"] is not None))
     if "forgetting" in result:
-        lines.append("forgetting (d: copy1 -> copy2 nats/token): " + ", ".join(
-            f"{r['distance']}: {r['copy1_loss']:.3f} -> {r['copy2_loss']:.3f}"
-            for r in result["forgetting"]["distances"]))
+        lines.append("forgetting (d: copy 1 / copy 2 / control, nats per token): " + ", ".join(
+            f"{r['distance']}: {r['copy1_loss']:.3f} / {r['copy2_loss']:.3f} / "
+            f"{r['control_loss']:.3f}" for r in result["forgetting"]["distances"]))
     if "recall" in result:
         for r in result["recall"]["pairs"]:
             lines.append(f"recall {r['n_pairs']} pairs: exact match {r['exact_match']:.3f}, by "

@@ -130,7 +130,9 @@ def default_distances(block_size: int, passage: int) -> list[int]:
 def forgetting(scorer: Scorer, docs: list[dict], bos_id: int, block_size: int, passage: int,
                distances: Sequence[int], samples: int, seed: int = 0) -> dict:
     """Rows bos + passage + filler[:d] + passage, the filler being the text that follows the
-    passage in the source; each sample's passage and filler are the same for every d."""
+    passage in the source; each sample's passage and filler are the same for every d. Control
+    rows replace the first copy by the `passage` tokens that precede the passage in the source,
+    so that copy 2 sits at the same position after the same filler, never seen before."""
     if passage < 1 or 2 * passage > block_size:
         raise ConfigError(f"--passage {passage} must be between 1 and block_size / 2 = "
                           f"{block_size // 2} (two copies fit in one window).")
@@ -141,32 +143,42 @@ def forgetting(scorer: Scorer, docs: list[dict], bos_id: int, block_size: int, p
                           f"{1 + 2 * passage + bad[0]} tokens in one window but the model's "
                           f"block_size={block_size} holds {block_size + 1}; ask for distances "
                           f"0..{max(top, 0)} or a shorter --passage.")
-    span = passage + max(distances)
+    span = 2 * passage + max(distances)  # what precedes the passage, the passage, the filler
     stream = np.concatenate([d["ids"] for d in docs])
     if len(stream) < span:
-        raise DataError(f"the --text files hold {len(stream):,} tokens but forgetting needs a "
-                        f"passage and filler of {span:,}; give more text or smaller distances.")
-    starts = np.random.default_rng([seed, 1]).integers(0, len(stream) - span + 1, samples)
-    rows, spans = [], []
+        raise DataError(f"the --text files hold {len(stream):,} tokens but forgetting needs "
+                        f"{span:,} in a row (2 passages and the longest filler); give more text "
+                        "or smaller distances.")
+    starts = passage + np.random.default_rng([seed, 1]).integers(0, len(stream) - span + 1,
+                                                                   samples)
+    rows = []
     for d in distances:
         for o in starts:
             p, filler = stream[o:o + passage], stream[o + passage:o + passage + d]
             rows.append(np.concatenate([[bos_id], p, filler, p]))
-            spans.append(d)
+            rows.append(np.concatenate([[bos_id], stream[o - passage:o], filler, p]))
     s = scorer(rows)
     out = []
     for i, d in enumerate(distances):
-        block = slice(i * samples, (i + 1) * samples)
-        ce, hit = s.ce[block], s.hit[block]
+        copy, control = slice(2 * i * samples, 2 * (i + 1) * samples, 2), \
+            slice(2 * i * samples + 1, 2 * (i + 1) * samples, 2)
+        ce, hit = s.ce[copy], s.hit[copy]
         c1, c2 = slice(0, passage), slice(passage + d, 2 * passage + d)
-        drops = ce[:, c1].mean(axis=1) - ce[:, c2].mean(axis=1)  # per passage, paired
-        out.append({"distance": int(d), "copy1_loss": float(ce[:, c1].mean()),
-                    "copy2_loss": float(ce[:, c2].mean()), "drop": float(drops.mean()),
-                    "drop_se": (float(drops.std(ddof=1) / math.sqrt(samples)) if samples > 1
-                                else None),
+        first, second = ce[:, c1].mean(axis=1), ce[:, c2].mean(axis=1)  # per passage
+        unseen = s.ce[control][:, c2].mean(axis=1)
+        out.append({"distance": int(d), "copy1_loss": float(first.mean()),
+                    "copy2_loss": float(second.mean()), "control_loss": float(unseen.mean()),
+                    "drop": float((first - second).mean()), "drop_se": _se(first - second),
+                    "remembered": float((unseen - second).mean()),
+                    "remembered_se": _se(unseen - second),
                     "copy1_accuracy": float(hit[:, c1].mean()),
                     "copy2_accuracy": float(hit[:, c2].mean())})
     return {"passage": passage, "samples": samples, "distances": out}
+
+
+def _se(x: np.ndarray) -> Optional[float]:
+    """The standard error of the mean of paired differences (None for one sample)."""
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
 
 
 # ------------------------------------------------------------------------------------- recall
