@@ -258,7 +258,7 @@ def _answer_scores(s, masks) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------------------ passkey
 
-FILLER = ("Трава зелёная. Небо голубое. Солнце жёлтое. Вот так. Туда и обратно. ")
+FILLER = ("Трава зелёная. ", "Небо голубое. ", "Солнце жёлтое. ", "Вот так. ", "Туда и обратно. ")
 NEEDLE = "Пароль: {key}. Запомни его. {key} — это пароль. "
 QUESTION = "Какой пароль? Пароль: "
 
@@ -266,7 +266,7 @@ QUESTION = "Какой пароль? Пароль: "
 def passkey(scorer: Scorer, tok, block_size: int, depths: Sequence[float], samples: int,
             digits: int = 5, seed: int = 0) -> dict:
     """Accuracy of the key's tokens (all the argmax: what greedy decoding answers) by depth: the
-    needle sits after that fraction of the filler units that fit in one window."""
+    needle sits after that fraction of the filler sentences that fit in one window."""
     if digits < 1:
         raise ConfigError(f"--passkey_digits {digits} must be at least 1.")
     bad = [d for d in depths if not 0 <= d <= 1]
@@ -295,33 +295,40 @@ def passkey(scorer: Scorer, tok, block_size: int, depths: Sequence[float], sampl
                     "token_accuracy": float(token_acc[b].mean()),
                     "answer_loss": float(loss[b].mean()), "needle_position": needles[i],
                     "length": float(np.mean([len(r) for r in rows[b]]))})
-    return {"digits": digits, "samples": samples, "filler_units": units, "depths": out}
+    return {"digits": digits, "samples": samples, "filler_sentences": units, "depths": out}
 
 
 def _passkey_rows(tok, depths, keys, units: int):
     prompts, answers, needles = [], [], []
     for depth in depths:
         before = int(round(depth * units))
-        needles.append(1 + len(tok.encode(FILLER * before)))  # bos + the filler before it
+        needles.append(1 + len(tok.encode(filler(0, before))))  # bos + the filler before it
         for key in keys:
-            prompts.append(FILLER * before + NEEDLE.format(key=key) + FILLER * (units - before)
+            prompts.append(filler(0, before) + NEEDLE.format(key=key) + filler(before, units)
                            + QUESTION)
             answers.append(key)
     rows, masks = _answer_rows(tok, prompts, answers, eos=False)
     return rows, masks, needles
 
 
+def filler(start: int, stop: int) -> str:
+    """Sentences start..stop-1 of the endless repetition of FILLER."""
+    return "".join(FILLER[i % len(FILLER)] for i in range(start, stop))
+
+
 def _filler_units(tok, block_size: int, keys: Sequence[str]) -> int:
-    """The most filler units a passkey row of the longest key fits in block_size + 1 tokens."""
+    """The most filler sentences a passkey row of the longest key fits in block_size + 1
+    tokens."""
     key = max(keys, key=lambda k: len(tok.encode(k)))
 
     def length(n: int) -> int:
-        return 1 + len(tok.encode(NEEDLE.format(key=key) + FILLER * n + QUESTION + key))
+        return 1 + len(tok.encode(NEEDLE.format(key=key) + filler(0, n) + QUESTION + key))
     if length(0) > block_size + 1:
         raise ConfigError(f"a passkey row without filler takes {length(0)} tokens but the model's "
                           f"block_size={block_size} holds {block_size + 1}; passkey needs a "
                           "larger block (or fewer --passkey_digits).")
-    n = max(0, (block_size + 1 - length(0)) // max(1, len(tok.encode(FILLER))))
+    cycle = max(1, len(tok.encode(filler(0, len(FILLER)))))  # tokens of one round of sentences
+    n = max(0, (block_size + 1 - length(0)) * len(FILLER) // cycle)
     while n > 0 and length(n) > block_size + 1:
         n -= 1
     while length(n + 1) <= block_size + 1:
