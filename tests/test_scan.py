@@ -142,15 +142,17 @@ def test_cached_decoding_scanned_equals_unrolled(name):
         if b.size:  # a borrowing layer caches no heads
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
                                        atol=order_atol(b, cfg.n_layer))
-    auto, _ = decode("auto")  # prefill scanned, one-token steps unrolled
+    auto, _ = decode("auto")  # on a CPU: all unrolled
     np.testing.assert_allclose(np.asarray(auto), np.asarray(want), rtol=0,
                                atol=order_atol(want, cfg.n_layer))
 
 
 def test_the_setting_and_the_param_tree():
-    assert uses_scan("auto", False, 16) and uses_scan("auto", True, 8)
-    assert not uses_scan("auto", True, 1) and uses_scan("on", True, 1)
-    assert not uses_scan("off", False, 16)
+    for platform in ("tpu", "gpu"):
+        assert uses_scan("auto", False, 16, platform) and uses_scan("auto", True, 8, platform)
+        assert not uses_scan("auto", True, 1, platform)
+    assert not uses_scan("auto", False, 16, "cpu")  # unrolled runs faster on a CPU
+    assert uses_scan("on", True, 1, "cpu") and not uses_scan("off", False, 16, "tpu")
     with pytest.raises(ConfigError, match=r"model.scan_layers='yes' is unknown; use one of "
                                           r"auto \| on \| off"):
         _cfg({}, scan_layers="yes")

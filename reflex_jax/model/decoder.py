@@ -92,7 +92,8 @@ class Decoder(nn.Module):
             block_cls = nn.remat(Block, static_argnums=(_DETERMINISTIC_ARGNUM,), prevent_cse=True,
                                  policy=jax_policy)
         runs = {}
-        if not self.is_initializing() and uses_scan(cfg.scan_layers, cache is not None, T):
+        platform = self.kernels.resolved_platform()
+        if not self.is_initializing() and uses_scan(cfg.scan_layers, cache is not None, T, platform):
             runs = {r.start: r for r in scan_runs(cfg)}
         needed = _read_outside_runs(cfg, runs.values(), cache is not None)
         params = nn.meta.unbox(self.variables.get("params", {})) if runs else {}

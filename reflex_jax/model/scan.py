@@ -140,11 +140,14 @@ def scanned_layers(cfg: ModelConfig) -> int:
     return sum(r.stop - r.start for r in scan_runs(cfg))
 
 
-def uses_scan(setting: str, cached: bool, n_tokens: int) -> bool:
-    """Whether a call scans its runs: `off` never; `auto` except a cached call of one token (a
-    decode step updates every layer's cache in place, which a scan would stack and copy); `on`
-    always."""
-    return setting == "on" or (setting == "auto" and not (cached and n_tokens == 1))
+def uses_scan(setting: str, cached: bool, n_tokens: int, platform: str) -> bool:
+    """Whether a call scans its runs: `off` never; `on` always; `auto` on TPUs and GPUs (where a
+    deep model's compile time is what scanning buys), except a cached call of one token (a decode
+    step updates every layer's cache in place, which a scan would stack and copy), and never on a
+    CPU, where the unrolled step runs faster (docs/bench.md, "Compile time")."""
+    if setting != "auto":
+        return setting == "on"
+    return platform != "cpu" and not (cached and n_tokens == 1)
 
 
 def _view(cfg: ModelConfig, layer: int, plan: LayerPlan) -> ModelConfig:
