@@ -278,7 +278,7 @@ def run(args, config, target, overrides: Sequence[str]) -> int:
            "head_plan": config.model.head_plan, "command": "python -m reflex_lab.fit " +
            " ".join(sys.argv[1:]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "cpu": cpu_model(), "cores": cpu_count(), "searches": []}
-    save = (lambda: _write(args.out, doc)) if args.out else (lambda: None)
+    save = (lambda: write_doc(args.out, doc)) if args.out else (lambda: None)
     prober = Prober(config, target, args.head_dim, log=print)
     t0 = time.perf_counter()
     for n_layer in args.n_layer:
@@ -298,7 +298,8 @@ def run(args, config, target, overrides: Sequence[str]) -> int:
     return 0
 
 
-def _write(path: str, doc: dict) -> None:
+def write_doc(path: str, doc: dict) -> None:
+    """`doc` as JSON at `path` (its directory made), rewritten whole."""
     from reflex_jax.checkpoint import write_json
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json(path, doc)

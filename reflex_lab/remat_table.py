@@ -80,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args, config, targets, policies, overrides: Sequence[str]) -> int:
+    from reflex_lab.fit import write_doc
     from reflex_lab.machine import cpu_count, cpu_model
     doc = {"config": args.config, "overrides": list(overrides), "points": []}
     if os.path.exists(args.out):
@@ -95,7 +96,7 @@ def run(args, config, targets, policies, overrides: Sequence[str]) -> int:
             rec.update(date=datetime.datetime.now().isoformat(timespec="seconds"),
                        cpu=cpu_model(), cores=cpu_count())
             doc["points"].append(rec)
-            _write(args.out, doc)
+            write_doc(args.out, doc)
             total = rec["peak_total_bytes"] / 2**30
             print(f"  {total:.2f} GiB per chip (temporaries "
                   f"{(rec['per_device_bytes'].get('temp') or 0) / 2**30:.2f}), "
@@ -103,12 +104,6 @@ def run(args, config, targets, policies, overrides: Sequence[str]) -> int:
                   f"{(rec['roofline_step_s'] or 0) * 1e3:.1f} ms; compiled in "
                   f"{rec['compile_s']:.0f} s", flush=True)
     return 0
-
-
-def _write(path: str, doc: dict) -> None:
-    from reflex_jax.checkpoint import write_json
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_json(path, doc)
 
 
 if __name__ == "__main__":
