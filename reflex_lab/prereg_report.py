@@ -1,0 +1,105 @@
+"""The pre-registered study's report: experiments/prereg/report.md and report.json, rebuilt from the
+per-run JSON files (<stage>/<run>.json) that scripts/prereg_study.py writes."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+
+from . import prereg
+
+
+def load_results(results_dir: str) -> dict:
+    """{"A": {arm: {lr: result}}, "B": {arm: {seed: result}}, "chosen": {arm: lr}}."""
+    out: dict = {"A": {}, "B": {}}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("stage") == "A" and r.get("seed") == 0:  # stage A is seed 0 only
+            out["A"].setdefault(r["arm"], {})[r["lr"]] = r
+        elif r.get("stage") == "B":
+            out["B"].setdefault(r["arm"], {})[r["seed"]] = r
+    out["chosen"] = prereg.choose_lr({arm: {lr: dev_bpb(r) for lr, r in d.items()}
+                                      for arm, d in out["A"].items()})
+    return out
+
+
+def dev_bpb(result: dict) -> float:
+    return result["evals"]["dev"]["bpb"]["bpb"]
+
+
+def test_bpb(result: dict) -> float:
+    return result["evals"]["test"]["bpb"]["bpb"]
+
+
+def summarize(results: dict) -> dict:
+    a = {arm: {f"{lr:g}": dev_bpb(r) for lr, r in sorted(d.items())} for arm, d in results["A"].items()}
+    test = {arm: {s: test_bpb(r) for s, r in d.items()} for arm, d in results["B"].items()}
+    dev = {arm: {s: dev_bpb(r) for s, r in d.items()} for arm, d in results["B"].items()}
+    c = prereg.contrasts(test, prereg.BASELINE,
+                         [x for x in prereg.ARMS if x != prereg.BASELINE]) if prereg.BASELINE in test else {}
+    word, reasons = prereg.verdict(c)
+    hours = sum(r["train_s"] + r["eval_s"] for st in ("A", "B") for d in results[st].values()
+                for r in d.values()) / 3600
+    return {"stage_a_dev_bpb": a, "chosen_lr": {k: f"{v:g}" for k, v in results["chosen"].items()},
+            "stage_b_test_bpb": {arm: {str(s): v for s, v in sorted(d.items())} for arm, d in test.items()},
+            "stage_b_dev_bpb": {arm: {str(s): v for s, v in sorted(d.items())} for arm, d in dev.items()},
+            "contrasts": c, "verdict": word, "reasons": reasons, "core_hours": round(hours, 2),
+            "runs": {st: sum(len(d) for d in results[st].values()) for st in ("A", "B")}}
+
+
+def _ci(x) -> str:
+    return f"[{x[0]:+.4f}, {x[1]:+.4f}]" if x else "–"
+
+
+def report_md(s: dict) -> str:
+    lines = ["# The pre-registered study: results so far", "",
+             "Rebuilt by `python -m scripts.prereg_study --report` from the run files beside it; the rule "
+             "and the stages are in [docs/study.md](../../docs/study.md#the-pre-registered-study-written-"
+             "2026-12-07-before-any-of-its-runs).", "",
+             f"Runs finished: stage A {s['runs']['A']} of {len(prereg.stage_a_runs())}, stage B "
+             f"{s['runs']['B']} of {len(prereg.ARMS) * len(prereg.SEEDS_B)}; "
+             f"{s['core_hours']:.2f} core-hours (training and evaluation).", "",
+             "## Stage A: dev bits per byte (seed 0, final checkpoint)", "",
+             "| arm | " + " | ".join(f"lr {lr:g}" for lr in prereg.LRS) + " | chosen |",
+             "|---|" + "---:|" * (len(prereg.LRS) + 1)]
+    for arm in prereg.ARMS:
+        d = s["stage_a_dev_bpb"].get(arm, {})
+        lines.append(f"| `{arm}` | " + " | ".join(f"{d[f'{lr:g}']:.4f}" if f"{lr:g}" in d else "…"
+                                                    for lr in prereg.LRS)
+                     + f" | {s['chosen_lr'].get(arm, '…')} |")
+    lines += ["", "## Stage B: test bits per byte (all of Turgenev, final checkpoint)", "",
+              "| arm | lr | seeds | mean ± sd | dev bpb mean |", "|---|---:|---:|---:|---:|"]
+    for arm in prereg.ARMS:
+        t = list(s["stage_b_test_bpb"].get(arm, {}).values())
+        d = list(s["stage_b_dev_bpb"].get(arm, {}).values())
+        sd = f" ± {statistics.stdev(t):.4f}" if len(t) > 1 else ""
+        lines.append(f"| `{arm}` | {s['chosen_lr'].get(arm, '…')} | {len(t)} | "
+                     + (f"{statistics.mean(t):.4f}{sd}" if t else "…") + " | "
+                     + (f"{statistics.mean(d):.4f}" if d else "…") + " |")
+    lines += ["", f"## Contrasts: `{prereg.BASELINE}` − arm, paired by seed", "",
+              "| arm | Δ bpb | 95% interval | Holm-level interval | p | Holm p | per seed |",
+              "|---|---:|---|---|---:|---:|---|"]
+    for arm, c in s["contrasts"].items():
+        if c["mean"] is None:
+            continue
+        lines.append(f"| `{arm}` | {c['mean']:+.4f} | {_ci(c['ci95'])} | {_ci(c.get('ci_holm'))} | "
+                     + (f"{c['p']:.3g}" if c["p"] is not None else "–") + " | "
+                     + (f"{c['p_holm']:.3g}" if c.get("p_holm") is not None else "–") + " | "
+                     + ", ".join(f"{x:+.4f}" for x in c["per_seed"]) + " |")
+    lines += ["", f"## Verdict of the rule: **{s['verdict']}**", ""] + [f"- {r}" for r in s["reasons"]]
+    if s["runs"]["B"] < len(prereg.ARMS) * len(prereg.SEEDS_B):
+        lines += ["", "Stage B is not complete: this verdict is provisional and is not the study's."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results_dir: str) -> dict:
+    s = summarize(load_results(results_dir))
+    os.makedirs(results_dir, exist_ok=True)
+    for name, text in (("report.md", report_md(s)), ("report.json", json.dumps(s, indent=1) + "\n")):
+        tmp = os.path.join(results_dir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(results_dir, name))
+    return s

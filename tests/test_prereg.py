@@ -1,0 +1,151 @@
+"""The pre-registered study's parts (reflex_lab/prereg.py, prereg_report.py): its dev split, its runs'
+settings, the paired intervals, Holm's correction and the rule's verdict on hand-checkable numbers."""
+import json
+import math
+import os
+
+import pytest
+
+from reflex_lab import prereg
+from reflex_lab.prereg_report import load_results, write_report
+
+
+def test_chunks_cut_at_line_ends_and_join_back():
+    text = "".join(f"строка {i}\n" for i in range(100))  # 'строка' is 12 UTF-8 bytes
+    chunks = prereg.chunk_text(text, 64)
+    assert "".join(chunks) == text
+    assert all(c.endswith("\n") for c in chunks)
+    assert all(len(c.encode()) >= 64 for c in chunks[:-1])
+    assert all(len(c.encode()) - len(c.splitlines(True)[-1].encode()) < 64 for c in chunks)
+
+
+def _authors(root, sizes):
+    for author, n_files in sizes.items():
+        os.makedirs(root / author)
+        for f in range(n_files):
+            (root / author / f"book{f}.txt").write_text(
+                "".join(f"{author} {f} {i}\n" for i in range(400)), encoding="utf-8")
+
+
+def test_dev_split_is_per_author_disjoint_complete_and_repeatable(tmp_path):
+    _authors(tmp_path / "src", {"a": 5, "b": 1})
+    out = tmp_path / "out"
+    counts = prereg.split_authors(str(tmp_path / "src"), str(out), authors=("a", "b"), fraction=0.1,
+                                  chunk_bytes=512)
+    files = {s: sorted(p.relative_to(out / s) for p in (out / s).rglob("*.txt")) for s in ("train", "dev")}
+    assert not set(files["train"]) & set(files["dev"])
+    # every author gives at least one chunk to dev, about 10% of its chunks
+    per_author = {a: [p for p in files["dev"] if p.parts[0] == a] for a in ("a", "b")}
+    n_a = sum(1 for p in files["train"] + files["dev"] if p.parts[0] == "a")
+    assert len(per_author["a"]) == round(n_a * 0.1) and len(per_author["b"]) == 1
+    # the chunks of a book, in order, are the book
+    book = "".join((out / ("dev" if p in files["dev"] else "train") / p).read_text(encoding="utf-8")
+                   for p in sorted(files["train"] + files["dev"]) if str(p).startswith("a/book0."))
+    assert book == (tmp_path / "src" / "a" / "book0.txt").read_text(encoding="utf-8")
+    assert counts["train"] + counts["dev"] == sum(p.stat().st_size for p in (tmp_path / "src").rglob("*.txt"))
+    again = prereg.split_authors(str(tmp_path / "src"), str(out), authors=("a", "b"), fraction=0.1,
+                                 chunk_bytes=512)
+    assert again == counts
+    assert sorted(p.relative_to(out / "dev") for p in (out / "dev").rglob("*.txt")) == files["dev"]
+
+
+def test_a_missing_author_is_one_sentence(tmp_path):
+    with pytest.raises(FileNotFoundError, match="give --shared the directory that holds ru_text"):
+        prereg.split_authors(str(tmp_path), str(tmp_path / "out"), authors=("nobody",))
+
+
+def test_runs_set_the_arm_lr_seed_and_tokens():
+    runs = prereg.stage_a_runs()
+    assert len(runs) == len(prereg.ARMS) * len(prereg.LRS) and {r.seed for r in runs} == {0}
+    vr = next(r for r in runs if r.arm == "none+value_residual" and r.lr == 6e-3)
+    flags = dict(f.removeprefix("--config.").split("=", 1) for f in vr.overrides("D", "R"))
+    assert flags["model.head_plan"] == "none" and flags["model.value_residual"] == "True"
+    assert float(flags["optim.lr"]) == 6e-3 and flags["data.document_mask"] == "True"
+    assert int(flags["max_steps"]) * int(flags["batch_size"]) * int(flags["model.block_size"]) >= 5_000_000
+    kv = next(r for r in runs if r.arm.startswith("kv:"))
+    assert dict(f.removeprefix("--config.").split("=", 1) for f in kv.overrides("D", "R"))[
+        "model.head_plan"] == "kv:8,7,6,5,4,3"
+    b = prereg.stage_b_runs({"all": 3e-3, "none": 6e-3})
+    assert [(r.arm, r.seed) for r in b[:3]] == [("none", 0), ("all", 0), ("none", 1)]
+    assert all(r.steps * prereg.BATCH * prereg.BLOCK >= 10_000_000 for r in b)
+    assert len({(r.stage, r.name) for r in runs + b}) == len(runs) + len(b)  # runs/<stage>/<name>
+
+
+def test_paired_interval_by_hand():
+    r = prereg.paired_interval([-0.03, -0.01, -0.02])
+    # mean -0.02, sd 0.01, se 0.01/sqrt(3); t(0.975, 2) = 4.302653
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert r["mean"] == pytest.approx(-0.02)
+    assert r["ci95"] == pytest.approx([-0.02 - half, -0.02 + half], abs=1e-6)
+    # t = 2 * sqrt(3) = 3.4641 on 2 df: p = 0.0742
+    assert r["p"] == pytest.approx(0.0742, abs=5e-4)
+
+
+def test_holm_by_hand():
+    adj = prereg.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    # sorted a 0.01 x3 = 0.03; c 0.03 x2 = 0.06; b 0.04 x1 = 0.04 -> kept monotone at 0.06
+    assert adj == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert prereg.holm({"a": 0.5, "b": 0.6}) == pytest.approx({"a": 1.0, "b": 1.0})
+
+
+def _contrast(diffs_by_arm):
+    base = {s: 1.0 for s in range(5)}
+    bpb = {"all": base}
+    for arm, diffs in diffs_by_arm.items():
+        bpb[arm] = {s: 1.0 - d for s, d in enumerate(diffs)}
+    return prereg.contrasts(bpb, "all", list(diffs_by_arm))
+
+
+CLEAR = [-0.030, -0.032, -0.028, -0.031, -0.029]
+
+
+def test_verdict_helps_only_when_every_clause_holds():
+    word, reasons = prereg.verdict(_contrast({"none": CLEAR, "kv:8,7,6,5,4,3": CLEAR,
+                                              "none+value_residual": [0.0, 0.002, -0.002, 0.001, 0.0]}))
+    assert word == "helps", reasons
+    # the same gain, but ResFormer with the full cache is better by more than 0.01
+    word, reasons = prereg.verdict(_contrast({"none": CLEAR, "kv:8,7,6,5,4,3": CLEAR,
+                                              "none+value_residual": [0.02, 0.021, 0.019, 0.02, 0.02]}))
+    assert word == "not shown" and "not within" in reasons[2]
+    # significant but smaller than 0.01 bpb
+    small = [-0.004, -0.0042, -0.0038, -0.0041, -0.0039]
+    word, reasons = prereg.verdict(_contrast({"none": small, "kv:8,7,6,5,4,3": small,
+                                              "none+value_residual": small}))
+    assert word == "not shown" and "<" in reasons[1]
+    # large but noisy: the interval crosses zero
+    word, _ = prereg.verdict(_contrast({"none": CLEAR, "kv:8,7,6,5,4,3": [-0.1, 0.08, -0.05, 0.04, -0.03],
+                                        "none+value_residual": CLEAR}))
+    assert word == "not shown"
+    word, _ = prereg.verdict(_contrast({"none": CLEAR, "kv:8,7,6,5,4,3": [-c for c in CLEAR],
+                                        "none+value_residual": CLEAR}))
+    assert word == "hurts"
+    assert prereg.verdict({})[0] == "not shown"
+
+
+def _result(tmp, stage, arm, lr, seed, dev, test=None):
+    r = {"stage": stage, "arm": arm, "lr": lr, "seed": seed, "train_s": 1800.0, "eval_s": 0.0,
+         "evals": {"dev": {"bpb": {"bpb": dev}}}}
+    if test is not None:
+        r["evals"]["test"] = {"bpb": {"bpb": test}}
+    d = tmp / stage
+    d.mkdir(exist_ok=True)
+    (d / f"{prereg.Run(stage, arm, lr, seed).name}.json").write_text(json.dumps(r))
+
+
+def test_report_chooses_lr_on_dev_and_pairs_test_by_seed(tmp_path):
+    for arm in prereg.ARMS:
+        for lr, dev in zip(prereg.LRS, (2.0, 1.9, 1.95)):
+            _result(tmp_path, "A", arm, lr, 0, dev + (0.1 if arm == "none" and lr == 3e-3 else 0))
+    _result(tmp_path, "A", "all", 3e-3, 1, 0.5)  # a seed other than 0 in stage A has no say
+    results = load_results(str(tmp_path))
+    assert results["chosen"]["none"] == 6e-3 and results["chosen"]["all"] == 3e-3
+    for seed in range(3):
+        _result(tmp_path, "B", "all", 3e-3, seed, 1.8, 1.70 + 0.001 * seed)
+        _result(tmp_path, "B", "kv:8,7,6,5,4,3", 3e-3, seed, 1.8, 1.75 + 0.002 * seed)
+    s = write_report(str(tmp_path))
+    c = s["contrasts"]["kv:8,7,6,5,4,3"]
+    assert c["per_seed"] == pytest.approx([-0.05, -0.051, -0.052]) and c["seeds"] == [0, 1, 2]
+    md = (tmp_path / "report.md").read_text()
+    assert "| `none` | 2.0000 | 2.0000 | 1.9500 | 0.006 |" in md
+    assert "provisional" in md and s["core_hours"] == pytest.approx(18 * 0.5)
+    assert json.loads((tmp_path / "report.json").read_text())["verdict"] == s["verdict"]
