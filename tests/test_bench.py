@@ -195,3 +195,29 @@ def test_paired_ratio_interval():
     assert fmt_ratio(r) == f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
     with pytest.raises(ValueError, match="as many reps"):
         paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_calls_that_grow_the_heap_are_counted_and_left_out_of_ratios():
+    """A call that raises the process's peak memory (here: a new, larger array each call) is seen,
+    a steady call is not; rounds where either side grew the heap leave the paired ratio and the
+    step time's median, and are counted as dropped."""
+    import itertools
+
+    from reflex_lab.bench.stats import paired_ratio
+    from reflex_lab.bench.timing import HEAP_GROWTH_BYTES, interleaved, steady_median, steady_pairs
+    buf, size = np.ones(1 << 20), itertools.count(1)
+    step = 2 * HEAP_GROWTH_BYTES // 8  # float64s: each array 2 x the threshold larger than the last
+    calls = {"grow": lambda: np.ones(step * next(size)).sum(), "steady": lambda: buf.sum()}
+    growth: dict = {}
+    interleaved(calls, 3, warmup_rounds=1, growth=growth)
+    assert all(g > HEAP_GROWTH_BYTES for g in growth["grow"]), growth
+    assert all(g <= HEAP_GROWTH_BYTES for g in growth["steady"]), growth
+    assert steady_pairs(growth["steady"], growth["steady"]) == [True] * 3
+    assert steady_pairs(growth["grow"], growth["steady"]) == [False] * 3
+    assert steady_pairs(None, growth["steady"]) is None
+    r = paired_ratio([1.0, 5.0, 1.1], [1.0, 1.0, 1.0], keep=[True, False, True])
+    assert r["ratio"] == pytest.approx(1.1 ** 0.5) and r["n"] == 2 and r["dropped"] == 1
+    assert paired_ratio([1.0, 5.0], [1.0, 1.0], keep=[False, False])["n"] == 2  # none steady: all count
+    big = 2 * HEAP_GROWTH_BYTES
+    assert steady_median([1.0, 9.0, 1.2, 1.1], [0, big, 0, 0]) == pytest.approx(1.1)
+    assert steady_median([9.0, 8.0], [big, big]) == pytest.approx(8.5)

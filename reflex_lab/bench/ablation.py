@@ -15,7 +15,7 @@ from ..machine import environment
 from .report import mib
 from .settings import BenchSettings
 from .stats import paired_ratio
-from .timing import interleaved, median
+from .timing import interleaved, steady_median, steady_pairs
 from .train import JaxTrain
 
 # each step switches one more optimised kernel on, in this order; the last is this project
@@ -49,6 +49,11 @@ def _variants(s: BenchSettings, dtype: str, tokens_np, log) -> dict[str, JaxTrai
     return variants
 
 
+def _speedup(times: dict, growth: dict, earlier: str, label: str) -> dict:
+    """The earlier variant's time over this one's, paired by round, rounds of heap growth dropped."""
+    return paired_ratio(times[earlier], times[label], steady_pairs(growth[earlier], growth[label]))
+
+
 def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """One row per (dtype, ABLATION_STEPS label): median step time, speed-up over the previous
     step and over the plain port (paired ratios with 95% intervals, stats.py), XLA temp memory,
@@ -57,16 +62,19 @@ def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
     out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "rows": []}
     for dtype in s.dtypes:
         variants = _variants(s, dtype, tokens, log)
+        growth: dict = {}
         times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log,
-                            warmup_rounds=2)
+                            warmup_rounds=2, growth=growth)
         labels = list(variants)
+
         for i, (label, c) in enumerate(variants.items()):
-            # speed-ups: the earlier variant's time over this one's, paired by round
-            out["rows"].append({"dtype": dtype, "variant": label, "step_s": median(times[label]),
-                                "step_s_all": times[label],
-                                "vs_previous": paired_ratio(times[labels[i - 1]], times[label])
+            # speed-ups: the earlier variant's time over this one's
+            out["rows"].append({"dtype": dtype, "variant": label,
+                                "step_s": steady_median(times[label], growth[label]),
+                                "step_s_all": times[label], "heap_growth_all": growth[label],
+                                "vs_previous": _speedup(times, growth, labels[i - 1], label)
                                 if i else None,
-                                "vs_plain": paired_ratio(times[labels[0]], times[label]),
+                                "vs_plain": _speedup(times, growth, labels[0], label),
                                 "xla_temp_bytes": (c.memory or {}).get("temp_bytes"),
                                 "loss_first": c.losses[0]})
     out["env"]["load_avg_end"] = os.getloadavg()[0]

@@ -13,7 +13,7 @@ from ..machine import environment
 from . import budget, wall_split
 from .settings import BenchSettings
 from .stats import fmt_ratio, paired_ratio
-from .timing import interleaved, median
+from .timing import interleaved, steady_median, steady_pairs
 from .train import contenders
 
 
@@ -26,18 +26,21 @@ def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bo
     for dtype in s.dtypes:
         cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all",),
                         documents=False)
-        times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2)
+        growth: dict = {}
+        times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2,
+                            growth=growth)
         first = next(iter(cs))
         out.setdefault("step_ratios", {})[dtype] = {  # each contender's time over ours, paired
-            name: paired_ratio(times[name], times[first]) for name in cs if name != first}
+            name: paired_ratio(times[name], times[first], steady_pairs(growth[name], growth[first]))
+            for name in cs if name != first}
         for name, c in cs.items():
-            wall = median(times[name])
+            wall = steady_median(times[name], growth[name])
             log(f"## profiling {name} {dtype} (median step {wall:.3f} s)")
             if c.kind == "jax":
                 b = budget.xla_budget(c.compiled, c.step, wall)
             else:
                 b = budget.torch_budget(c.step, wall, c.cfg, s.batch * s.block_size)
-            b["step_s_all"] = times[name]
+            b["step_s_all"], b["heap_growth_all"] = times[name], growth[name]
             out["budgets"][f"{name} {dtype}"] = b
         log(f"## wall split {dtype}: step, gradients, decoder of every contender, interleaved")
         out["wall_split"][dtype] = wall_split.wall_split(cs, s.train_reps, log)

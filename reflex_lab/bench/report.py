@@ -10,6 +10,7 @@ from reflex_jax.model import ModelConfig, kv_cache_bytes
 
 from .settings import BenchSettings
 from .stats import fmt_ratio, paired_ratio
+from .timing import steady_pairs
 
 
 def kv_cache_report(s: BenchSettings) -> dict:
@@ -58,7 +59,8 @@ def _train_ratios(tr: dict, s: BenchSettings) -> dict:
                 if key != "document_mask_step_time":
                     r[f"{key}{suffix}"] = r[f"{key}{suffix}_ci95"] = None
                 continue
-            paired = paired_ratio(a["step_s_all"], b["step_s_all"])
+            paired = paired_ratio(a["step_s_all"], b["step_s_all"],
+                                  steady_pairs(a.get("heap_growth_all"), b.get("heap_growth_all")))
             r[f"{key}{suffix}"], r[f"{key}{suffix}_ci95"] = paired["ratio"], paired["ci95"]
         r[f"mfu{suffix}"] = tr[f"jax all {d}"]["mfu"]
         if tr[f"jax all {d}"].get("mfu_datasheet"):
@@ -114,7 +116,8 @@ def _header(s: dict, env: dict) -> list[str]:
             f"{s['n_embd']}, block {s['block_size']}, batch {s['batch']} (pre-RMSNorm, SwiGLU, "
             "learned positions, tied head, bias); AdamW + clip 1.0; same initial weights on all "
             f"sides; step times: median of {s['train_reps']} interleaved reps; ratios: geometric "
-            "mean of the per-round ratios, with a 95% t interval (reflex_lab/bench/stats.py).",
+            "mean of the per-round ratios, with a 95% t interval (reflex_lab/bench/stats.py); reps "
+            "that grew the process's heap by more than 128 MiB are left out of both.",
             "MFU = tokens/s x (6 N + 12 L H D T) / measured matmul peak of the same dtype (best rep "
             "of JAX and PyTorch; N = matmul params, reflex-aware; attention counted over the full "
             "T x T, see reflex_jax/train/flops.py)."]

@@ -16,13 +16,15 @@ import numpy as np
 LEVEL = 0.95
 
 
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> dict:
-    """{"ratio", "ci95": [lo, hi] or None, "n", "per_rep"} of times `a` over times `b`, where
-    a[i] and b[i] come from the same round."""
+def paired_ratio(a: Sequence[float], b: Sequence[float], keep: Optional[Sequence[bool]] = None) -> dict:
+    """{"ratio", "ci95": [lo, hi] or None, "n", "dropped", "per_rep"} of times `a` over times `b`,
+    where a[i] and b[i] come from the same round; with `keep`, only the rounds it marks True count
+    (timing.steady_pairs: rounds where a call grew the heap are dropped), unless it marks none."""
     if len(a) != len(b) or not len(a):
         raise ValueError(f"paired ratios need as many reps of each side ({len(a)} vs {len(b)})")
     per_rep = np.asarray(a, float) / np.asarray(b, float)
-    logs = np.log(per_rep)
+    mask = np.asarray(keep, bool) if keep is not None and any(keep) else np.ones(len(per_rep), bool)
+    logs = np.log(per_rep[mask])
     n = len(logs)
     est = float(math.exp(logs.mean()))
     ci: Optional[list] = None
@@ -30,7 +32,7 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> dict:
         from scipy.stats import t
         half = float(t.ppf(0.5 + LEVEL / 2, n - 1) * logs.std(ddof=1) / math.sqrt(n))
         ci = [float(math.exp(logs.mean() - half)), float(math.exp(logs.mean() + half))]
-    return {"ratio": est, "ci95": ci, "n": n, "per_rep": per_rep.tolist()}
+    return {"ratio": est, "ci95": ci, "n": n, "dropped": int(len(per_rep) - n), "per_rep": per_rep.tolist()}
 
 
 def half_width(ci: Optional[Sequence[float]], ratio: float) -> Optional[float]:

@@ -2,18 +2,32 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import threading
 import time
 from typing import Any, Callable, Sequence
 
 
+# A call that raised the process's peak resident memory by more than this grew the heap: it paid
+# for fresh pages (with the malloc tuning's huge pages, 2 MiB zeroed, and compacted where memory is
+# fragmented), which can double a step's wall time, while the steady step of a training run reuses
+# its heap. Contenders sharing one process's heap make it grow now and then, long after warm-up.
+HEAP_GROWTH_BYTES = 128 << 20
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int,
                 log: Callable[[str], None] = lambda s: None,
-                warmup_rounds: int = 0) -> dict[str, list[float]]:
+                warmup_rounds: int = 0, growth: dict | None = None) -> dict[str, list[float]]:
     """Wall seconds of `reps` calls of every fn, alternating the order (A B C, C B A, ...), after
     `warmup_rounds` untimed rounds (caches; with the malloc tuning, the heap grows until it holds
-    every contender's buffers, so the first rounds in one process are not steady)."""
+    every contender's buffers, so the first rounds in one process are not steady). With `growth`
+    (a dict), growth[name] gets by how many bytes each timed call raised the process's peak
+    resident memory (see steady_pairs)."""
     names = list(fns)
     for _ in range(warmup_rounds):
         for n in names:
@@ -21,11 +35,28 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            p0, t0 = peak_rss_bytes(), time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
-            log(f"  rep {r + 1}/{reps} {n}: {times[n][-1]:.3f} s")
+            grew = peak_rss_bytes() - p0
+            if growth is not None:
+                growth.setdefault(n, []).append(grew)
+            log(f"  rep {r + 1}/{reps} {n}: {times[n][-1]:.3f} s"
+                + (f" (the heap grew by {grew >> 20} MiB)" if grew > HEAP_GROWTH_BYTES else ""))
     return times
+
+
+def steady_pairs(growth_a: Sequence[int] | None, growth_b: Sequence[int] | None) -> list[bool] | None:
+    """Per round, whether neither side's call grew the heap (None without growth figures)."""
+    if growth_a is None or growth_b is None:
+        return None
+    return [a <= HEAP_GROWTH_BYTES and b <= HEAP_GROWTH_BYTES for a, b in zip(growth_a, growth_b)]
+
+
+def steady_median(times: Sequence[float], growth: Sequence[int] | None) -> float:
+    """The median of the calls that did not grow the heap (of all, if every call did)."""
+    keep = [t for t, g in zip(times, growth or [0] * len(times)) if g <= HEAP_GROWTH_BYTES]
+    return median(keep or times)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -16,7 +16,7 @@ from reflex_jax.train.program import TrainProgram
 
 from . import peak
 from .settings import BenchSettings
-from .timing import interleaved, median, rss_peak_during
+from .timing import interleaved, rss_peak_during, steady_median
 
 
 def make_program(model_fields: dict, batch: int, kernels: KernelChoices = DEFAULT,
@@ -125,18 +125,20 @@ def contenders(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
     return out
 
 
-def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dict) -> dict:
-    """Speed, MFU (against the measured and, where known, the datasheet peak) and memory."""
+def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dict,
+              growth: list[int] | None = None) -> dict:
+    """Speed (the median of the reps that did not grow the heap), MFU (against the measured and,
+    where known, the datasheet peak) and memory."""
     T = s.block_size
     peak_flops, datasheet = peak_row["peak_flops"], peak_row.get("datasheet_flops")
-    t_step = median(times)
+    t_step = steady_median(times, growth)
     tok_s = s.batch * T / t_step
     fpt = flops.train_flops_per_token(c.cfg, T)
     fpt_causal = 6 * flops.matmul_params(c.cfg) + flops.attention_flops_per_token(c.cfg, T) // 2
     _, rss = rss_peak_during(c.step)
     row = {"kind": c.kind, "reflex": c.reflex, "dtype": dtype,
            "document_mask": getattr(c, "document_mask", False), "step_s": t_step,
-           "step_s_all": times, "tokens_per_s": tok_s,
+           "step_s_all": times, "heap_growth_all": growth, "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": tok_s * fpt / peak_flops,
            "mfu_causal_attention": tok_s * fpt_causal / peak_flops,
            "mfu_datasheet": tok_s * fpt / datasheet if datasheet else None,
@@ -159,9 +161,10 @@ def bench_dtype(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
     mm = peak.matmul_contenders(s.peak_n, dtype, with_torch)
     fns.update({f"matmul {k}": f for k, f in mm.items()})
     log(f"## train, {dtype}: {s.train_reps} interleaved reps")
-    times = interleaved(fns, s.train_reps, log, warmup_rounds=2)
+    growth: dict = {}
+    times = interleaved(fns, s.train_reps, log, warmup_rounds=2, growth=growth)
     peak_row = peak.peak_row(s.peak_n, dtype, {k: times[f"matmul {k}"] for k in mm})
-    rows = {f"{name} {dtype}": train_row(s, c, dtype, times[name], peak_row)
+    rows = {f"{name} {dtype}": train_row(s, c, dtype, times[name], peak_row, growth[name])
             for name, c in cs.items()}
     # same weights and batch: the first losses must agree (architecture parity)
     first = {n: c.losses[0] for n, c in cs.items()
