@@ -209,7 +209,9 @@ def test_calls_that_grow_the_heap_are_counted_and_left_out_of_ratios():
     step = 2 * HEAP_GROWTH_BYTES // 8  # float64s: each array 2 x the threshold larger than the last
     calls = {"grow": lambda: np.ones(step * next(size)).sum(), "steady": lambda: buf.sum()}
     growth: dict = {}
-    interleaved(calls, 3, warmup_rounds=1, growth=growth)
+    steal: dict = {}
+    interleaved(calls, 3, warmup_rounds=1, growth=growth, steal=steal)
+    assert [len(v) for v in steal.values()] == [3, 3] and min(min(v) for v in steal.values()) >= 0
     assert all(g > HEAP_GROWTH_BYTES for g in growth["grow"]), growth
     assert all(g <= HEAP_GROWTH_BYTES for g in growth["steady"]), growth
     assert steady_pairs(growth["steady"], growth["steady"]) == [True] * 3

@@ -19,7 +19,7 @@ class BenchSettings:
     block_size: int = 256
     batch: int = 8
     dtypes: tuple[str, ...] = ()      # compute dtypes, first = headline; () = default_dtypes()
-    train_reps: int = 5
+    train_reps: int = 8
     peak_n: int = 2048                # square matmul size for the peak
     train: bool = True
     torch: bool = True

@@ -14,20 +14,34 @@ from typing import Any, Callable, Sequence
 # fragmented), which can double a step's wall time, while the steady step of a training run reuses
 # its heap. Contenders sharing one process's heap make it grow now and then, long after warm-up.
 HEAP_GROWTH_BYTES = 128 << 20
+TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def steal_ticks() -> int:
+    """The machine's CPU time taken by the hypervisor so far (/proc/stat 'steal', in clock ticks;
+    0 where unknown): time this virtual machine's cores were runnable but not running."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) if fields[0] == "cpu" and len(fields) > 8 else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int,
                 log: Callable[[str], None] = lambda s: None,
-                warmup_rounds: int = 0, growth: dict | None = None) -> dict[str, list[float]]:
+                warmup_rounds: int = 0, growth: dict | None = None,
+                steal: dict | None = None) -> dict[str, list[float]]:
     """Wall seconds of `reps` calls of every fn, alternating the order (A B C, C B A, ...), after
     `warmup_rounds` untimed rounds (caches; with the malloc tuning, the heap grows until it holds
     every contender's buffers, so the first rounds in one process are not steady). With `growth`
     (a dict), growth[name] gets by how many bytes each timed call raised the process's peak
-    resident memory (see steady_pairs)."""
+    resident memory (see steady_pairs); with `steal`, steal[name] gets the seconds of CPU the
+    hypervisor took from this machine's cores during each call (a shared host's noise)."""
     names = list(fns)
     for _ in range(warmup_rounds):
         for n in names:
@@ -35,12 +49,14 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in (names if r % 2 == 0 else names[::-1]):
-            p0, t0 = peak_rss_bytes(), time.perf_counter()
+            p0, s0, t0 = peak_rss_bytes(), steal_ticks(), time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
             grew = peak_rss_bytes() - p0
             if growth is not None:
                 growth.setdefault(n, []).append(grew)
+            if steal is not None:
+                steal.setdefault(n, []).append((steal_ticks() - s0) / TICKS_PER_S)
             log(f"  rep {r + 1}/{reps} {n}: {times[n][-1]:.3f} s"
                 + (f" (the heap grew by {grew >> 20} MiB)" if grew > HEAP_GROWTH_BYTES else ""))
     return times

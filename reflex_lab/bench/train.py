@@ -126,7 +126,7 @@ def contenders(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
 
 
 def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dict,
-              growth: list[int] | None = None) -> dict:
+              growth: list[int] | None = None, steal: list[float] | None = None) -> dict:
     """Speed (the median of the reps that did not grow the heap), MFU (against the measured and,
     where known, the datasheet peak) and memory."""
     T = s.block_size
@@ -138,7 +138,8 @@ def train_row(s: BenchSettings, c, dtype: str, times: list[float], peak_row: dic
     _, rss = rss_peak_during(c.step)
     row = {"kind": c.kind, "reflex": c.reflex, "dtype": dtype,
            "document_mask": getattr(c, "document_mask", False), "step_s": t_step,
-           "step_s_all": times, "heap_growth_all": growth, "tokens_per_s": tok_s,
+           "step_s_all": times, "heap_growth_all": growth, "steal_s_all": steal,
+           "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": tok_s * fpt / peak_flops,
            "mfu_causal_attention": tok_s * fpt_causal / peak_flops,
            "mfu_datasheet": tok_s * fpt / datasheet if datasheet else None,
@@ -162,9 +163,10 @@ def bench_dtype(s: BenchSettings, dtype: str, tokens_np, with_torch: bool,
     fns.update({f"matmul {k}": f for k, f in mm.items()})
     log(f"## train, {dtype}: {s.train_reps} interleaved reps")
     growth: dict = {}
-    times = interleaved(fns, s.train_reps, log, warmup_rounds=2, growth=growth)
+    steal: dict = {}
+    times = interleaved(fns, s.train_reps, log, warmup_rounds=2, growth=growth, steal=steal)
     peak_row = peak.peak_row(s.peak_n, dtype, {k: times[f"matmul {k}"] for k in mm})
-    rows = {f"{name} {dtype}": train_row(s, c, dtype, times[name], peak_row, growth[name])
+    rows = {f"{name} {dtype}": train_row(s, c, dtype, times[name], peak_row, growth[name], steal[name])
             for name, c in cs.items()}
     # same weights and batch: the first losses must agree (architecture parity)
     first = {n: c.losses[0] for n, c in cs.items()
