@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -61,6 +62,35 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+STOP = threading.Event()      # set by SIGTERM / SIGINT: no new runs; the runs in flight save and stop
+CHILDREN: set = set()
+CHILDREN_LOCK = threading.Lock()
+
+
+def call(cmd: list[str], **kwargs) -> int:
+    """subprocess.call that a stop of the driver passes on: the child gets SIGTERM (train.py saves
+    a checkpoint and exits), so a stopped study resumes from where each run was."""
+    if STOP.is_set():
+        return -signal.SIGTERM
+    proc = subprocess.Popen(cmd, **kwargs)
+    with CHILDREN_LOCK:
+        CHILDREN.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        with CHILDREN_LOCK:
+            CHILDREN.discard(proc)
+
+
+def _stop(signum, _frame) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(signum).name}: stopping the runs in flight "
+          "(each saves a checkpoint); the same command resumes them", flush=True)
+    STOP.set()
+    with CHILDREN_LOCK:
+        for proc in CHILDREN:
+            proc.send_signal(signal.SIGTERM)
+
+
 def run_one(args, run: prereg.Run, core: int, paths) -> int:
     data, dev, test = paths
     run_dir = os.path.join(ROOT, args.runs, run.stage, run.name)
@@ -69,9 +99,9 @@ def run_one(args, run: prereg.Run, core: int, paths) -> int:
     pin = ["taskset", "-c", str(core)]
     with open(os.path.join(run_dir, "driver.log"), "a") as log:
         t0 = time.time()
-        rc = subprocess.call(pin + [sys.executable, "train.py", "--config", "configs/study.py",
-                                    *run.overrides(data, run_dir)],
-                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        rc = call(pin + [sys.executable, "train.py", "--config", "configs/study.py",
+                         *run.overrides(data, run_dir)],
+                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         train_s = time.time() - t0
         if rc != 0:
             return rc
@@ -82,9 +112,9 @@ def run_one(args, run: prereg.Run, core: int, paths) -> int:
         t1 = time.time()
         for key, extra in jobs:
             out = os.path.join(run_dir, f"evals_{key}.json")
-            rc = subprocess.call(pin + [sys.executable, "-m", "reflex_jax.evals", "--run", run_dir,
-                                        "--which", "latest", "--json", out, *extra],
-                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            rc = call(pin + [sys.executable, "-m", "reflex_jax.evals", "--run", run_dir,
+                             "--which", "latest", "--json", out, *extra],
+                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             if rc != 0:
                 return rc
             with open(out) as f:
@@ -159,7 +189,7 @@ def main() -> int:
     def worker(core: int) -> None:
         while True:
             with lock:
-                if args.max_runs and started[0] >= args.max_runs:
+                if STOP.is_set() or (args.max_runs and started[0] >= args.max_runs):
                     return
                 todo = [r for r in pending(args) if r.name + r.stage not in taken]
                 if not todo and not running[0]:
@@ -183,11 +213,14 @@ def main() -> int:
             if rc == 0:
                 report_and_commit(args, lock, f"stage {run.stage} {run.name}")
 
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     threads = [threading.Thread(target=worker, args=(c,)) for c in cores[:args.workers]]
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
+        while th.is_alive():  # a timed join lets the signal handlers run
+            th.join(1.0)
     return 0
 
 

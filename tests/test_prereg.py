@@ -149,3 +149,31 @@ def test_report_chooses_lr_on_dev_and_pairs_test_by_seed(tmp_path):
     assert "| `none` | 2.0000 | 2.0000 | 1.9500 | 0.006 |" in md
     assert "provisional" in md and s["core_hours"] == pytest.approx(18 * 0.5)
     assert json.loads((tmp_path / "report.json").read_text())["verdict"] == s["verdict"]
+
+
+def test_a_stopped_driver_passes_the_stop_to_its_runs():
+    """SIGTERM / Ctrl-C of the driver reaches each run in flight (train.py saves and stops on it)
+    and starts no new one."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "prereg_study", os.path.join(root, "scripts", "prereg_study.py"))
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("rc", driver.call(
+        [sys.executable, "-c", "import time; time.sleep(60)"])))
+    t.start()
+    while not driver.CHILDREN:
+        time.sleep(0.05)
+    t0 = time.time()
+    driver._stop(signal.SIGTERM, None)
+    t.join(30)
+    assert got["rc"] == -signal.SIGTERM and time.time() - t0 < 10
+    assert driver.call([sys.executable, "-c", "pass"]) == -signal.SIGTERM  # nothing new starts
+    driver.STOP.clear()
