@@ -121,11 +121,22 @@ def test_generic_encoder_path_matches_backend(hf_bpe):
         encode_batch = staticmethod(tok.encode_batch)
 
     texts = [render(r) for r in ROWS + qa_rows(10)]
-    starts = [len(t) - len(r["answer"]) for t, r in zip(texts, ROWS + qa_rows(10))]
-    fast = RowEncoder(tok).encode(texts, starts)
-    slow = RowEncoder(NoBackend()).encode(texts, starts)
+    spans = [[(len(t) - len(r["answer"]), len(t))] for t, r in zip(texts, ROWS + qa_rows(10))]
+    # and several spans a row (a multi-query recall row's values), ending before the text does
+    from reflex_jax.data.tasks import get_task
+    mq = get_task("kv_recall").rows(6, 0, n_pairs=5, queries=4)
+    texts += [render(r) for r in mq]
+    spans += [[(len(t) - len(r["answer"]) + a, len(t) - len(r["answer"]) + b) for a, b in r["answer_spans"]]
+              for t, r in zip(texts[-len(mq):], mq)]
+    fast = RowEncoder(tok).encode(texts, spans)
+    slow = RowEncoder(NoBackend()).encode(texts, spans)
     for (a, ma), (b, mb) in zip(fast, slow):
         assert a.tolist() == b.tolist() and ma.tolist() == mb.tolist()
+    for (ids, mask), r in zip(fast[-len(mq):], mq):  # every value, and no word of the queries
+        pieces = [tok.decode([i]) for i in ids[mask].tolist()]
+        values = "".join(r["answer"][a:b] for a, b in r["answer_spans"])
+        assert "".join(c for p in pieces for c in p if c.isdigit()) == values
+        assert not any(c.isalpha() for p in pieces for c in p), pieces
 
 
 def test_template_fields_and_errors():

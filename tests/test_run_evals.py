@@ -188,6 +188,58 @@ def test_recall_asks_every_pair_of_a_context_in_the_task_format():
             assert list(pairs)[len(pairs) - r["distance"]] == asked
 
 
+def multi_recall_oracle(memory):
+    """Answers each query of a multi-query kv_recall row (and the eos after the last) when its
+    pair is among the last `memory` pairs said; uniform otherwise."""
+    def fn(tokens):
+        out = np.zeros(tokens.shape + (V,), np.float32)
+        for b, row in enumerate(tokens):
+            for t in range(len(row)):
+                prefix = bytes(int(i) for i in row[1:t + 1] if i < 256).decode("utf-8", "ignore")
+                m = re.search(r"Запомни: (.*?)\. Сколько у (\w+)\?\n### Ответ: (.*)$", prefix)
+                if not m:
+                    continue
+                pairs = [p.split(" — ") for p in m.group(1).split(", ")]
+                asked = [m.group(2)] + re.findall(r"Сколько у (\w+)\? ", m.group(3))
+                k = [nom for nom, _ in pairs].index(GENITIVE[asked[-1]])
+                if len(pairs) - k > memory:
+                    continue
+                if m.group(3) and m.group(3)[-1].isdigit():  # its value was just given
+                    if len(asked) == len(pairs):
+                        out[b, t, TOK.eos_id] = 1e4
+                elif not m.group(3) or m.group(3).endswith("? "):
+                    out[b, t, TOK.encode(pairs[k][1])[0]] = 1e4
+        return out
+    return fn
+
+
+def test_multi_query_recall_scores_each_answer_of_a_row_by_distance():
+    out = evaluate_model(scorer(python_model(multi_recall_oracle(2)), 200), TOK, 200, ["recall"],
+                         pairs=[1, 3], samples=6, recall_format="multi", log=None)["recall"]
+    one, three = out["pairs"]
+    assert out["format"] == "multi" and (one["answers"], one["exact_match"]) == (6, 1.0)
+    assert (three["n_pairs"], three["answers"]) == (3, 18)
+    assert [d["exact_match"] for d in three["by_distance"]] == [1.0, 1.0, 0.0]
+    assert [d["answers"] for d in three["by_distance"]] == [6, 6, 6]
+    assert [d["answer_loss"] for d in three["by_distance"]] == pytest.approx([0, 0, math.log(V)],
+                                                                           abs=1e-6)
+    # rows of one pair a question are not what this oracle answers after its first value
+    with pytest.raises(ConfigError, match="recall_format"):
+        evaluate_model(scorer(uniform, 200), TOK, 200, ["recall"], pairs=[2], samples=2,
+                       recall_format="both", log=None)
+
+
+def test_multi_query_rows_ask_every_pair_once_with_its_value_and_distance():
+    for r in suite.multi_query_rows(5, 4, seed=0, max_value=9):
+        said = r["question"][len("Запомни: "):].split(". Сколько")[0]
+        pairs = dict(p.split(" — ") for p in said.split(", "))
+        asked = [r["question"].rsplit(" ", 1)[1].rstrip("?")] + re.findall(r"Сколько у (\w+)\? ",
+                                                                            r["answer"])
+        assert sorted(GENITIVE[a] for a in asked) == sorted(pairs)
+        assert [r["answer"][a:b] for a, b in r["answer_spans"]] == [pairs[GENITIVE[a]] for a in asked]
+        assert r["distances"] == [len(pairs) - list(pairs).index(GENITIVE[a]) for a in asked]
+
+
 def passkey_oracle(memory):
     """Reads the key from the needle when the needle lies in the last `memory` tokens."""
     def fn(tokens):

@@ -123,3 +123,51 @@ def test_bad_names_and_options_are_clear():
         get_task("arith").rows(1, 0, ops="plus,divide")
     with pytest.raises(ValueError, match="no option bogus"):
         get_task("mix").rows(1, 0, bogus=1)
+
+
+def test_kv_recall_queries_ask_distinct_pairs_each_followed_by_its_value():
+    rows = get_task("kv_recall").rows(200, 0, n_pairs=6, queries=4)
+    # one pair a row keeps its rows exactly (prepared directories stay valid)
+    assert get_task("kv_recall").rows(50, 0, n_pairs=6) == get_task("kv_recall").rows(50, 0, n_pairs=6,
+                                                                                       queries=1)
+    seen = set()
+    for r in rows:
+        pairs, first = parse_kv(r["question"])
+        asked = [first] + re.findall(r"Сколько у (\w+)\? ", r["answer"])
+        noms = [{gen: nom for nom, gen in _NOUNS}[a] for a in asked]
+        assert len(set(noms)) == 4 and all(n in dict(pairs) for n in noms)
+        values = [r["answer"][a:b] for a, b in r["answer_spans"]]
+        assert values == [str(dict(pairs)[n]) for n in noms]
+        assert r["distances"] == [6 - [k for k, _ in pairs].index(n) for n in noms]
+        assert r["distance"] == r["distances"][0]
+        # the text between the values is the next question, nothing else
+        pieces = [r["answer"][b:a] for (_, b), (a, _) in zip(r["answer_spans"], r["answer_spans"][1:])]
+        assert pieces == [f". Сколько у {a}? " for a in asked[1:]]
+        seen.add(tuple(r["distances"]))
+    assert len(seen) > 50  # the order of the queries is drawn per row
+
+
+def test_kv_recall_queries_score_the_first_value_and_refuse_bad_options():
+    t = get_task("kv_recall")
+    assert t.score("8. Сколько у кота? 1", "8. Сколько у дома? 5")  # only the first value counts
+    assert not t.score("7. Сколько у дома? 5", "8. Сколько у дома? 5")
+    assert t.score(" 8 ", "8") and not t.score("8. Сколько", "8")  # one query: the whole answer
+    with pytest.raises(Exception, match="queries=5 asks more pairs than n_pairs=4"):
+        t.rows(1, 0, n_pairs=4, queries=5)
+    with pytest.raises(Exception, match="use distance=0 with queries > 1"):
+        t.rows(1, 0, n_pairs=4, queries=2, distance=1)
+
+
+def test_a_prepared_multi_query_task_puts_the_loss_on_every_value_and_the_eos(tmp_path):
+    from reflex_jax.data import TokenData, prepare_task
+    prepare_task("kv_recall", str(tmp_path / "d"), n_train=20, n_val=4, verbose=False,
+                 n_pairs=5, queries=3)
+    d = TokenData.open(str(tmp_path / "d"))
+    rows = get_task("kv_recall").rows(4, "0-val", n_pairs=5, queries=3)
+    val = d.rows("val")
+    assert len(val) == 4
+    for (ids, m), r in zip(val, rows):
+        supervised = bytes(int(i) for i, k in zip(ids, m) if k and i < 256).decode()
+        assert supervised == "".join(r["answer"][a:b] for a, b in r["answer_spans"])
+        assert m[-1] and ids[-1] == d.tokenizer().eos_id  # the eos is a target
+        assert not m[0]  # bos is not

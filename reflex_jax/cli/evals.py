@@ -54,6 +54,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "and the run's own n_pairs whose rows fit the block)")
     p.add_argument("--max_value", type=int, default=None,
                    help="recall: values 0..max_value (default: the run's kv_recall option, else 9)")
+    p.add_argument("--recall_format", choices=("auto", "single", "multi"), default="auto",
+                   help="recall: one pair asked a row (single), or every pair of a context asked in "
+                        "turn in one row (multi, kv_recall's queries format); auto: multi when the "
+                        "run trained with queries > 1")
     p.add_argument("--template", default=None,
                    help="recall: the row template (default: the run's, as meta.json names it)")
     p.add_argument("--depths", default=None,
@@ -84,7 +88,7 @@ def evaluate(args) -> dict:
                "distances": _numbers("distances", args.distances, int),
                "pairs": _numbers("pairs", args.pairs, int),
                "depths": _numbers("depths", args.depths, float) or DEFAULT_DEPTHS,
-               "digits": args.passkey_digits}
+               "digits": args.passkey_digits, "recall_format": args.recall_format}
     if args.max_value is not None:
         options["max_value"] = args.max_value
     if args.template is not None:

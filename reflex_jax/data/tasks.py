@@ -119,9 +119,16 @@ class KeyValueRecall(Task):
     `n_pairs` distinct keys with values 0..max_value; the asked pair is `distance` pairs from the end
     (1 = the last one said, n_pairs = the first); distance 0 draws it uniformly per row. Each row
     records its distance in row["distance"].
+
+    `queries` >= 2 asks that many distinct pairs in one row, in random order, each question followed
+    by its answer (multi-query associative recall): the question holds the context and the first
+    query, the answer "8. Сколько у кота? 5. Сколько у леса? 3", and row["answer_spans"] the
+    [start, end) characters of each value in it, so that the loss falls on every value (and the
+    closing eos) and on no query. row["distances"] lists each query's distance; row["distance"] is
+    the first's (the one exact match scores, see `score`).
     """
     name = "kv_recall"
-    defaults = {"n_pairs": 3, "distance": 0, "max_value": 9}
+    defaults = {"n_pairs": 3, "distance": 0, "max_value": 9, "queries": 1}
 
     def _check(self, opts):
         n = _int_option(opts, "n_pairs", 1)
@@ -133,16 +140,41 @@ class KeyValueRecall(Task):
             raise ConfigError(f"task option distance={d} must be between 1 and n_pairs={n} "
                               "(or 0 for a random distance).")
         _int_option(opts, "max_value", 0)
+        q = _int_option(opts, "queries", 1)
+        if q > n:
+            raise ConfigError(f"task option queries={q} asks more pairs than n_pairs={n} holds; use "
+                              f"queries <= {n}.")
+        if q > 1 and d:
+            raise ConfigError(f"task option distance={d} fixes one asked pair, but queries={q} asks "
+                              "several; use distance=0 with queries > 1.")
 
     def _row(self, rng, opts):
-        n = opts["n_pairs"]
+        n, q = opts["n_pairs"], opts["queries"]
         keys = rng.sample(_NOUNS, n)
         values = [rng.randint(0, opts["max_value"]) for _ in range(n)]
-        distance = opts["distance"] or rng.randint(1, n)
-        asked = n - distance
         pairs = ", ".join(f"{nom} — {v}" for (nom, _), v in zip(keys, values))
-        return {"question": f"Запомни: {pairs}. Сколько у {keys[asked][1]}?",
-                "answer": str(values[asked]), "distance": distance}
+        if q == 1:
+            distance = opts["distance"] or rng.randint(1, n)
+            asked = n - distance
+            return {"question": f"Запомни: {pairs}. Сколько у {keys[asked][1]}?",
+                    "answer": str(values[asked]), "distance": distance}
+        asked = rng.sample(range(n), q)
+        answer, spans = "", []
+        for j, i in enumerate(asked):
+            if j:
+                answer += f". Сколько у {keys[i][1]}? "
+            spans.append([len(answer), len(answer) + len(str(values[i]))])
+            answer += str(values[i])
+        distances = [n - i for i in asked]
+        return {"question": f"Запомни: {pairs}. Сколько у {keys[asked[0]][1]}?", "answer": answer,
+                "answer_spans": spans, "distance": distances[0], "distances": distances}
+
+    def score(self, prediction: str, answer: str) -> bool:
+        """Exact match; of a multi-query row's first value only (the text before its first '.'),
+        since a greedy continuation asks about keys of its own choosing after it."""
+        if "." in answer:
+            return prediction.split(".")[0].strip() == answer.split(".")[0].strip()
+        return Task.score(self, prediction, answer)
 
 
 class Mix(Task):
@@ -166,6 +198,10 @@ class Mix(Task):
     def _row(self, rng, opts):
         i = rng.randrange(len(self.parts))
         return self.parts[i]._row(rng, opts[i])
+
+    def score(self, prediction: str, answer: str) -> bool:
+        # kv_recall's rule (a multi-query row: its first value); an arithmetic answer has no '.'
+        return KeyValueRecall.score(self, prediction, answer)
 
 
 _ARITH, _KV = Arithmetic(), KeyValueRecall()

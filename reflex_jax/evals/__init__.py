@@ -21,6 +21,7 @@ EVALS = ("bpb", "position", "forgetting", "recall", "passkey")
 TEXT_EVALS = ("bpb", "position", "forgetting")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RECALL_PAIRS = (1, 2, 4, 8, 16, 32)
+RECALL_FORMATS = ("auto", "single", "multi")
 
 __all__ = ["EVALS", "Scorer", "Scores", "decoder_apply", "evaluate", "evaluate_model",
            "parse_evals", "suite"]
@@ -85,7 +86,8 @@ def evaluate(run: str, evals: Sequence[str], *, text: Sequence[str] = (), tokeni
            "model": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
                                                   "vocab_size", "head_plan", "value_residual")}}
     out.update(evaluate_model(scorer, tok, cfg.block_size, evals, text=text,
-                              run_pairs=task.get("n_pairs"), log=log, **options))
+                              run_pairs=task.get("n_pairs"), run_queries=int(task.get("queries") or 1),
+                              log=log, **options))
     return out
 
 
@@ -98,11 +100,13 @@ def evaluate_model(scorer: Scorer, tok, block_size: int, evals: Sequence[str], *
                    max_windows: Optional[int] = None, passage: Optional[int] = None,
                    distances: Optional[Sequence[int]] = None,
                    pairs: Optional[Sequence[int]] = None, run_pairs: Optional[int] = None,
+                   recall_format: str = "auto", run_queries: int = 1,
                    depths: Sequence[float] = DEFAULT_DEPTHS, digits: int = 5,
                    template: str = suite.DEFAULT_TEMPLATE, max_value: int = 9, seed: int = 0,
                    log=print) -> dict:
     """{eval name: result, "seconds": {eval name (bpb and position: "text"): wall seconds}} for
-    `scorer`'s model."""
+    `scorer`'s model. `recall_format` "auto" asks recall in the multi-query format when the run
+    trained on it (`run_queries` > 1), else one pair a row."""
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1.")
     if max_windows is not None and max_windows < 1:
@@ -133,10 +137,14 @@ def evaluate_model(scorer: Scorer, tok, block_size: int, evals: Sequence[str], *
         _say(log, {"forgetting": out["forgetting"]})
     if "recall" in evals:
         t0 = time.perf_counter()
+        if recall_format not in RECALL_FORMATS:
+            raise ConfigError(f"--recall_format {recall_format!r} is not one of "
+                              f"{', '.join(RECALL_FORMATS)}.")
+        multi = recall_format == "multi" or (recall_format == "auto" and run_queries > 1)
         ps = list(pairs) if pairs else _default_pairs(tok, template, block_size, max_value,
-                                                      run_pairs)
+                                                      run_pairs, multi)
         out["recall"] = suite.recall(scorer, tok, block_size, ps, samples, template, max_value,
-                                     seed)
+                                     seed, multi=multi)
         seconds["recall"] = _since(t0)
         _say(log, {"recall": out["recall"]})
     if "passkey" in evals:
@@ -148,11 +156,11 @@ def evaluate_model(scorer: Scorer, tok, block_size: int, evals: Sequence[str], *
     return out
 
 
-def _default_pairs(tok, template, block_size, max_value, run_pairs) -> list[int]:
+def _default_pairs(tok, template, block_size, max_value, run_pairs, multi=False) -> list[int]:
     """The numbers of pairs of RECALL_PAIRS (and the run's own) whose rows fit the block."""
     candidates = sorted(set(RECALL_PAIRS) | ({run_pairs} if run_pairs else set()))
     fit = [n for n in candidates
-           if suite.recall_pairs_fit(tok, template, block_size, n, max_value) <= block_size + 1]
+           if suite.recall_pairs_fit(tok, template, block_size, n, max_value, multi) <= block_size + 1]
     if not fit:
         need = suite.recall_pairs_fit(tok, template, block_size, 1, max_value)
         raise ConfigError(f"kv recall rows with 1 pair take {need} tokens but the model's "

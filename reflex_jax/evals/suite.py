@@ -187,7 +187,7 @@ def _answer_rows(tok, prompts: Sequence[str], answers: Sequence[str], eos: bool)
     """(rows, answer target masks): bos + tokens of prompt + answer (tokenised whole, as training
     rows are) [+ eos]; the mask marks the targets that are answer tokens (and the eos)."""
     encoded = RowEncoder(tok).encode([p + a for p, a in zip(prompts, answers)],
-                                     [len(p) for p in prompts])
+                                     [[(len(p), len(p) + len(a))] for p, a in zip(prompts, answers)])
     rows, masks = [], []
     for ids, answer in encoded:
         rows.append(np.concatenate([[tok.bos_id], ids] + ([[tok.eos_id]] if eos else [])))
@@ -213,8 +213,37 @@ def recall_contexts(n_pairs: int, samples: int, seed: int, max_value: int) -> li
     return contexts
 
 
-def recall_pairs_fit(tok, template: str, block_size: int, n_pairs: int, max_value: int) -> int:
+def multi_query_rows(n_pairs: int, samples: int, seed: int, max_value: int) -> list[dict]:
+    """`samples` kv_recall rows of `n_pairs` pairs that ask every pair, in random order, each
+    question followed by its answer (the task's `queries` format)."""
+    task = get_task("kv_recall")
+    opts = task.options(n_pairs=n_pairs, max_value=max_value, queries=n_pairs)
+    rng = random.Random(f"evals:kv_recall_multi:{seed}:{n_pairs}")
+    return [task._row(rng, opts) for _ in range(samples)]
+
+
+def _multi_answer_rows(tok, prompts: Sequence[str], rows: Sequence[dict]):
+    """(token rows, [(row index, target mask, distance)] one per answer): each answer's mask marks
+    its value's tokens (and, for the last, the closing eos)."""
+    encoder, token_rows, answers = RowEncoder(tok), [], []
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        spans = r.get("answer_spans") or [[0, len(r["answer"])]]
+        encoded = encoder.encode([p + r["answer"]] * len(spans),
+                                 [[(len(p) + a, len(p) + b)] for a, b in spans])
+        ids = encoded[0][0]
+        token_rows.append(np.concatenate([[tok.bos_id], ids, [tok.eos_id]]))
+        for j, ((_, mask), d) in enumerate(zip(encoded, r.get("distances") or [r["distance"]])):
+            answers.append((i, np.concatenate([[False], mask, [j == len(spans) - 1]]), int(d)))
+    return token_rows, answers
+
+
+def recall_pairs_fit(tok, template: str, block_size: int, n_pairs: int, max_value: int,
+                     multi: bool = False) -> int:
     """The most tokens a row of `n_pairs` pairs takes (over a few sampled contexts)."""
+    if multi:
+        rows = multi_query_rows(n_pairs, 8, 0, max_value)
+        ids, _ = _multi_answer_rows(tok, [render_prompt(r["question"], template) for r in rows], rows)
+        return max(len(r) for r in ids)
     rows = [r for c in recall_contexts(n_pairs, 8, 0, max_value) for r in c]
     prompts = [render_prompt(r["question"], template) for r in rows]
     ids, _ = _answer_rows(tok, prompts, [r["answer"] for r in rows], eos=True)
@@ -222,37 +251,50 @@ def recall_pairs_fit(tok, template: str, block_size: int, n_pairs: int, max_valu
 
 
 def recall(scorer: Scorer, tok, block_size: int, pairs: Sequence[int], samples: int,
-           template: str = DEFAULT_TEMPLATE, max_value: int = 9, seed: int = 0) -> dict:
+           template: str = DEFAULT_TEMPLATE, max_value: int = 9, seed: int = 0,
+           multi: bool = False) -> dict:
     """Exact match (every answer token and the closing eos the argmax) and answer loss of every
-    answer, by number of pairs and by distance (k: the pair said k pairs before the question)."""
+    answer, by number of pairs and by distance (k: the pair said k pairs before the question).
+    `multi`: each context is one row asking every pair in turn (the task's `queries` format, what
+    a run trained with queries > 1 saw); an answer counts when its value's tokens are the argmax
+    (the last one's eos too)."""
     out = []
     for n in pairs:
-        rows = [r for c in recall_contexts(n, samples, seed, max_value) for r in c]
-        prompts = [render_prompt(r["question"], template) for r in rows]
-        ids, masks = _answer_rows(tok, prompts, [r["answer"] for r in rows], eos=True)
+        if multi:
+            rows = multi_query_rows(n, samples, seed, max_value)
+            prompts = [render_prompt(r["question"], template) for r in rows]
+            ids, answers = _multi_answer_rows(tok, prompts, rows)
+        else:
+            rows = [r for c in recall_contexts(n, samples, seed, max_value) for r in c]
+            prompts = [render_prompt(r["question"], template) for r in rows]
+            ids, masks = _answer_rows(tok, prompts, [r["answer"] for r in rows], eos=True)
+            answers = [(i, m, r["distance"]) for i, (m, r) in enumerate(zip(masks, rows))]
         longest = max(len(r) for r in ids)
         if longest > block_size + 1:
             raise ConfigError(f"kv recall rows with {n} pairs take up to {longest} tokens but the "
                               f"model's block_size={block_size} holds {block_size + 1}; ask for "
                               "fewer --pairs.")
         s = scorer(ids)
-        em, loss = _answer_scores(s, masks)
-        dist = np.array([r["distance"] for r in rows])
+        em, loss = _answer_scores(s, [m for _, m, _ in answers], [i for i, _, _ in answers])
+        dist = np.array([d for _, _, d in answers])
         by = [{"distance": int(d), "exact_match": float(em[dist == d].mean()),
                "answer_loss": float(loss[dist == d].mean()), "answers": int((dist == d).sum())}
               for d in range(1, n + 1)]
         out.append({"n_pairs": int(n), "exact_match": float(em.mean()),
-                    "answer_loss": float(loss.mean()), "answers": len(rows), "by_distance": by})
-    return {"template": template, "max_value": max_value, "contexts": samples, "pairs": out}
+                    "answer_loss": float(loss.mean()), "answers": len(answers), "by_distance": by})
+    return {"template": template, "max_value": max_value, "contexts": samples,
+            "format": "multi" if multi else "single", "pairs": out}
 
 
-def _answer_scores(s, masks) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: whether every answer target was the argmax, and the answer targets' mean CE."""
+def _answer_scores(s, masks, rows: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per mask (over row rows[k], default row k): whether every answer target was the argmax, and
+    the answer targets' mean CE."""
     em, loss = np.zeros(len(masks), bool), np.zeros(len(masks))
-    for i, m in enumerate(masks):
+    for k, m in enumerate(masks):
+        i = k if rows is None else rows[k]
         t = m[1:]  # target t is token t + 1
-        em[i] = bool(s.hit[i, :len(t)][t].all())
-        loss[i] = float(s.ce[i, :len(t)][t].mean())
+        em[k] = bool(s.hit[i, :len(t)][t].all())
+        loss[k] = float(s.ce[i, :len(t)][t].mean())
     return em, loss
 
 
