@@ -66,7 +66,6 @@ def ablation(s: BenchSettings, log: Callable[[str], None] = print) -> dict:
         times = interleaved({k: c.step for k, c in variants.items()}, s.train_reps, log,
                             warmup_rounds=2, growth=growth)
         labels = list(variants)
-
         for i, (label, c) in enumerate(variants.items()):
             # speed-ups: the earlier variant's time over this one's
             out["rows"].append({"dtype": dtype, "variant": label,
