@@ -33,6 +33,60 @@ def test_bpb(result: dict) -> float:
     return result["evals"]["test"]["bpb"]["bpb"]
 
 
+def _mean_over_seeds(per_seed: list[list[float]]) -> list[float]:
+    return [statistics.mean(col) for col in zip(*per_seed)] if per_seed else []
+
+
+def evaluation_curves(results: dict) -> dict:
+    """Per stage B arm, each evaluation's curve averaged over its seeds (test text): `remembered`
+    by distance (forgetting), bpb by position bucket, recall exact match by number of pairs,
+    passkey accuracy by depth; each with its x values."""
+    out: dict = {}
+    for arm, runs in results["B"].items():
+        tests = [r["evals"]["test"] for r in runs.values() if "test" in r.get("evals", {})]
+        if not tests:
+            continue
+        curves = {}
+        for name, path, x, y in (("forgetting", ("forgetting", "distances"), "distance", "remembered"),
+                                 ("position", ("position", "buckets"), "start", "bpb"),
+                                 ("recall", ("recall", "pairs"), "n_pairs", "exact_match"),
+                                 ("passkey", ("passkey", "depths"), "depth", "accuracy")):
+            rows = [t.get(path[0], {}).get(path[1]) for t in tests]
+            if all(rows):
+                curves[name] = {"x": [row[x] for row in rows[0]],
+                                "y": _mean_over_seeds([[row[y] for row in rs] for rs in rows]),
+                                "seeds": len(rows)}
+        out[arm] = curves
+    return out
+
+
+def plot_curves(curves: dict, out_dir: str) -> list[str]:
+    """forgetting.png (`remembered` by distance) and position.png (bpb by position), one line per
+    arm; returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    for name, xlabel, ylabel in (("forgetting", "distance d (tokens)", "remembered (nats/token)"),
+                                 ("position", "position in the window (bucket start)", "bits per byte")):
+        arms = [a for a in prereg.ARMS if name in curves.get(a, {})]
+        if not arms:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for arm in arms:
+            c = curves[arm][name]
+            ax.plot(c["x"], c["y"], marker="o", label=f"{arm} ({c['seeds']} seeds)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def summarize(results: dict) -> dict:
     a = {arm: {f"{lr:g}": dev_bpb(r) for lr, r in sorted(d.items())} for arm, d in results["A"].items()}
     test = {arm: {s: test_bpb(r) for s, r in d.items()} for arm, d in results["B"].items()}
@@ -46,6 +100,7 @@ def summarize(results: dict) -> dict:
             "stage_b_test_bpb": {arm: {str(s): v for s, v in sorted(d.items())} for arm, d in test.items()},
             "stage_b_dev_bpb": {arm: {str(s): v for s, v in sorted(d.items())} for arm, d in dev.items()},
             "contrasts": c, "verdict": word, "reasons": reasons, "core_hours": round(hours, 2),
+            "curves": evaluation_curves(results),
             "runs": {st: sum(len(d) for d in results[st].values()) for st in ("A", "B")}}
 
 
@@ -89,14 +144,36 @@ def report_md(s: dict) -> str:
                      + (f"{c['p_holm']:.3g}" if c.get("p_holm") is not None else "–") + " | "
                      + ", ".join(f"{x:+.4f}" for x in c["per_seed"]) + " |")
     lines += ["", f"## Verdict of the rule: **{s['verdict']}**", ""] + [f"- {r}" for r in s["reasons"]]
+    lines += _curve_tables(s["curves"])
+    lines += [""] + [f"![{p[:-4]}]({p})" for p in s.get("plots", [])] if s.get("plots") else []
     if s["runs"]["B"] < len(prereg.ARMS) * len(prereg.SEEDS_B):
         lines += ["", "Stage B is not complete: this verdict is provisional and is not the study's."]
     return "\n".join(lines) + "\n"
 
 
+def _curve_tables(curves: dict) -> list[str]:
+    """One table per evaluation: arms as rows, the curve's x values as columns (seed means)."""
+    lines = []
+    for name, title in (("forgetting", "Forgetting: `remembered` (nats per token) at distance d"),
+                        ("position", "Bits per byte by position in the window (bucket start)"),
+                        ("recall", "Key-value recall exact match by number of pairs"),
+                        ("passkey", "Passkey accuracy by depth")):
+        arms = [a for a in prereg.ARMS if name in curves.get(a, {})]
+        if not arms:
+            continue
+        xs = curves[arms[0]][name]["x"]
+        lines += ["", f"### {title} (stage B, mean over seeds)", "",
+                  "| arm | " + " | ".join(f"{x:g}" for x in xs) + " |", "|---|" + "---:|" * len(xs)]
+        for arm in arms:
+            lines.append(f"| `{arm}` | " + " | ".join(f"{y:+.4f}" if name == "forgetting" else f"{y:.4f}"
+                                                     for y in curves[arm][name]["y"]) + " |")
+    return lines
+
+
 def write_report(results_dir: str) -> dict:
     s = summarize(load_results(results_dir))
     os.makedirs(results_dir, exist_ok=True)
+    s["plots"] = [os.path.basename(p) for p in plot_curves(s["curves"], results_dir)]
     for name, text in (("report.md", report_md(s)), ("report.json", json.dumps(s, indent=1) + "\n")):
         tmp = os.path.join(results_dir, name + ".tmp")
         with open(tmp, "w") as f:

@@ -122,11 +122,11 @@ def test_verdict_helps_only_when_every_clause_holds():
     assert prereg.verdict({})[0] == "not shown"
 
 
-def _result(tmp, stage, arm, lr, seed, dev, test=None):
+def _result(tmp, stage, arm, lr, seed, dev, test=None, curves=None):
     r = {"stage": stage, "arm": arm, "lr": lr, "seed": seed, "train_s": 1800.0, "eval_s": 0.0,
          "evals": {"dev": {"bpb": {"bpb": dev}}}}
     if test is not None:
-        r["evals"]["test"] = {"bpb": {"bpb": test}}
+        r["evals"]["test"] = {"bpb": {"bpb": test}, **(curves or {})}
     d = tmp / stage
     d.mkdir(exist_ok=True)
     (d / f"{prereg.Run(stage, arm, lr, seed).name}.json").write_text(json.dumps(r))
@@ -177,3 +177,22 @@ def test_a_stopped_driver_passes_the_stop_to_its_runs():
     assert got["rc"] == -signal.SIGTERM and time.time() - t0 < 10
     assert driver.call([sys.executable, "-c", "pass"]) == -signal.SIGTERM  # nothing new starts
     driver.STOP.clear()
+
+
+def test_report_averages_each_evaluation_curve_over_seeds_and_plots_them(tmp_path):
+    def curves(shift):
+        return {"forgetting": {"distances": [{"distance": d, "remembered": r + shift}
+                                             for d, r in ((0, -0.2), (8, 0.1), (64, 0.0))]},
+                "position": {"buckets": [{"start": s, "bpb": b + shift} for s, b in ((0, 2.0), (128, 1.9))]},
+                "passkey": {"depths": [{"depth": 0.0, "accuracy": shift}]}}
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        _result(tmp_path, "B", "all", 3e-3, seed, 1.8, 1.7, curves(shift))
+        _result(tmp_path, "B", "none", 3e-3, seed, 1.8, 1.75, curves(2 * shift))
+    s = write_report(str(tmp_path))
+    f = s["curves"]["all"]["forgetting"]
+    assert f["x"] == [0, 8, 64] and f["y"] == pytest.approx([-0.15, 0.15, 0.05]) and f["seeds"] == 2
+    assert s["curves"]["none"]["position"]["y"] == pytest.approx([2.1, 2.0])
+    assert "recall" not in s["curves"]["all"]  # not measured, not invented
+    md = (tmp_path / "report.md").read_text()
+    assert "| `all` | -0.1500 | +0.1500 | +0.0500 |" in md and "![forgetting](forgetting.png)" in md
+    assert (tmp_path / "forgetting.png").stat().st_size > 1000 and (tmp_path / "position.png").exists()
