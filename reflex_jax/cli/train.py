@@ -136,7 +136,10 @@ def _sample_hint(run_dir: str) -> str:
 
 def _exit_after_error(status: int):
     """Exit. Multi-host: when every process failed alike (config errors do) they leave together;
-    otherwise don't wait in JAX's shutdown barrier for peers that are still running (minutes)."""
+    otherwise don't wait in JAX's shutdown barrier for peers that are still running (minutes).
+    Either way a multi-host process leaves with os._exit: after the barrier, JAX's own shutdown
+    at exit would wait again, and where process 0 (which hosts the coordination service) is gone
+    first, the others waited there for minutes (150 s seen)."""
     import jax
     if jax.distributed.is_initialized():
         try:
@@ -146,9 +149,10 @@ def _exit_after_error(status: int):
             from jax._src.distributed import global_state
             global_state.client.wait_at_barrier("reflex_jax_user_error", 30_000)
         except Exception:  # noqa: BLE001 - some peer did not fail
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
