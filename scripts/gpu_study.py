@@ -48,13 +48,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sizes(args) -> dict:
+    return SIZES["smoke" if args.smoke else "full"]
+
+
 def slug(arm: str) -> str:
     return arm.replace(":", "-").replace(",", "-")
 
 
 def study_config(args, arm: str, seed: int, steps: int, run_dir: str):
     from reflex_jax.run_config import load_config
-    sz = SIZES["smoke" if args.smoke else "full"]
+    sz = sizes(args)
     c = load_config(os.path.join(ROOT, "configs", "study.py"), [])
     c.model.n_embd, c.model.block_size, c.model.head_plan = sz["n_embd"], sz["block_size"], arm
     c.batch_size, c.max_steps, c.seed = sz["batch_size"], steps, seed
@@ -77,7 +81,7 @@ def parity(args) -> dict:
     from reflex_jax.model import Decoder, ModelConfig, init_params
     from scripts.gpu_check import _tolerance
     cpu, dev = jax.devices("cpu")[0], jax.devices()[0]
-    e = SIZES["smoke" if args.smoke else "full"]["parity_embd"]
+    e = sizes(args)["parity_embd"]
     cfg = ModelConfig(vocab_size=259, block_size=128, n_layer=6, n_head=8, n_embd=e, head_plan="all",
                       norm="rmsnorm", mlp="swiglu", bias=False, dtype="float32")
     tokens = np.random.default_rng(0).integers(0, 259, (2, 128)).astype(np.int32)
@@ -123,7 +127,7 @@ def test_bpb(args, run_dir: str) -> dict | None:
     if not args.test:
         return None
     from reflex_jax.evals import evaluate
-    windows = SIZES["smoke" if args.smoke else "full"]["eval_windows"]
+    windows = sizes(args)["eval_windows"]
     r = evaluate(run_dir, ["bpb"], text=[args.test], which="latest", max_windows=windows, log=lambda s: None)
     return {"bpb": r["bpb"]["bpb"], "windows": r["bpb"]["windows"], "bytes": r["bpb"]["bytes"]}
 
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
         os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
 
     head = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-            "jax": jax.__version__, "sizes": SIZES["smoke" if args.smoke else "full"], "lr": args.lr}
+            "jax": jax.__version__, "sizes": sizes(args), "lr": args.lr}
     head["parity"] = parity(args)
     log(f"parity: {head['parity']}")
     write("parity.json", head)
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
         return 1
     # 30 timed steps per arm; what a run spends besides its steady steps (start, compile, eval,
     # checkpoint) is its wall time less those steps at the steady rate
-    sz = SIZES["smoke" if args.smoke else "full"]
+    sz = sizes(args)
     tokens_per_step = sz["batch_size"] * sz["block_size"]
     scratch = os.path.join(args.out, "runs")
     timed = {}

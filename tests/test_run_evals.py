@@ -140,25 +140,34 @@ def python_model(fn):
 GENITIVE = {gen: nom for nom, gen in _NOUNS}
 
 
-def recall_oracle(memory):
-    """Answers a kv_recall question (then eos) when the asked pair is among the last `memory`
-    pairs said; uniform otherwise."""
+def prefix_oracle(target):
+    """A model that puts all its mass on target(prefix text) after each prefix of a row (the
+    prefix decoded from bytes after bos), and is uniform where target gives None."""
     def fn(tokens):
         out = np.zeros(tokens.shape + (V,), np.float32)
         for b, row in enumerate(tokens):
             for t in range(len(row)):
                 prefix = bytes(int(i) for i in row[1:t + 1] if i < 256).decode("utf-8", "ignore")
-                m = re.search(r"Запомни: (.*)\. Сколько у (\w+)\?\n### Ответ: (\d?)$", prefix)
-                if not m:
-                    continue
-                pairs = [p.split(" — ") for p in m.group(1).split(", ")]
-                asked = GENITIVE[m.group(2)]
-                k = [nom for nom, _ in pairs].index(asked)
-                if len(pairs) - k > memory:
-                    continue
-                out[b, t, TOK.eos_id if m.group(3) else TOK.encode(pairs[k][1])[0]] = 1e4
+                token = target(prefix)
+                if token is not None:
+                    out[b, t, token] = 1e4
         return out
     return fn
+
+
+def recall_oracle(memory):
+    """Answers a kv_recall question (then eos) when the asked pair is among the last `memory`
+    pairs said; uniform otherwise."""
+    def target(prefix):
+        m = re.search(r"Запомни: (.*)\. Сколько у (\w+)\?\n### Ответ: (\d?)$", prefix)
+        if not m:
+            return None
+        pairs = [p.split(" — ") for p in m.group(1).split(", ")]
+        k = [nom for nom, _ in pairs].index(GENITIVE[m.group(2)])
+        if len(pairs) - k > memory:
+            return None
+        return TOK.eos_id if m.group(3) else TOK.encode(pairs[k][1])[0]
+    return prefix_oracle(target)
 
 
 def test_recall_scores_every_answer_by_pairs_and_distance():
@@ -191,26 +200,21 @@ def test_recall_asks_every_pair_of_a_context_in_the_task_format():
 def multi_recall_oracle(memory):
     """Answers each query of a multi-query kv_recall row (and the eos after the last) when its
     pair is among the last `memory` pairs said; uniform otherwise."""
-    def fn(tokens):
-        out = np.zeros(tokens.shape + (V,), np.float32)
-        for b, row in enumerate(tokens):
-            for t in range(len(row)):
-                prefix = bytes(int(i) for i in row[1:t + 1] if i < 256).decode("utf-8", "ignore")
-                m = re.search(r"Запомни: (.*?)\. Сколько у (\w+)\?\n### Ответ: (.*)$", prefix)
-                if not m:
-                    continue
-                pairs = [p.split(" — ") for p in m.group(1).split(", ")]
-                asked = [m.group(2)] + re.findall(r"Сколько у (\w+)\? ", m.group(3))
-                k = [nom for nom, _ in pairs].index(GENITIVE[asked[-1]])
-                if len(pairs) - k > memory:
-                    continue
-                if m.group(3) and m.group(3)[-1].isdigit():  # its value was just given
-                    if len(asked) == len(pairs):
-                        out[b, t, TOK.eos_id] = 1e4
-                elif not m.group(3) or m.group(3).endswith("? "):
-                    out[b, t, TOK.encode(pairs[k][1])[0]] = 1e4
-        return out
-    return fn
+    def target(prefix):
+        m = re.search(r"Запомни: (.*?)\. Сколько у (\w+)\?\n### Ответ: (.*)$", prefix)
+        if not m:
+            return None
+        pairs = [p.split(" — ") for p in m.group(1).split(", ")]
+        asked = [m.group(2)] + re.findall(r"Сколько у (\w+)\? ", m.group(3))
+        k = [nom for nom, _ in pairs].index(GENITIVE[asked[-1]])
+        if len(pairs) - k > memory:
+            return None
+        if m.group(3) and m.group(3)[-1].isdigit():  # its value was just given
+            return TOK.eos_id if len(asked) == len(pairs) else None
+        if not m.group(3) or m.group(3).endswith("? "):
+            return TOK.encode(pairs[k][1])[0]
+        return None
+    return prefix_oracle(target)
 
 
 def test_multi_query_recall_scores_each_answer_of_a_row_by_distance():
