@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from typing import Optional, Sequence
 
 from . import exit_on_user_error, quiet_start
@@ -66,11 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         config = load_config(args.config, split_overrides(rest))
         if dry_run:
             sys.exit(_dry_run(config, args))
-        from .. import sharding
+        from .. import peer_watch, sharding
         from ..train.trainer import Trainer  # imports only; no device is touched yet
         sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
                                               args.process_id, auto=args.multihost,
                                               heartbeat_s=args.heartbeat_s)
+        peer_watch.start(lambda cause: _exit_lost_peer(cause, config.run_dir))
         trainer = Trainer(config)
         try:
             summary = trainer.train()
@@ -79,6 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if cause is None:
                 raise
             _exit_lost_peer(cause, config.run_dir)
+        peer_watch.leave()  # every process has finished or stopped at the same step
     if trainer.is_main:
         print(_summary_lines(summary))
     if summary["stopped_by"]:  # a scheduler must tell preemption from completion
@@ -148,6 +151,8 @@ def _exit_after_error(status: int):
             # at most. Should a JAX release move it, this exits at once, as when a peer is running.
             from jax._src.distributed import global_state
             global_state.client.wait_at_barrier("reflex_jax_user_error", 30_000)
+            from .. import peer_watch
+            peer_watch.leave()  # every process failed alike; none is lost
         except Exception:  # noqa: BLE001 - some peer did not fail
             pass
         sys.stdout.flush()
@@ -159,12 +164,17 @@ def _exit_after_error(status: int):
 def _exit_lost_peer(cause: str, run_dir: str) -> None:
     """Another process of the job is gone: one sentence and exit STOPPED at once. Waiting would
     not help: JAX's shutdown barrier would abort this process after the heartbeat timeout with a
-    page of coordination-service errors."""
+    page of coordination-service errors. Called from the main thread (a failed collective) or the
+    peer watch's thread, whichever knows first; the lock keeps the sentence single."""
+    _LOST_PEER.acquire()  # never released: a second caller waits here for os._exit
     print(f"{PROG}: error: another process of this multi-host run is gone ({cause}); start every "
           f"process again to resume {_short(run_dir)} from its last committed step.",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(STOPPED)
+
+
+_LOST_PEER = threading.Lock()
 
 
 def _short(path: str) -> str:
