@@ -11,6 +11,7 @@ that vanishes without closing its connections is still ended by JAX's heartbeat.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -91,10 +92,16 @@ def start(on_lost: Callable[[str], None]) -> Optional[PeerWatch]:
     import jax
     if jax.process_count() < 2:
         return None
-    from jax._src.distributed import global_state
-    host = global_state.coordinator_address.rpartition(":")[0].strip("[]")
-    _current = PeerWatch(global_state.client, jax.process_index(), jax.process_count(), host,
-                         on_lost)
+    try:  # JAX exposes no public handle on its coordination client
+        from jax._src.distributed import global_state
+        client, address = global_state.client, global_state.coordinator_address
+        client.key_value_set, client.blocking_key_value_get  # noqa: B018 - both are used
+    except (ImportError, AttributeError):
+        print("peer_watch: this JAX release moved its coordination client, so a dead process "
+              "ends the others only through JAX's heartbeat (--heartbeat_s).", file=sys.stderr)
+        return None
+    host = address.rpartition(":")[0].strip("[]")
+    _current = PeerWatch(client, jax.process_index(), jax.process_count(), host, on_lost)
     return _current
 
 
