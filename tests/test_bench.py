@@ -174,9 +174,12 @@ def test_wall_split_calls_compute_the_step_loss_and_the_decoder_alone(tmp_path):
 
 
 def test_paired_ratio_interval():
-    """The ratio of paired reps is the geometric mean of the per-round ratios; its 95% interval is
-    a t interval on the log ratios (here computed by hand), contains the estimate, narrows with
-    more rounds of the same spread, and is exactly the ratio when every round agrees."""
+    """The ratio of paired reps is the 20% trimmed mean of the log per-round ratios, and its 95%
+    interval Yuen's trimmed t interval (here computed by hand from the definition: winsorized
+    variance, n - 2g - 1 degrees of freedom); below 5 rounds it is the plain t interval on the
+    logs. One slow round moves the geometric mean, not the trimmed estimate. The interval contains
+    the estimate, narrows with more rounds of the same spread, and is exactly the ratio when every
+    round agrees."""
     from scipy.stats import t
 
     from reflex_lab.bench.stats import fmt_ratio, half_width, paired_ratio
@@ -187,8 +190,21 @@ def test_paired_ratio_interval():
     assert r["ratio"] == pytest.approx(np.exp(logs.mean()))
     assert r["ci95"] == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)])
     assert r["ci95"][0] < r["ratio"] < r["ci95"][1] and r["n"] == 4
+
+    rounds = [1.00, 1.02, 0.99, 1.01, 2.60, 1.03, 0.98, 1.00]  # one round slowed 2.6x (8 rounds: g = 1)
+    slow = paired_ratio(rounds, [1.0] * 8)
+    x = np.sort(np.log(rounds))
+    kept = x[1:7]
+    w = np.concatenate([[x[1]], x[1:7], [x[6]]])  # winsorized
+    se = w.std(ddof=1) / ((1 - 2 / 8) * np.sqrt(8))
+    half = t.ppf(0.975, 8 - 2 - 1) * se
+    assert slow["ratio"] == pytest.approx(np.exp(kept.mean()))
+    assert slow["ci95"] == pytest.approx([np.exp(kept.mean() - half), np.exp(kept.mean() + half)])
+    assert abs(slow["ratio"] - 1.0) < 0.01 and np.exp(np.log(rounds).mean()) > 1.1
+    assert slow["ci95"][1] < 1.05
+
     wider = half_width(r["ci95"], r["ratio"])
-    assert half_width(paired_ratio(a * 4, b * 4)["ci95"], r["ratio"]) < wider / 2
+    assert half_width(paired_ratio(a * 8, b * 8)["ci95"], r["ratio"]) < wider / 2
     same = paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])  # drift between rounds cancels
     assert same["ratio"] == pytest.approx(2.0) and same["ci95"] == pytest.approx([2.0, 2.0])
     assert paired_ratio([1.0], [2.0])["ci95"] is None

@@ -2,9 +2,13 @@
 
 `timing.interleaved` runs every contender once per round, so rep i of A and rep i of B ran side by
 side (same load, same heap, same clock speed); their ratio cancels what drifts between rounds. A
-ratio is the geometric mean of the per-round ratios, and its interval a Student t interval on the
-log ratios (n - 1 degrees of freedom), turned back into ratios: it is asymmetric around the
-estimate and never crosses 0. With one round there is no interval (None).
+ratio is the 20% trimmed mean of the log per-round ratios, turned back into a ratio, and its
+interval Yuen's trimmed t interval (winsorized variance, n - 2g - 1 degrees of freedom, g =
+floor(0.2 n) rounds trimmed at each end): asymmetric around the estimate, never crossing 0. Why
+trimmed: a shared machine now and then slows one round of one contender by 2-3x, and a mean
+follows such a round, so back-to-back runs disagreed more with geometric means than with
+trimmed ones (docs/bench.md). Below 5 rounds nothing is trimmed (a plain t interval on the
+logs); with one round there is no interval (None).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 LEVEL = 0.95
+TRIM = 0.2  # of the rounds at each end
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float], keep: Optional[Sequence[bool]] = None) -> dict:
@@ -24,15 +29,24 @@ def paired_ratio(a: Sequence[float], b: Sequence[float], keep: Optional[Sequence
         raise ValueError(f"paired ratios need as many reps of each side ({len(a)} vs {len(b)})")
     per_rep = np.asarray(a, float) / np.asarray(b, float)
     mask = np.asarray(keep, bool) if keep is not None and any(keep) else np.ones(len(per_rep), bool)
-    logs = np.log(per_rep[mask])
-    n = len(logs)
-    est = float(math.exp(logs.mean()))
-    ci: Optional[list] = None
-    if n > 1:
-        from scipy.stats import t
-        half = float(t.ppf(0.5 + LEVEL / 2, n - 1) * logs.std(ddof=1) / math.sqrt(n))
-        ci = [float(math.exp(logs.mean() - half)), float(math.exp(logs.mean() + half))]
+    est, ci = trimmed_log_interval(np.log(per_rep[mask]))
+    n = int(mask.sum())
     return {"ratio": est, "ci95": ci, "n": n, "dropped": int(len(per_rep) - n), "per_rep": per_rep.tolist()}
+
+
+def trimmed_log_interval(logs: np.ndarray, trim: float = TRIM) -> tuple[float, Optional[list]]:
+    """(exp of the trimmed mean of `logs`, its Yuen 95% interval as ratios, or None for n < 2)."""
+    x = np.sort(np.asarray(logs, float))
+    n = len(x)
+    g = int(math.floor(trim * n))
+    centre = float(x[g:n - g].mean())
+    if n < 2:
+        return math.exp(centre), None
+    w = np.clip(x, x[g], x[n - g - 1])  # winsorized: the trimmed ends set to the nearest kept value
+    se = float(w.std(ddof=1)) / ((1 - 2 * g / n) * math.sqrt(n))
+    from scipy.stats import t
+    half = float(t.ppf(0.5 + LEVEL / 2, n - 2 * g - 1)) * se
+    return math.exp(centre), [math.exp(centre - half), math.exp(centre + half)]
 
 
 def half_width(ci: Optional[Sequence[float]], ratio: float) -> Optional[float]:
