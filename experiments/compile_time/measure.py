@@ -27,9 +27,17 @@ def main(argv=None):
     p.add_argument("--kernel_off", action="append", default=[],
                    help="a KernelChoices switch to turn off (fused_loss, f32_linear)")
     p.add_argument("--dump", default="", help="write the optimized HLO text here")
+    p.add_argument("--optimizer", choices=["configured", "zero"], default="configured",
+                   help="zero: optax.set_to_zero in place of the run's optimizer (what the "
+                        "optimizer's per-leaf update costs the compile)")
     args = p.parse_args(argv)
     from reflex_jax.run_config import load_config
+    from reflex_jax.train import program as program_module
     from reflex_jax.train.program import TrainProgram
+    if args.optimizer == "zero":
+        import optax
+        configured = program_module.make_optimizer
+        program_module.make_optimizer = lambda *a: (optax.set_to_zero(), configured(*a)[1])
     overrides = [tuple(s.split("=", 1)) for s in args.set]
     config = load_config(args.config, overrides)
     devices = None if args.target == "cpu" else hardware.resolve_target(args.target).devices
@@ -47,6 +55,7 @@ def main(argv=None):
     compiled = lowered.compile()
     t3, c1 = time.perf_counter(), time.process_time()
     out = {"target": args.target, "set": dict(overrides), "kernel_off": args.kernel_off,
+           "optimizer": args.optimizer,
            "build_s": round(t1 - t0, 1),
            "lower_s": round(t2 - t1, 1), "compile_s": round(t3 - t2, 1),
            "compile_cpu_s": round(c1 - c0, 1),
