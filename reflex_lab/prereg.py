@@ -1,6 +1,7 @@
 """The pre-registered study of docs/study.md: its data (the six training authors in chunks, 2% of
 each author's chunks held out as the dev split; Turgenev is the test text), its runs (stage A: each
-primary arm at three learning rates; stage B: each arm at its dev-chosen rate, five seeds), and its
+primary arm at three learning rates; stage B: each arm at its dev-chosen rate, five seeds; stage
+D: each arm at that rate on associative recall, three seeds), and its
 report (the dev table, every paired contrast with its interval, Holm-adjusted, and the verdict of
 the rule as written before the runs). `scripts/prereg_study.py` runs it; this module holds what the
 tests check."""
@@ -23,8 +24,11 @@ TARGET = "kv:8,7,6,5,4,3"          # the contrast the rule is about: same KV byt
 VALUE_CONTROL = "none+value_residual"
 LRS = (1.5e-3, 3e-3, 6e-3)
 SEEDS_B = (0, 1, 2, 3, 4)
+SEEDS_D = (0, 1, 2)
 BLOCK, BATCH = 256, 12             # 3,072 tokens a step
-STEPS = {"A": 1650, "B": 3300}     # 5.07 M and 10.14 M training tokens
+BLOCKS = {"A": BLOCK, "B": BLOCK, "D": 512}
+STEPS = {"A": 1650, "B": 3300, "D": 1650}  # 5.07 M, 10.14 M and (at 512) 10.14 M training tokens
+RECALL_PAIRS = 8                   # stage D rows: 8 pairs, every one asked (queries = n_pairs)
 MIN_EFFECT = 0.01                  # bits per byte, the rule's smallest effect and ResFormer margin
 LEVEL = 0.95
 CHUNK_BYTES = 32768
@@ -47,20 +51,33 @@ class Run:
     def steps(self) -> int:
         return STEPS[self.stage]
 
+    @property
+    def block(self) -> int:
+        return BLOCKS[self.stage]
+
     def overrides(self, data_dir: str, run_dir: str) -> list[str]:
-        """train.py's --config flags on top of configs/study.py."""
+        """train.py's --config flags on top of configs/study.py (stage D trains on kv_recall rows,
+        not on `data_dir`)."""
         plan, _, extra = self.arm.partition("+")
         steps = self.steps
-        return [f"--config.data.dir={data_dir}", f"--config.run_dir={run_dir}",
-                f"--config.model.head_plan={plan}",
-                f"--config.model.value_residual={extra == 'value_residual'}",
-                f"--config.model.block_size={BLOCK}", f"--config.batch_size={BATCH}",
-                f"--config.max_steps={steps}", f"--config.seed={self.seed}",
-                f"--config.optim.lr={self.lr}", f"--config.optim.min_lr={self.lr / 30}",
-                "--config.optim.warmup_steps=100", "--config.data.document_mask=True",
-                f"--config.eval_interval={steps // 6}", "--config.eval_batches=16",
-                "--config.checkpoint_interval=150", "--config.keep_checkpoints=1",
-                "--config.log_interval=50"]
+        if self.stage == "D":
+            data = ["--config.data.task=kv_recall",
+                    f"--config.data.task_options.n_pairs={RECALL_PAIRS}",
+                    f"--config.data.task_options.queries={RECALL_PAIRS}",
+                    "--config.data.loss_on=answer", "--config.eval_exact_match=64"]
+        else:
+            data = [f"--config.data.dir={data_dir}"]
+        return data + [
+            f"--config.run_dir={run_dir}",
+            f"--config.model.head_plan={plan}",
+            f"--config.model.value_residual={extra == 'value_residual'}",
+            f"--config.model.block_size={self.block}", f"--config.batch_size={BATCH}",
+            f"--config.max_steps={steps}", f"--config.seed={self.seed}",
+            f"--config.optim.lr={self.lr}", f"--config.optim.min_lr={self.lr / 30}",
+            "--config.optim.warmup_steps=100", "--config.data.document_mask=True",
+            f"--config.eval_interval={steps // 6}", "--config.eval_batches=16",
+            "--config.checkpoint_interval=150", "--config.keep_checkpoints=1",
+            "--config.log_interval=50"]
 
 
 def stage_a_runs() -> list[Run]:
@@ -70,6 +87,11 @@ def stage_a_runs() -> list[Run]:
 def stage_b_runs(chosen: dict) -> list[Run]:
     """Seed-major, so that a partial stage B has whole seeds of every arm whose lr is chosen."""
     return [Run("B", arm, chosen[arm], seed) for seed in SEEDS_B for arm in ARMS if arm in chosen]
+
+
+def stage_d_runs(chosen: dict) -> list[Run]:
+    """Seed-major, as stage B."""
+    return [Run("D", arm, chosen[arm], seed) for seed in SEEDS_D for arm in ARMS if arm in chosen]
 
 
 # ---------------------------------------------------------------------------------------- data

@@ -11,15 +11,15 @@ from . import prereg
 
 
 def load_results(results_dir: str) -> dict:
-    """{"A": {arm: {lr: result}}, "B": {arm: {seed: result}}, "chosen": {arm: lr}}."""
-    out: dict = {"A": {}, "B": {}}
+    """{"A": {arm: {lr: result}}, "B" and "D": {arm: {seed: result}}, "chosen": {arm: lr}}."""
+    out: dict = {"A": {}, "B": {}, "D": {}}
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json"))):
         with open(path) as f:
             r = json.load(f)
         if r.get("stage") == "A" and r.get("seed") == 0:  # stage A is seed 0 only
             out["A"].setdefault(r["arm"], {})[r["lr"]] = r
-        elif r.get("stage") == "B":
-            out["B"].setdefault(r["arm"], {})[r["seed"]] = r
+        elif r.get("stage") in ("B", "D"):
+            out[r["stage"]].setdefault(r["arm"], {})[r["seed"]] = r
     out["chosen"] = prereg.choose_lr({arm: {lr: dev_bpb(r) for lr, r in d.items()}
                                       for arm, d in out["A"].items()})
     return out
@@ -60,6 +60,37 @@ def evaluation_curves(results: dict) -> dict:
     return out
 
 
+def recall_summary(results: dict) -> dict:
+    """Stage D, per arm: exact match by number of pairs and, at the trained number of pairs, by
+    distance (means over seeds), the per-seed exact match at that number, and the paired
+    contrasts of `all` against each arm on it (reported; no rule is about them)."""
+    arms, em = {}, {}
+    for arm, runs in results["D"].items():
+        recs = {s: r["evals"]["recall"]["recall"] for s, r in runs.items()
+                if "recall" in r.get("evals", {})}
+        if not recs:
+            continue
+        rows = [rec["pairs"] for rec in recs.values()]
+        at_n = {s: [p for p in rec["pairs"] if p["n_pairs"] == prereg.RECALL_PAIRS]
+                for s, rec in recs.items()}
+        trained = list(at_n.values())
+        em[arm] = {s: ps[0]["exact_match"] for s, ps in at_n.items() if ps}
+        arms[arm] = {"seeds": len(recs), "pairs": [p["n_pairs"] for p in rows[0]],
+                     "exact_match": _mean_over_seeds([[p["exact_match"] for p in rs] for rs in rows]),
+                     "answer_loss": _mean_over_seeds([[p["answer_loss"] for p in rs] for rs in rows])}
+        if all(trained):
+            arms[arm]["distances"] = [d["distance"] for d in trained[0][0]["by_distance"]]
+            arms[arm]["exact_match_by_distance"] = _mean_over_seeds(
+                [[d["exact_match"] for d in t[0]["by_distance"]] for t in trained])
+    contrasts = {}
+    if prereg.BASELINE in em:
+        for other in (a for a in prereg.ARMS if a != prereg.BASELINE and a in em):
+            seeds = sorted(set(em[prereg.BASELINE]) & set(em[other]))
+            contrasts[other] = dict(prereg.paired_interval(
+                [em[prereg.BASELINE][s] - em[other][s] for s in seeds]), seeds=seeds)
+    return {"arms": arms, "contrasts": contrasts}
+
+
 def plot_curves(curves: dict, out_dir: str) -> list[str]:
     """forgetting.png (`remembered` by distance) and position.png (bpb by position), one line per
     arm; returns the files written."""
@@ -94,14 +125,14 @@ def summarize(results: dict) -> dict:
     c = prereg.contrasts(test, prereg.BASELINE,
                          [x for x in prereg.ARMS if x != prereg.BASELINE]) if prereg.BASELINE in test else {}
     word, reasons = prereg.verdict(c)
-    hours = sum(r["train_s"] + r["eval_s"] for st in ("A", "B") for d in results[st].values()
+    hours = sum(r["train_s"] + r["eval_s"] for st in ("A", "B", "D") for d in results[st].values()
                 for r in d.values()) / 3600
     return {"stage_a_dev_bpb": a, "chosen_lr": {k: f"{v:g}" for k, v in results["chosen"].items()},
             "stage_b_test_bpb": {arm: {str(s): v for s, v in sorted(d.items())} for arm, d in test.items()},
             "stage_b_dev_bpb": {arm: {str(s): v for s, v in sorted(d.items())} for arm, d in dev.items()},
             "contrasts": c, "verdict": word, "reasons": reasons, "core_hours": round(hours, 2),
-            "curves": evaluation_curves(results),
-            "runs": {st: sum(len(d) for d in results[st].values()) for st in ("A", "B")}}
+            "curves": evaluation_curves(results), "recall": recall_summary(results),
+            "runs": {st: sum(len(d) for d in results[st].values()) for st in ("A", "B", "D")}}
 
 
 def _ci(x) -> str:
@@ -114,7 +145,8 @@ def report_md(s: dict) -> str:
              "and the stages are in [docs/study.md](../../docs/study.md#the-pre-registered-study-written-"
              "2026-12-07-before-any-of-its-runs).", "",
              f"Runs finished: stage A {s['runs']['A']} of {len(prereg.stage_a_runs())}, stage B "
-             f"{s['runs']['B']} of {len(prereg.ARMS) * len(prereg.SEEDS_B)}; "
+             f"{s['runs']['B']} of {len(prereg.ARMS) * len(prereg.SEEDS_B)}, stage D "
+             f"{s['runs']['D']} of {len(prereg.ARMS) * len(prereg.SEEDS_D)}; "
              f"{s['core_hours']:.2f} core-hours (training and evaluation).", "",
              "## Stage A: dev bits per byte (seed 0, final checkpoint)", "",
              "| arm | " + " | ".join(f"lr {lr:g}" for lr in prereg.LRS) + " | chosen |",
@@ -145,6 +177,7 @@ def report_md(s: dict) -> str:
                      + ", ".join(f"{x:+.4f}" for x in c["per_seed"]) + " |")
     lines += ["", f"## Verdict of the rule: **{s['verdict']}**", ""] + [f"- {r}" for r in s["reasons"]]
     lines += _curve_tables(s["curves"])
+    lines += _recall_tables(s["recall"])
     lines += [""] + [f"![{p[:-4]}]({p})" for p in s.get("plots", [])] if s.get("plots") else []
     if s["runs"]["B"] < len(prereg.ARMS) * len(prereg.SEEDS_B):
         lines += ["", "Stage B is not complete: this verdict is provisional and is not the study's."]
@@ -167,6 +200,38 @@ def _curve_tables(curves: dict) -> list[str]:
         for arm in arms:
             lines.append(f"| `{arm}` | " + " | ".join(f"{y:+.4f}" if name == "forgetting" else f"{y:.4f}"
                                                      for y in curves[arm][name]["y"]) + " |")
+    return lines
+
+
+def _recall_tables(r: dict) -> list[str]:
+    arms = [a for a in prereg.ARMS if a in r["arms"]]
+    if not arms:
+        return []
+    n = prereg.RECALL_PAIRS
+    xs = r["arms"][arms[0]]["pairs"]
+    lines = ["", f"## Stage D: associative recall ({n} pairs a context, every pair asked; "
+             "exact match, mean over seeds)", "",
+             "| arm | seeds | " + " | ".join(f"{x} pairs" for x in xs) + " |",
+             "|---|---:|" + "---:|" * len(xs)]
+    for arm in arms:
+        a = r["arms"][arm]
+        lines.append(f"| `{arm}` | {a['seeds']} | " + " | ".join(f"{y:.4f}" for y in a["exact_match"]) + " |")
+    with_d = [a for a in arms if "distances" in r["arms"][a]]
+    if with_d:
+        ds = r["arms"][with_d[0]]["distances"]
+        lines += ["", f"Exact match at {n} pairs by distance (pairs between the asked key and the "
+                  "question):", "", "| arm | " + " | ".join(str(d) for d in ds) + " |",
+                  "|---|" + "---:|" * len(ds)]
+        for arm in with_d:
+            ys = r["arms"][arm]["exact_match_by_distance"]
+            lines.append(f"| `{arm}` | " + " | ".join(f"{y:.3f}" for y in ys) + " |")
+    if r["contrasts"]:
+        lines += ["", f"`{prereg.BASELINE}` − arm, exact match at {n} pairs, paired by seed "
+                  "(reported, not part of the rule):", "",
+                  "| arm | Δ | 95% interval | per seed |", "|---|---:|---|---|"]
+        for arm, c in r["contrasts"].items():
+            lines.append(f"| `{arm}` | {c['mean']:+.4f} | {_ci(c['ci95'])} | "
+                         + ", ".join(f"{x:+.4f}" for x in c["per_seed"]) + " |")
     return lines
 
 

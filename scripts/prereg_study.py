@@ -1,6 +1,7 @@
 """The pre-registered study (docs/study.md): stage A (each primary arm at three learning rates,
 seed 0, chosen on the dev split), then stage B (each arm at its chosen rate, seeds 0-4, evaluated on
-all of Turgenev). One run per core at a time; each finished run's JSON lands in
+all of Turgenev), then stage D (the same arms and rates on associative recall rows, seeds 0-2,
+recall evaluated). One run per core at a time; each finished run's JSON lands in
 experiments/prereg/<stage>/ and, with --commit, is committed with the rebuilt report, so a stop
 loses at most the runs in flight, which resume from their last checkpoint (every 150 steps) when
 the same command runs again. Run it as a module from the checkout's root:
@@ -46,9 +47,11 @@ def result_path(args, run: prereg.Run) -> str:
 
 
 def pending(args) -> list[prereg.Run]:
-    """Runs without a result, stage A first, then the stage B runs whose arm has a chosen lr."""
+    """Runs without a result: stage A first, then the stage B and then the stage D runs whose arm
+    has a chosen lr."""
     results = load_results(os.path.join(ROOT, args.results))
-    runs = prereg.stage_a_runs() + prereg.stage_b_runs(results["chosen"])
+    runs = (prereg.stage_a_runs() + prereg.stage_b_runs(results["chosen"])
+            + prereg.stage_d_runs(results["chosen"]))
     return [r for r in runs if not os.path.exists(result_path(args, r))]
 
 
@@ -106,7 +109,10 @@ def run_one(args, run: prereg.Run, core: int, paths) -> int:
         if rc != 0:
             return rc
         evals = {}
-        jobs = [("dev", ["--evals", "bpb", "--text", dev])]
+        if run.stage == "D":  # every pair of a context asked, as the run trained
+            jobs = [("recall", ["--evals", "recall", "--recall_format", "multi"])]
+        else:
+            jobs = [("dev", ["--evals", "bpb", "--text", dev])]
         if run.stage == "B":
             jobs.append(("test", ["--text", test]))
         t1 = time.time()

@@ -9,6 +9,8 @@ import pytest
 from reflex_lab import prereg
 from reflex_lab.prereg_report import load_results, write_report
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_chunks_cut_at_line_ends_and_join_back():
     text = "".join(f"строка {i}\n" for i in range(100))  # 'строка' is 12 UTF-8 bytes
@@ -69,6 +71,29 @@ def test_runs_set_the_arm_lr_seed_and_tokens():
     assert [(r.arm, r.seed) for r in b[:3]] == [("none", 0), ("all", 0), ("none", 1)]
     assert all(r.steps * prereg.BATCH * prereg.BLOCK >= 10_000_000 for r in b)
     assert len({(r.stage, r.name) for r in runs + b}) == len(runs) + len(b)  # runs/<stage>/<name>
+
+
+def test_stage_d_trains_on_recall_rows_that_fit_its_context_with_every_answer_in_the_loss():
+    """A stage D run's flags load into the study config as a kv_recall run (8 pairs, every one asked,
+    loss on the answers, no text directory), at context 512 and >= 10 M tokens; its rows fit the
+    window; its name is distinct from stage B's."""
+    from reflex_jax.data.tasks import get_task
+    from reflex_jax.run_config import load_config, split_overrides
+    d = prereg.stage_d_runs({"all": 6e-3, "kv:8,7,6,5,4,3": 3e-3})
+    assert [(r.arm, r.seed) for r in d[:3]] == [("all", 0), ("kv:8,7,6,5,4,3", 0), ("all", 1)]
+    assert len(d) == 2 * len(prereg.SEEDS_D)
+    run = d[1]
+    flags = run.overrides("DATA", "RUN")
+    assert not any(f.startswith("--config.data.dir=") for f in flags)
+    c = load_config(os.path.join(ROOT, "configs", "study.py"), split_overrides(flags))
+    assert c.data.task == "kv_recall" and c.data.loss_on == "answer" and c.data.document_mask
+    assert (c.data.task_options.n_pairs, c.data.task_options.queries) == (8, 8)
+    assert c.model.head_plan == "kv:8,7,6,5,4,3" and c.optim.lr == 3e-3 and c.model.block_size == 512
+    assert c.max_steps * c.batch_size * c.model.block_size >= 10_000_000
+    rows = get_task("kv_recall").rows(50, 0, n_pairs=8, queries=8)
+    assert max(len((r["question"] + r["answer"]).encode()) for r in rows) < 512 - 64  # + template
+    assert len(rows[0]["answer_spans"]) == 8
+    assert run.name == prereg.Run("B", run.arm, run.lr, run.seed).name and run.stage != "B"
 
 
 def test_paired_interval_by_hand():
@@ -196,3 +221,32 @@ def test_report_averages_each_evaluation_curve_over_seeds_and_plots_them(tmp_pat
     md = (tmp_path / "report.md").read_text()
     assert "| `all` | -0.1500 | +0.1500 | +0.0500 |" in md and "![forgetting](forgetting.png)" in md
     assert (tmp_path / "forgetting.png").stat().st_size > 1000 and (tmp_path / "position.png").exists()
+
+
+def _recall_result(tmp, arm, seed, em8, by_distance):
+    pairs = [{"n_pairs": 4, "exact_match": em8 + 0.2, "answer_loss": 0.5, "by_distance": []},
+             {"n_pairs": 8, "exact_match": em8, "answer_loss": 1.0,
+              "by_distance": [{"distance": d + 1, "exact_match": e} for d, e in enumerate(by_distance)]}]
+    r = {"stage": "D", "arm": arm, "lr": 3e-3, "seed": seed, "train_s": 900.0, "eval_s": 0.0,
+         "evals": {"recall": {"recall": {"pairs": pairs}}}}
+    d = tmp / "D"
+    d.mkdir(exist_ok=True)
+    (d / f"{prereg.Run('D', arm, 3e-3, seed).name}.json").write_text(json.dumps(r))
+
+
+def test_report_tables_stage_d_recall_by_pairs_and_distance_with_paired_contrasts(tmp_path):
+    for seed, (a, k) in enumerate(((0.30, 0.10), (0.40, 0.15), (0.35, 0.05))):
+        _recall_result(tmp_path, "all", seed, a, [a] * 8)
+        _recall_result(tmp_path, "kv:8,7,6,5,4,3", seed, k, [k + 0.01 * d for d in range(8)])
+    s = write_report(str(tmp_path))
+    r = s["recall"]
+    assert r["arms"]["all"]["pairs"] == [4, 8] and r["arms"]["all"]["seeds"] == 3
+    assert r["arms"]["all"]["exact_match"] == pytest.approx([0.55, 0.35])
+    assert r["arms"]["kv:8,7,6,5,4,3"]["exact_match_by_distance"][7] == pytest.approx(0.10 + 0.07)
+    c = r["contrasts"]["kv:8,7,6,5,4,3"]
+    assert c["per_seed"] == pytest.approx([0.20, 0.25, 0.30]) and c["mean"] == pytest.approx(0.25)
+    assert c["ci95"][0] > 0 and s["runs"]["D"] == 6 and s["core_hours"] == pytest.approx(6 * 0.25)
+    md = (tmp_path / "report.md").read_text()
+    lo, hi = c["ci95"]
+    assert "| `all` | 3 | 0.5500 | 0.3500 |" in md
+    assert f"| `kv:8,7,6,5,4,3` | +0.2500 | [{lo:+.4f}, {hi:+.4f}] | +0.2000, +0.2500, +0.3000 |" in md
