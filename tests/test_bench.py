@@ -213,6 +213,47 @@ def test_paired_ratio_interval():
         paired_ratio([1.0, 2.0], [1.0])
 
 
+def _bench_json(ratio: float, reps=5, **settings) -> dict:
+    """A bench.py JSON whose `jax all` steps take `ratio` times `jax none`'s in every round."""
+    base = [1.0 + 0.01 * i for i in range(reps)]
+    return {"settings": {"dtypes": ["float32"], "n_layer": 6, "train_reps": reps, **settings},
+            "train": {"jax all float32": {"step_s_all": [ratio * t for t in base]},
+                      "jax none float32": {"step_s_all": base}}}
+
+
+def test_ratios_across_runs_are_one_sample_per_run(tmp_path):
+    """Each run gives its own ratio; across runs, their geometric mean with a t interval over runs
+    (by hand here). Runs of other settings are refused in one sentence naming the setting."""
+    from scipy.stats import t
+
+    from reflex_jax.errors import UsageError
+    from reflex_lab.bench.across_runs import across_runs, main
+    runs = [_bench_json(r) for r in (1.00, 1.10, 0.95)]
+    runs[1]["settings"]["train_reps"] = 8  # more reps measure the same thing
+    out = across_runs(runs)["ratios"]["reflex_vs_vanilla_step_time float32"]
+    logs = np.log([1.00, 1.10, 0.95])
+    half = t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
+    assert out["per_run"] == pytest.approx([1.00, 1.10, 0.95]) and out["n"] == 3
+    assert out["ratio"] == pytest.approx(np.exp(logs.mean()))
+    assert out["ci95"] == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)])
+    assert out["per_run_ci95"][0] == pytest.approx([1.0, 1.0])  # each run alone: no spread at all
+    with pytest.raises(UsageError, match=r"other settings than run 1 \(n_layer\)"):
+        across_runs([_bench_json(1.0), _bench_json(1.0, n_layer=12)])
+    with pytest.raises(UsageError, match="at least two"):
+        across_runs([_bench_json(1.0)])
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(r, f)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(UsageError, match="is not a bench.py --json file"):
+        main(paths[:1] + [str(tmp_path / "other.json")])
+    main(paths + ["--json", str(tmp_path / "all.json")])
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved["runs"] == ["r0.json", "r1.json", "r2.json"]
+
+
 def test_calls_that_grow_the_heap_are_counted_and_left_out_of_ratios():
     """A call that raises the process's peak memory (here: a new, larger array each call) is seen,
     a steady call is not; rounds where either side grew the heap leave the paired ratio and the
