@@ -27,17 +27,24 @@ def main(argv=None):
     p.add_argument("--kernel_off", action="append", default=[],
                    help="a KernelChoices switch to turn off (fused_loss, f32_linear)")
     p.add_argument("--dump", default="", help="write the optimized HLO text here")
-    p.add_argument("--optimizer", choices=["configured", "zero"], default="configured",
+    p.add_argument("--optimizer", choices=["configured", "zero", "stacked"], default="configured",
                    help="zero: optax.set_to_zero in place of the run's optimizer (what the "
-                        "optimizer's per-leaf update costs the compile)")
+                        "optimizer's per-leaf update costs the compile); stacked: the run's "
+                        "optimizer on the layers' leaves stacked by parameter (its state stacked "
+                        "too: an experiment, not a checkpoint layout)")
     args = p.parse_args(argv)
     from reflex_jax.run_config import load_config
     from reflex_jax.train import program as program_module
     from reflex_jax.train.program import TrainProgram
+    configured = program_module.make_optimizer
     if args.optimizer == "zero":
         import optax
-        configured = program_module.make_optimizer
         program_module.make_optimizer = lambda *a: (optax.set_to_zero(), configured(*a)[1])
+    elif args.optimizer == "stacked":
+        def make_stacked(*a):
+            tx, schedule = configured(*a)
+            return _stacked(tx), schedule
+        program_module.make_optimizer = make_stacked
     overrides = [tuple(s.split("=", 1)) for s in args.set]
     config = load_config(args.config, overrides)
     devices = None if args.target == "cpu" else hardware.resolve_target(args.target).devices
@@ -68,6 +75,41 @@ def main(argv=None):
         with open(args.dump, "w") as f:
             f.write(compiled.as_text())
     print(json.dumps(out), flush=True)
+
+
+def _stacked(tx):
+    """`tx` applied to the params with every layer's leaves of one parameter stacked (h_0/x, h_1/x,
+    ... of one shape become one array)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def groups(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        by = {}
+        for i, (path, leaf) in enumerate(leaves):
+            key = (re.sub(r"h_\d+", "h_*", jax.tree_util.keystr(path)), leaf.shape, str(leaf.dtype))
+            by.setdefault(key, []).append(i)
+        return list(by.values())
+
+    def stack(tree):
+        leaves = jax.tree_util.tree_leaves(tree)
+        return [jnp.stack([leaves[i] for i in g]) for g in groups(tree)]
+
+    def unstack(stacked, like):
+        leaves = [None] * len(jax.tree_util.tree_leaves(like))
+        for g, arr in zip(groups(like), stacked):
+            for j, i in enumerate(g):
+                leaves[i] = arr[j]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+    def update(grads, state, params=None):
+        updates, state = tx.update(stack(grads), state, stack(params))
+        return unstack(updates, grads), state
+
+    return optax.GradientTransformation(lambda params: tx.init(stack(params)), update)
 
 
 if __name__ == "__main__":
