@@ -15,6 +15,8 @@ import sys
 import threading
 from typing import Callable, Optional
 
+from .errors import TrainingError
+
 _KEY = "reflex_jax/peer_watch"
 _GOODBYE = b"."
 _current: Optional["PeerWatch"] = None
@@ -32,15 +34,29 @@ class PeerWatch:
                       if socket.has_dualstack_ipv6() else socket.create_server(("", 0)))
             client.key_value_set(_KEY, f"{coordinator_host}:{server.getsockname()[1]}")
             server.settimeout(timeout_s)
-            for _ in range(num_processes - 1):  # every peer connects during start-up
-                conn, _ = server.accept()
-                conn.settimeout(None)
-                peer = int(_read_line(conn))
-                self._watch(peer, conn)
+            try:
+                for _ in range(num_processes - 1):  # every peer connects during start-up
+                    conn, _ = server.accept()
+                    conn.settimeout(None)
+                    peer = int(_read_line(conn))
+                    self._watch(peer, conn)
+            except OSError as e:
+                raise TrainingError(
+                    f"only {len(self._socks)} of the {num_processes - 1} other processes connected "
+                    f"to process 0's peer watch within {timeout_s} s ({e}); start every process "
+                    "of the job, with the same --coordinator and --num_processes.") from None
             server.close()
         else:
-            host, _, port = client.blocking_key_value_get(_KEY, timeout_s * 1000).rpartition(":")
-            conn = socket.create_connection((host, int(port)), timeout=timeout_s)
+            try:
+                addr = client.blocking_key_value_get(_KEY, timeout_s * 1000)
+                host, _, port = addr.rpartition(":")
+                conn = socket.create_connection((host, int(port)), timeout=timeout_s)
+            except Exception as e:  # noqa: BLE001 - the coordination service's errors vary
+                raise TrainingError(
+                    f"process {process_id} could not reach process 0's peer watch "
+                    f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); check "
+                    "that process 0 runs and that its host accepts TCP connections from this "
+                    "one.") from None
             conn.settimeout(None)
             conn.sendall(f"{process_id}\n".encode())
             self._watch(0, conn)
@@ -85,7 +101,7 @@ def _read_line(conn: socket.socket) -> str:
     return data.decode().strip()
 
 
-def start(on_lost: Callable[[str], None]) -> Optional[PeerWatch]:
+def start(on_lost: Callable[[str], None], timeout_s: int = 300) -> Optional[PeerWatch]:
     """Watch the other processes of this multi-host job (None on one process). Call after
     jax.distributed.initialize, on every process (process 0 waits for the others to connect)."""
     global _current
@@ -101,7 +117,7 @@ def start(on_lost: Callable[[str], None]) -> Optional[PeerWatch]:
               "ends the others only through JAX's heartbeat (--heartbeat_s).", file=sys.stderr)
         return None
     host = address.rpartition(":")[0].strip("[]")
-    _current = PeerWatch(client, jax.process_index(), jax.process_count(), host, on_lost)
+    _current = PeerWatch(client, jax.process_index(), jax.process_count(), host, on_lost, timeout_s)
     return _current
 
 

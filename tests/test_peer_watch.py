@@ -23,7 +23,14 @@ jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout_second
 def lost(cause):
     print("LOST", cause, flush=True)
     os._exit(75)
-peer_watch.start(lost)
+if role == "nowatch":  # joins the job (its devices too), never the watch
+    jax.devices()
+    time.sleep(60)
+try:
+    peer_watch.start(lost, timeout_s=int(sys.argv[4]) if len(sys.argv) > 4 else 300)
+except Exception as e:
+    print("ERROR", type(e).__name__, e, flush=True)
+    os._exit(3)
 print("watching", flush=True)
 if role == "wait":  # in a barrier the dead peer never reaches: no collective fails first
     try:
@@ -48,14 +55,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pair(tmp_path, roles):
+def _start(tmp_path, roles, extra=()):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     port = str(_free_port())
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, role], cwd=ROOT, env=env,
-                              stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
-             for i, role in enumerate(roles)]
+    return [subprocess.Popen([sys.executable, str(script), str(i), port, role, *extra], cwd=ROOT,
+                             env=env, stdout=open(tmp_path / f"p{i}.log", "w"),
+                             stderr=subprocess.STDOUT)
+            for i, role in enumerate(roles)]
+
+
+def _pair(tmp_path, roles):
+    procs = _start(tmp_path, roles)
     deadline = time.time() + 120
     while not all("watching" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
         assert time.time() < deadline and all(p.poll() is None for p in procs), \
@@ -99,3 +111,16 @@ def test_a_process_that_leaves_on_purpose_ends_nobody(tmp_path):
         _end(procs)
     log = (tmp_path / "p0.log").read_text()
     assert procs[0].returncode == 0 and "still here" in log and "LOST" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_connects_is_one_sentence_not_a_hang(tmp_path):
+    procs = _start(tmp_path, ["wait", "nowatch"], extra=("3",))
+    try:
+        procs[0].wait(timeout=90)
+    finally:
+        _end(procs)
+    log = (tmp_path / "p0.log").read_text()
+    assert procs[0].returncode == 3, log[-3000:]
+    assert ("ERROR TrainingError only 0 of the 1 other processes connected to process 0's peer "
+            "watch within 3 s") in log and "start every process of the job" in log, log[-3000:]
