@@ -45,7 +45,8 @@ class PeerWatch:
                     f"only {len(self._socks)} of the {num_processes - 1} other processes connected "
                     f"to process 0's peer watch within {timeout_s} s ({e}); start every process "
                     "of the job, with the same --coordinator and --num_processes.") from None
-            server.close()
+            finally:
+                server.close()
         else:
             try:
                 addr = client.blocking_key_value_get(_KEY, timeout_s * 1000)
