@@ -8,6 +8,7 @@ import os
 import statistics
 
 from . import prereg
+from .compare.plots import shrink_png
 
 
 def load_results(results_dir: str) -> dict:
@@ -114,6 +115,7 @@ def plot_curves(curves: dict, out_dir: str) -> list[str]:
         path = os.path.join(out_dir, f"{name}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
+        shrink_png(path)  # the driver commits the plots after every run
         written.append(path)
     return written
 
