@@ -74,15 +74,15 @@ def recall_summary(results: dict) -> dict:
         rows = [rec["pairs"] for rec in recs.values()]
         at_n = {s: [p for p in rec["pairs"] if p["n_pairs"] == prereg.RECALL_PAIRS]
                 for s, rec in recs.items()}
-        trained = list(at_n.values())
         em[arm] = {s: ps[0]["exact_match"] for s, ps in at_n.items() if ps}
         arms[arm] = {"seeds": len(recs), "pairs": [p["n_pairs"] for p in rows[0]],
                      "exact_match": _mean_over_seeds([[p["exact_match"] for p in rs] for rs in rows]),
                      "answer_loss": _mean_over_seeds([[p["answer_loss"] for p in rs] for rs in rows])}
-        if all(trained):
-            arms[arm]["distances"] = [d["distance"] for d in trained[0][0]["by_distance"]]
+        if len(em[arm]) == len(recs):  # every seed was scored at the trained number of pairs
+            trained = [ps[0] for ps in at_n.values()]
+            arms[arm]["distances"] = [d["distance"] for d in trained[0]["by_distance"]]
             arms[arm]["exact_match_by_distance"] = _mean_over_seeds(
-                [[d["exact_match"] for d in t[0]["by_distance"]] for t in trained])
+                [[d["exact_match"] for d in p["by_distance"]] for p in trained])
     contrasts = {}
     if prereg.BASELINE in em:
         for other in (a for a in prereg.ARMS if a != prereg.BASELINE and a in em):

@@ -76,7 +76,8 @@ def test_runs_set_the_arm_lr_seed_and_tokens():
 def test_stage_d_trains_on_recall_rows_that_fit_its_context_with_every_answer_in_the_loss():
     """A stage D run's flags load into the study config as a kv_recall run (8 pairs, every one asked,
     loss on the answers, no text directory), at context 512 and >= 10 M tokens; its rows fit the
-    window; its name is distinct from stage B's."""
+    window; it shares its name with the stage B run of the same arm, lr and seed, and its files
+    live apart under its own stage."""
     from reflex_jax.data.tasks import get_task
     from reflex_jax.run_config import load_config, split_overrides
     d = prereg.stage_d_runs({"all": 6e-3, "kv:8,7,6,5,4,3": 3e-3})

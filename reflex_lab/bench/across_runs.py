@@ -19,9 +19,8 @@ import numpy as np
 
 from reflex_jax.errors import UsageError
 
-from .report import STEP_RATIOS
-from .stats import fmt_ratio, paired_ratio, trimmed_log_interval
-from .timing import steady_pairs
+from .report import STEP_RATIOS, paired_step_ratio
+from .stats import fmt_ratio, trimmed_log_interval
 
 # settings that may differ between runs that measure the same thing
 _FREE = {"train_reps", "gen_reps", "name"}
@@ -34,9 +33,7 @@ def run_ratios(report: dict) -> dict:
         for key, (num, den) in STEP_RATIOS.items():
             a, b = report["train"].get(f"{num} {dtype}"), report["train"].get(f"{den} {dtype}")
             if a and b:
-                out[f"{key} {dtype}"] = paired_ratio(
-                    a["step_s_all"], b["step_s_all"],
-                    steady_pairs(a.get("heap_growth_all"), b.get("heap_growth_all")))
+                out[f"{key} {dtype}"] = paired_step_ratio(a, b)
     return out
 
 

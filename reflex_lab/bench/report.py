@@ -42,6 +42,13 @@ STEP_RATIOS = {"train_vs_torch_compile": ("torch.compile all", "jax all"),
                "document_mask_step_time": ("jax all docs", "jax all")}
 
 
+def paired_step_ratio(a: dict, b: dict) -> dict:
+    """stats.paired_ratio of two train rows' step times, without the rounds where either grew
+    the heap."""
+    return paired_ratio(a["step_s_all"], b["step_s_all"],
+                        steady_pairs(a.get("heap_growth_all"), b.get("heap_growth_all")))
+
+
 def _train_ratios(tr: dict, s: BenchSettings) -> dict:
     """Every ratio of two contenders with its 95% interval (`<key>_ci95`) from the paired,
     interleaved reps (stats.py)."""
@@ -59,8 +66,7 @@ def _train_ratios(tr: dict, s: BenchSettings) -> dict:
                 if key != "document_mask_step_time":
                     r[f"{key}{suffix}"] = r[f"{key}{suffix}_ci95"] = None
                 continue
-            paired = paired_ratio(a["step_s_all"], b["step_s_all"],
-                                  steady_pairs(a.get("heap_growth_all"), b.get("heap_growth_all")))
+            paired = paired_step_ratio(a, b)
             r[f"{key}{suffix}"], r[f"{key}{suffix}_ci95"] = paired["ratio"], paired["ci95"]
         r[f"mfu{suffix}"] = tr[f"jax all {d}"]["mfu"]
         if tr[f"jax all {d}"].get("mfu_datasheet"):
