@@ -254,6 +254,45 @@ def test_ratios_across_runs_are_one_sample_per_run(tmp_path):
     assert saved["runs"] == ["r0.json", "r1.json", "r2.json"]
 
 
+def test_between_run_spread_is_what_within_run_errors_do_not_explain():
+    """Cochran's Q, I^2 and the DerSimonian-Laird tau by hand: two runs 0.1 apart in log ratio
+    with within-run standard errors of 0.01 are far more apart than those errors allow (tau 0.07);
+    three runs within their errors leave no between-run spread. The chance that two runs agree
+    within +-3% is 0.95 exactly when their log difference's sd is log(1.03) / 1.96, and it stays
+    below 1 with tau > 0 however small the within-run errors get. A run without a within-run
+    error (every round the same ratio) gives no heterogeneity, and the table says so."""
+    from scipy.stats import chi2
+
+    from reflex_lab.bench.across_runs import across_runs, agree_within, heterogeneity, heterogeneity_table
+    h = heterogeneity([0.0, 0.1], [0.01, 0.01])
+    assert h["q"] == pytest.approx(50.0) and h["p"] == pytest.approx(chi2.sf(50.0, 1))
+    assert h["i2"] == pytest.approx(49 / 50) and h["tau"] == pytest.approx(0.07)
+    assert h["within_se"] == pytest.approx(0.01)
+    calm = heterogeneity([0.0, 0.005, -0.005], [0.01, 0.01, 0.01])
+    assert calm["q"] == pytest.approx(0.5) and calm["tau"] == 0.0 and calm["i2"] == 0.0
+    assert heterogeneity([0.0, 0.1], [0.01, None]) is None
+
+    sd_95 = np.log(1.03) / 1.959964
+    assert agree_within(0.0, sd_95 / np.sqrt(2), 0.03) == pytest.approx(0.95, abs=1e-6)
+    assert agree_within(sd_95 / np.sqrt(2), 0.0, 0.03) == pytest.approx(0.95, abs=1e-6)
+    assert agree_within(0.02, 1e-9, 0.03) < 0.8 and agree_within(0.0, 0.0, 0.03) == 1.0
+
+    noisy = []
+    for shift in (1.0, 1.1):
+        run = _bench_json(1.0, reps=6)
+        run["train"]["jax all float32"]["step_s_all"] = [
+            shift * t * (1 + e) for t, e in zip(run["train"]["jax none float32"]["step_s_all"],
+                                                (0.01, -0.01, 0.02, -0.02, 0.0, 0.01))]
+        noisy.append(run)
+    result = across_runs(noisy)
+    h = result["ratios"]["reflex_vs_vanilla_step_time float32"]["heterogeneity"]
+    assert h["p"] < 0.01 and h["tau"] > 0.05
+    assert "| reflex_vs_vanilla_step_time float32 |" in heterogeneity_table(result)
+    flat = across_runs([_bench_json(1.0), _bench_json(1.1)])
+    assert flat["ratios"]["reflex_vs_vanilla_step_time float32"]["heterogeneity"] is None
+    assert "| – | – | – | – | – | – |" in heterogeneity_table(flat)
+
+
 def test_calls_that_grow_the_heap_are_counted_and_left_out_of_ratios():
     """A call that raises the process's peak memory (here: a new, larger array each call) is seen,
     a steady call is not; rounds where either side grew the heap leave the paired ratio and the

@@ -61,7 +61,9 @@ def main(argv=None):
     c0 = time.process_time()
     compiled = lowered.compile()
     t3, c1 = time.perf_counter(), time.process_time()
-    out = {"target": args.target, "set": dict(overrides), "kernel_off": args.kernel_off,
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "load_avg_1m": round(os.getloadavg()[0], 1),
+           "target": args.target, "set": dict(overrides), "kernel_off": args.kernel_off,
            "optimizer": args.optimizer,
            "build_s": round(t1 - t0, 1),
            "lower_s": round(t2 - t1, 1), "compile_s": round(t3 - t2, 1),

@@ -6,11 +6,17 @@ among them), lays out its own heap, and meets the machine in another state. Here
 sample: its ratio (the paired, trimmed estimate of stats.py, recomputed from its per-rep times) is
 taken per run, and the across-runs ratio is their geometric mean with a Student t interval over
 runs (n - 1 degrees of freedom). Runs must share their settings (model, dtypes, contenders).
+
+`heterogeneity` says whether more reps per run could make runs agree: Cochran's Q tests whether
+the runs' log ratios differ by more than their within-run standard errors allow, and tau (the
+DerSimonian-Laird estimate) is the spread between runs that is left once those errors are taken
+out. Two runs differ by about sqrt(2) * tau however many reps each takes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -57,8 +63,36 @@ def across_runs(reports: Sequence[dict], names: Optional[Sequence[str]] = None) 
         values = [p[key]["ratio"] for p in per]
         ratio, ci = trimmed_log_interval(np.log(values), trim=0.0)
         out[key] = {"per_run": values, "per_run_ci95": [p[key]["ci95"] for p in per],
-                    "ratio": ratio, "ci95": ci, "n": len(values)}
+                    "ratio": ratio, "ci95": ci, "n": len(values),
+                    "heterogeneity": heterogeneity(np.log(values), [p[key].get("log_se") for p in per])}
     return {"runs": names, "ratios": out}
+
+
+def heterogeneity(logs: Sequence[float], ses: Sequence[Optional[float]]) -> Optional[dict]:
+    """{"q", "p", "i2", "tau", "within_se"} of per-run log ratios `logs` with within-run standard
+    errors `ses` (None when a run has none, or a standard error is 0): Cochran's Q on k - 1 degrees
+    of freedom, I^2 = (Q - (k - 1)) / Q, the between-run standard deviation tau (DerSimonian-Laird)
+    and the runs' root mean square within-run standard error, tau and within_se in log units
+    (0.01 is about 1%)."""
+    if any(s is None or s <= 0 for s in ses) or len(logs) < 2:
+        return None
+    from scipy.stats import chi2
+    y, w = np.asarray(logs, float), 1.0 / np.square(np.asarray(ses, float))
+    k = len(y)
+    q = float(np.sum(w * np.square(y - np.sum(w * y) / np.sum(w))))
+    tau2 = max(0.0, (q - (k - 1)) / (np.sum(w) - np.sum(np.square(w)) / np.sum(w)))
+    return {"q": q, "p": float(chi2.sf(q, k - 1)), "i2": max(0.0, (q - (k - 1)) / q) if q else 0.0,
+            "tau": float(np.sqrt(tau2)), "within_se": float(np.sqrt(np.mean(1.0 / w)))}
+
+
+def agree_within(tau: float, within_se: float, band: float) -> float:
+    """The chance that two runs' ratios agree within +-`band` (0.03: 3%), their log difference
+    normal with variance 2 * (tau^2 + within_se^2)."""
+    from scipy.stats import norm
+    sd = math.sqrt(2 * (tau ** 2 + within_se ** 2))
+    if sd == 0:
+        return 1.0
+    return float(2 * norm.cdf(math.log1p(band) / sd) - 1)
 
 
 def table(result: dict) -> str:
@@ -67,6 +101,25 @@ def table(result: dict) -> str:
     for key, r in result["ratios"].items():
         cells = [fmt_ratio({"ratio": v, "ci95": ci}) for v, ci in zip(r["per_run"], r["per_run_ci95"])]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {fmt_ratio(r)} |")
+    return "\n".join(lines)
+
+
+def heterogeneity_table(result: dict, band: float = 0.03) -> str:
+    """Per ratio: the within-run and between-run spreads (%), Q's p-value, and the chance that two
+    runs agree within +-band: as measured (within_se of these runs) and with infinitely many reps
+    (tau alone)."""
+    pct = round(band * 100)
+    lines = [f"| ratio | within-run se | between-run tau | I^2 | Q p | P(two runs within +-{pct}%) "
+             f"| same, reps -> infinity |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, r in result["ratios"].items():
+        h = r.get("heterogeneity")
+        if not h:
+            lines.append(f"| {key} | – | – | – | – | – | – |")
+            continue
+        lines.append(f"| {key} | {100 * h['within_se']:.1f}% | {100 * h['tau']:.1f}% | "
+                     f"{100 * h['i2']:.0f}% | {h['p']:.3f} | "
+                     f"{agree_within(h['tau'], h['within_se'], band):.2f} | "
+                     f"{agree_within(h['tau'], 0.0, band):.2f} |")
     return "\n".join(lines)
 
 
@@ -86,6 +139,8 @@ def main(argv=None) -> int:
             raise UsageError(f"{path!r} is not a bench.py --json file with train steps.")
     result = across_runs(reports, [os.path.basename(p) for p in args.reports])
     print(table(result))
+    print()
+    print(heterogeneity_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -22,30 +22,41 @@ TRIM = 0.2  # of the rounds at each end
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float], keep: Optional[Sequence[bool]] = None) -> dict:
-    """{"ratio", "ci95": [lo, hi] or None, "n", "dropped", "per_rep"} of times `a` over times `b`,
-    where a[i] and b[i] come from the same round; with `keep`, only the rounds it marks True count
+    """{"ratio", "ci95": [lo, hi] or None, "log_se" (standard error of the log ratio, or None),
+    "n", "dropped", "per_rep"} of times `a` over times `b`, where a[i] and b[i] come from the
+    same round; with `keep`, only the rounds it marks True count
     (timing.steady_pairs: rounds where a call grew the heap are dropped), unless it marks none."""
     if len(a) != len(b) or not len(a):
         raise ValueError(f"paired ratios need as many reps of each side ({len(a)} vs {len(b)})")
     per_rep = np.asarray(a, float) / np.asarray(b, float)
     mask = np.asarray(keep, bool) if keep is not None and any(keep) else np.ones(len(per_rep), bool)
     est, ci = trimmed_log_interval(np.log(per_rep[mask]))
+    se = trimmed_log_estimate(np.log(per_rep[mask]))[1]
     n = int(mask.sum())
-    return {"ratio": est, "ci95": ci, "n": n, "dropped": int(len(per_rep) - n), "per_rep": per_rep.tolist()}
+    return {"ratio": est, "ci95": ci, "log_se": se, "n": n, "dropped": int(len(per_rep) - n),
+            "per_rep": per_rep.tolist()}
 
 
-def trimmed_log_interval(logs: np.ndarray, trim: float = TRIM) -> tuple[float, Optional[list]]:
-    """(exp of the trimmed mean of `logs`, its Yuen 95% interval as ratios, or None for n < 2)."""
+def trimmed_log_estimate(logs: np.ndarray, trim: float = TRIM) -> tuple[float, Optional[float], int]:
+    """(trimmed mean of `logs`, Yuen's standard error of it or None for n < 2, its degrees of
+    freedom n - 2g - 1)."""
     x = np.sort(np.asarray(logs, float))
     n = len(x)
     g = int(math.floor(trim * n))
     centre = float(x[g:n - g].mean())
     if n < 2:
-        return math.exp(centre), None
+        return centre, None, 0
     w = np.clip(x, x[g], x[n - g - 1])  # winsorized: the trimmed ends set to the nearest kept value
-    se = float(w.std(ddof=1)) / ((1 - 2 * g / n) * math.sqrt(n))
+    return centre, float(w.std(ddof=1)) / ((1 - 2 * g / n) * math.sqrt(n)), n - 2 * g - 1
+
+
+def trimmed_log_interval(logs: np.ndarray, trim: float = TRIM) -> tuple[float, Optional[list]]:
+    """(exp of the trimmed mean of `logs`, its Yuen 95% interval as ratios, or None for n < 2)."""
+    centre, se, df = trimmed_log_estimate(logs, trim)
+    if se is None:
+        return math.exp(centre), None
     from scipy.stats import t
-    half = float(t.ppf(0.5 + LEVEL / 2, n - 2 * g - 1)) * se
+    half = float(t.ppf(0.5 + LEVEL / 2, df)) * se
     return math.exp(centre), [math.exp(centre - half), math.exp(centre + half)]
 
 
