@@ -11,6 +11,9 @@ from . import prereg
 from .compare.plots import shrink_png
 
 
+COST_FILE = "cost.json"
+
+
 def load_results(results_dir: str) -> dict:
     """{"A": {arm: {lr: result}}, "B" and "D": {arm: {seed: result}}, "chosen": {arm: lr}}."""
     out: dict = {"A": {}, "B": {}, "D": {}}
@@ -180,6 +183,9 @@ def report_md(s: dict) -> str:
     lines += ["", f"## Verdict of the rule: **{s['verdict']}**", ""] + [f"- {r}" for r in s["reasons"]]
     lines += _curve_tables(s["curves"])
     lines += _recall_tables(s["recall"])
+    if s.get("cost"):
+        from .prereg_cost import cost_table
+        lines += cost_table(s["cost"])
     lines += [""] + [f"![{p[:-4]}]({p})" for p in s.get("plots", [])] if s.get("plots") else []
     if s["runs"]["B"] < len(prereg.ARMS) * len(prereg.SEEDS_B):
         lines += ["", "Stage B is not complete: this verdict is provisional and is not the study's."]
@@ -240,6 +246,10 @@ def _recall_tables(r: dict) -> list[str]:
 def write_report(results_dir: str) -> dict:
     s = summarize(load_results(results_dir))
     os.makedirs(results_dir, exist_ok=True)
+    cost_path = os.path.join(results_dir, COST_FILE)
+    if os.path.exists(cost_path):  # scripts/prereg_study.py --cost
+        with open(cost_path) as f:
+            s["cost"] = json.load(f)
     s["plots"] = [os.path.basename(p) for p in plot_curves(s["curves"], results_dir)]
     for name, text in (("report.md", report_md(s)), ("report.json", json.dumps(s, indent=1) + "\n")):
         tmp = os.path.join(results_dir, name + ".tmp")

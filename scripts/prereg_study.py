@@ -9,6 +9,7 @@ the same command runs again. Run it as a module from the checkout's root:
     python -m scripts.prereg_study --plan             # every run and its state
     python -m scripts.prereg_study --commit           # run what is left, two at a time
     python -m scripts.prereg_study --report           # rebuild experiments/prereg/report.md
+    python -m scripts.prereg_study --cost             # measure each arm's cost (decoding speed)
 """
 from __future__ import annotations
 
@@ -174,10 +175,22 @@ def main() -> int:
     p.add_argument("--plan", action="store_true", help="print every pending run, then exit")
     p.add_argument("--report", action="store_true", help="rebuild the report from the results, then exit")
     p.add_argument("--max_runs", type=int, default=0, help="stop after this many runs (0: all)")
+    p.add_argument("--cost", action="store_true",
+                   help="measure every arm's params, KV bytes, FLOPs and decoding speed (alone on "
+                        "a quiet machine: the arms are timed side by side), rebuild the report, exit")
+    p.add_argument("--cost_reps", type=int, default=8, help="interleaved decoding rounds for --cost")
     args = p.parse_args()
     lock = threading.Lock()
     if args.report:
         report_and_commit(args, lock, "report rebuilt")
+        return 0
+    if args.cost:
+        from reflex_lab.prereg_cost import measure
+        from reflex_lab.prereg_report import COST_FILE
+        cost = measure(reps=args.cost_reps, log=lambda s: print(s, flush=True))
+        with open(os.path.join(ROOT, args.results, COST_FILE), "w") as f:
+            json.dump(cost, f, indent=1)
+        report_and_commit(args, lock, "cost measured")
         return 0
     if args.plan:
         todo = pending(args)

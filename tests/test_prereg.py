@@ -251,3 +251,31 @@ def test_report_tables_stage_d_recall_by_pairs_and_distance_with_paired_contrast
     lo, hi = c["ci95"]
     assert "| `all` | 3 | 0.5500 | 0.3500 |" in md
     assert f"| `kv:8,7,6,5,4,3` | +0.2500 | [{lo:+.4f}, {hi:+.4f}] | +0.2000, +0.2500, +0.3000 |" in md
+
+
+def test_cost_counts_each_arms_kv_heads_and_times_decoding_side_by_side(tmp_path):
+    """KV bytes per token follow the K/V heads each arm computes (6 layers x 8 heads x 16 dims x
+    K and V x 2 bytes for `none`; `all` and its GQA control compute 8+7+6+5+4+3 = 33 heads) and
+    the value residual adds 2 params a later layer; decoding is timed for every arm in the same
+    rounds, with ratios against `none` only; the report renders the measured cost JSON."""
+    from reflex_lab.prereg_cost import decode_speed, static_costs
+    from reflex_lab.prereg_report import COST_FILE
+    st = static_costs()
+    assert st["none"]["kv_bytes_per_token"] == 6 * 8 * 16 * 2 * 2 == 3072
+    assert st["all"]["kv_bytes_per_token"] == st["kv:8,7,6,5,4,3"]["kv_bytes_per_token"] == 33 * 16 * 2 * 2
+    assert st["all"]["params"] == st["kv:8,7,6,5,4,3"]["params"] < st["none"]["params"]
+    assert st["none+value_residual"]["params"] == st["none"]["params"] + 2 * 5
+    assert st["all"]["train_flops_per_token"] < st["none"]["train_flops_per_token"]
+    rows = decode_speed(("none", "all"), batches=(2,), prompt=8, new_tokens=4, reps=3)
+    (row,) = rows
+    assert set(row["tok_s"]) == {"none", "all"} and set(row["time_vs_none"]) == {"all"}
+    assert len(row["times_s"]["all"]) == 3 and all(v > 0 for v in row["tok_s"].values())
+    r = row["time_vs_none"]["all"]
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1]
+    for arm in prereg.ARMS[2:]:  # the table has a row per primary arm: the other two, made up
+        row["tok_s"][arm], row["time_vs_none"][arm] = 1.0, r
+    cost = {"date": "2026-12-07T00:00:00Z", "cpu": "a CPU", "jax": "0.0", "static": st, "decode": rows}
+    (tmp_path / COST_FILE).write_text(json.dumps(cost))
+    write_report(str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "## Cost" in md and "| `all` | 1,579,008 | 2,112 |" in md
