@@ -30,8 +30,9 @@ def paired_ratio(a: Sequence[float], b: Sequence[float], keep: Optional[Sequence
         raise ValueError(f"paired ratios need as many reps of each side ({len(a)} vs {len(b)})")
     per_rep = np.asarray(a, float) / np.asarray(b, float)
     mask = np.asarray(keep, bool) if keep is not None and any(keep) else np.ones(len(per_rep), bool)
-    est, ci = trimmed_log_interval(np.log(per_rep[mask]))
-    se = trimmed_log_estimate(np.log(per_rep[mask]))[1]
+    logs = np.log(per_rep[mask])
+    est, ci = trimmed_log_interval(logs)
+    se = trimmed_log_estimate(logs)[1]
     n = int(mask.sum())
     return {"ratio": est, "ci95": ci, "log_se": se, "n": n, "dropped": int(len(per_rep) - n),
             "per_rep": per_rep.tolist()}
