@@ -46,6 +46,9 @@ def parse_args(argv: Optional[Sequence[str]]):
                         "ends the others (JAX's distributed heartbeat)")
     p.add_argument("--multihost", action="store_true", help="multi-host on a cluster JAX detects "
                    "itself (Cloud TPU pod, SLURM, Open MPI, Kubernetes); no other flags needed")
+    p.add_argument("--compile_cache", default="", help="directory (or gs:// path) of JAX's "
+                   "persistent compilation cache: a later run of the same program reads its "
+                   "compiled steps back instead of compiling them (reflex_jax/compile_cache.py)")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors")
     return p.parse_known_args(argv)
 
@@ -67,6 +70,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         config = load_config(args.config, split_overrides(rest))
         if dry_run:
             sys.exit(_dry_run(config, args))
+        if args.compile_cache:  # before anything compiles
+            from .. import compile_cache
+            compile_cache.enable(args.compile_cache)
         from .. import peer_watch, sharding
         from ..train.trainer import Trainer  # imports only; no device is touched yet
         sharding.maybe_initialize_distributed(args.coordinator, args.num_processes,
@@ -117,9 +123,12 @@ def _summary_lines(summary: dict) -> str:
     how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "finished"
     extra = "".join(f", {k} {summary[k]:.4g}" for k in ("loss", "val_loss", "exact_match")
                     if k in summary)
+    from .. import compile_cache
+    cache = compile_cache.summary()
     return (f"{how} at step {summary['final_step']}{extra}.\n"
             f"checkpoints: {summary['checkpoint_dir']}\n"
-            f"sample:      {_sample_hint(summary['run_dir'])}")
+            f"sample:      {_sample_hint(summary['run_dir'])}"
+            + (f"\n{cache}" if cache else ""))
 
 
 def _sample_hint(run_dir: str) -> str:
