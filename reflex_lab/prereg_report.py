@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import statistics
+from typing import Optional
 
 from . import prereg
 from .compare.plots import shrink_png
@@ -95,21 +96,28 @@ def recall_summary(results: dict) -> dict:
     return {"arms": arms, "contrasts": contrasts}
 
 
-def plot_curves(curves: dict, out_dir: str) -> list[str]:
-    """forgetting.png (`remembered` by distance) and position.png (bpb by position), one line per
-    arm; returns the files written."""
+def plot_curves(curves: dict, out_dir: str, recall: Optional[dict] = None) -> list[str]:
+    """forgetting.png (`remembered` by distance) and position.png (bpb by position) of stage B,
+    and with stage D's `recall` (recall_summary) recall_distance.png (exact match by distance at
+    the trained number of pairs); one line per arm; returns the files written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plots = [(name, xlabel, ylabel, {a: curves[a][name] for a in prereg.ARMS if name in curves.get(a, {})})
+             for name, xlabel, ylabel in (
+                 ("forgetting", "distance d (tokens)", "remembered (nats/token)"),
+                 ("position", "position in the window (bucket start)", "bits per byte"))]
+    arms_d = {a: d for a, d in (recall or {}).get("arms", {}).items() if "distances" in d}
+    plots.append(("recall_distance", f"pairs between the asked key and the question "
+                  f"({prereg.RECALL_PAIRS} pairs a context)", "exact match",
+                  {a: {"x": arms_d[a]["distances"], "y": arms_d[a]["exact_match_by_distance"],
+                       "seeds": arms_d[a]["seeds"]} for a in prereg.ARMS if a in arms_d}))
     written = []
-    for name, xlabel, ylabel in (("forgetting", "distance d (tokens)", "remembered (nats/token)"),
-                                 ("position", "position in the window (bucket start)", "bits per byte")):
-        arms = [a for a in prereg.ARMS if name in curves.get(a, {})]
-        if not arms:
+    for name, xlabel, ylabel, series in plots:
+        if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for arm in arms:
-            c = curves[arm][name]
+        for arm, c in series.items():
             ax.plot(c["x"], c["y"], marker="o", label=f"{arm} ({c['seeds']} seeds)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -250,7 +258,7 @@ def write_report(results_dir: str) -> dict:
     if os.path.exists(cost_path):  # scripts/prereg_study.py --cost
         with open(cost_path) as f:
             s["cost"] = json.load(f)
-    s["plots"] = [os.path.basename(p) for p in plot_curves(s["curves"], results_dir)]
+    s["plots"] = [os.path.basename(p) for p in plot_curves(s["curves"], results_dir, s["recall"])]
     for name, text in (("report.md", report_md(s)), ("report.json", json.dumps(s, indent=1) + "\n")):
         tmp = os.path.join(results_dir, name + ".tmp")
         with open(tmp, "w") as f:

@@ -250,6 +250,7 @@ def test_report_tables_stage_d_recall_by_pairs_and_distance_with_paired_contrast
     md = (tmp_path / "report.md").read_text()
     lo, hi = c["ci95"]
     assert "| `all` | 3 | 0.5500 | 0.3500 |" in md
+    assert s["plots"] == ["recall_distance.png"] and "![recall_distance](recall_distance.png)" in md
     assert f"| `kv:8,7,6,5,4,3` | +0.2500 | [{lo:+.4f}, {hi:+.4f}] | +0.2000, +0.2500, +0.3000 |" in md
 
 
