@@ -58,7 +58,6 @@ class Run:
     def overrides(self, data_dir: str, run_dir: str) -> list[str]:
         """train.py's --config flags on top of configs/study.py (stage D trains on kv_recall rows,
         not on `data_dir`)."""
-        plan, _, extra = self.arm.partition("+")
         steps = self.steps
         if self.stage == "D":
             data = ["--config.data.task=kv_recall",
@@ -67,17 +66,23 @@ class Run:
                     "--config.data.loss_on=answer", "--config.eval_exact_match=64"]
         else:
             data = [f"--config.data.dir={data_dir}"]
-        return data + [
-            f"--config.run_dir={run_dir}",
-            f"--config.model.head_plan={plan}",
-            f"--config.model.value_residual={extra == 'value_residual'}",
-            f"--config.model.block_size={self.block}", f"--config.batch_size={BATCH}",
+        return data + [f"--config.run_dir={run_dir}"] + [
+            f"--config.{key}={value}" for key, value in arm_model(self.arm, self.block)] + [
+            f"--config.batch_size={BATCH}",
             f"--config.max_steps={steps}", f"--config.seed={self.seed}",
             f"--config.optim.lr={self.lr}", f"--config.optim.min_lr={self.lr / 30}",
             "--config.optim.warmup_steps=100", "--config.data.document_mask=True",
             f"--config.eval_interval={steps // 6}", "--config.eval_batches=16",
             "--config.checkpoint_interval=150", "--config.keep_checkpoints=1",
             "--config.log_interval=50"]
+
+
+def arm_model(arm: str, block: int) -> list[tuple[str, str]]:
+    """The config overrides that make configs/study.py's model `arm` at context `block`: its head
+    plan, and whether later layers mix in layer 0's values (`+value_residual`)."""
+    plan, _, extra = arm.partition("+")
+    return [("model.head_plan", plan), ("model.value_residual", str(extra == "value_residual")),
+            ("model.block_size", str(block))]
 
 
 def stage_a_runs() -> list[Run]:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import prereg
+from .bench.stats import fmt_ratio
 
 STUDY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs", "study.py")
@@ -21,10 +22,7 @@ STUDY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def arm_config(arm: str, block: int = prereg.BLOCK):
     """configs/study.py with `arm`'s head plan (and value residual) at context `block`."""
     from reflex_jax.run_config import load_config
-    plan, _, extra = arm.partition("+")
-    return load_config(STUDY_CONFIG, [("model.head_plan", plan),
-                                      ("model.value_residual", str(extra == "value_residual")),
-                                      ("model.block_size", str(block))])
+    return load_config(STUDY_CONFIG, prereg.arm_model(arm, block))
 
 
 def static_costs(arms: Sequence[str] = prereg.ARMS) -> dict:
@@ -74,17 +72,13 @@ def decode_speed(arms: Sequence[str] = prereg.ARMS, *, batches: Sequence[int] = 
     return rows
 
 
-def measure(reps: int = 8, log: Callable[[str], None] = lambda s: None) -> dict:
-    """The cost JSON the report reads (experiments/prereg/cost.json)."""
+def measure(cpu: str, reps: int = 8, log: Callable[[str], None] = lambda s: None) -> dict:
+    """The cost JSON the report reads (experiments/prereg/cost.json); `cpu` names the machine as
+    the study's run files do."""
     import jax
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": platform.machine(), "cpu": _cpu_model(), "jax": jax.__version__,
+            "machine": platform.machine(), "cpu": cpu, "jax": jax.__version__,
             "static": static_costs(), "decode": decode_speed(reps=reps, log=log)}
-
-
-def _cpu_model() -> str:
-    from .machine import cpu_generation, cpu_model
-    return f"{cpu_model()} ({cpu_generation()})"
 
 
 def cost_table(cost: dict) -> list[str]:
@@ -106,11 +100,6 @@ def cost_table(cost: dict) -> list[str]:
                  f"{f['train_flops_per_token'] / 1e6:.2f} M"]
         for r in decode:
             ratio = r[f"time_vs_{base}"].get(arm)
-            cells += [f"{r['tok_s'][arm]:,.0f}", _fmt(ratio) if ratio else "1"]
+            cells += [f"{r['tok_s'][arm]:,.0f}", fmt_ratio(ratio) if ratio else "1"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def _fmt(r: dict) -> str:
-    from .bench.stats import fmt_ratio
-    return fmt_ratio(r)

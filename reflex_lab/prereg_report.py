@@ -10,6 +10,7 @@ from typing import Optional
 
 from . import prereg
 from .compare.plots import shrink_png
+from .prereg_cost import cost_table
 
 
 COST_FILE = "cost.json"
@@ -192,7 +193,6 @@ def report_md(s: dict) -> str:
     lines += _curve_tables(s["curves"])
     lines += _recall_tables(s["recall"])
     if s.get("cost"):
-        from .prereg_cost import cost_table
         lines += cost_table(s["cost"])
     lines += [""] + [f"![{p[:-4]}]({p})" for p in s.get("plots", [])] if s.get("plots") else []
     if s["runs"]["B"] < len(prereg.ARMS) * len(prereg.SEEDS_B):

@@ -187,7 +187,7 @@ def main() -> int:
     if args.cost:
         from reflex_lab.prereg_cost import measure
         from reflex_lab.prereg_report import COST_FILE
-        cost = measure(reps=args.cost_reps, log=lambda s: print(s, flush=True))
+        cost = measure(cpu_model(), reps=args.cost_reps, log=lambda s: print(s, flush=True))
         with open(os.path.join(ROOT, args.results, COST_FILE), "w") as f:
             json.dump(cost, f, indent=1)
         report_and_commit(args, lock, "cost measured")

@@ -30,9 +30,8 @@ def paired_ratio(a: Sequence[float], b: Sequence[float], keep: Optional[Sequence
         raise ValueError(f"paired ratios need as many reps of each side ({len(a)} vs {len(b)})")
     per_rep = np.asarray(a, float) / np.asarray(b, float)
     mask = np.asarray(keep, bool) if keep is not None and any(keep) else np.ones(len(per_rep), bool)
-    logs = np.log(per_rep[mask])
-    est, ci = trimmed_log_interval(logs)
-    se = trimmed_log_estimate(logs)[1]
+    centre, se, df = trimmed_log_estimate(np.log(per_rep[mask]))
+    est, ci = _as_ratio_interval(centre, se, df)
     n = int(mask.sum())
     return {"ratio": est, "ci95": ci, "log_se": se, "n": n, "dropped": int(len(per_rep) - n),
             "per_rep": per_rep.tolist()}
@@ -53,7 +52,11 @@ def trimmed_log_estimate(logs: np.ndarray, trim: float = TRIM) -> tuple[float, O
 
 def trimmed_log_interval(logs: np.ndarray, trim: float = TRIM) -> tuple[float, Optional[list]]:
     """(exp of the trimmed mean of `logs`, its Yuen 95% interval as ratios, or None for n < 2)."""
-    centre, se, df = trimmed_log_estimate(logs, trim)
+    return _as_ratio_interval(*trimmed_log_estimate(logs, trim))
+
+
+def _as_ratio_interval(centre: float, se: Optional[float], df: int) -> tuple[float, Optional[list]]:
+    """(exp(centre), the t interval centre +- t(df) * se turned into ratios, or None without se)."""
     if se is None:
         return math.exp(centre), None
     from scipy.stats import t
