@@ -144,11 +144,23 @@ def test_profile_budget_adds_up_and_counts_every_matmul_flop():
         assert gflop["torch"][site] == pytest.approx(gflop["jax"][site]), site
     assert "| matmul MLP |" in profile.markdown(res)
     split = res["wall_split"]["float32"]
-    assert set(split) == {"jax all", "torch eager all"}  # the smoke preset skips torch.compile
+    # the smoke preset skips torch.compile
+    assert set(split) == {"jax all", "jax none", "torch eager all"}
     for sp in split.values():
         assert sum(sp["parts"].values()) == pytest.approx(sp["step_s"])
         assert sp["parts"]["decoder fwd+bwd"] == sp["decoder_s"] > 0
+        assert len(sp["per_round"]["decoder"]) == s.train_reps
     assert "| LM head + loss |" in profile.markdown(res)
+    # all over none (not the other way), round by round: the step's and the decoder's
+    from reflex_lab.bench.stats import trimmed_log_interval
+    rv = res["reflex_vs_vanilla"]["float32"]
+    step_all, step_none = (res["budgets"][f"jax {p} float32"]["step_s_all"] for p in ("all", "none"))
+    assert rv["step"]["ratio"] == pytest.approx(trimmed_log_interval(
+        np.log(np.divide(step_all, step_none)))[0])
+    dec_all, dec_none = (split[f"jax {p}"]["per_round"]["decoder"] for p in ("all", "none"))
+    assert rv["decoder"]["ratio"] == pytest.approx(trimmed_log_interval(
+        np.log(np.divide(dec_all, dec_none)))[0])
+    assert "`all` / `none`, float32, paired [95%]: step " in profile.markdown(res)
 
 
 @pytest.mark.slow
@@ -230,6 +242,7 @@ def test_ratios_across_runs_are_one_sample_per_run(tmp_path):
     from reflex_lab.bench.across_runs import across_runs, main
     runs = [_bench_json(r) for r in (1.00, 1.10, 0.95)]
     runs[1]["settings"]["train_reps"] = 8  # more reps measure the same thing
+    runs[2]["settings"]["gen"] = True      # generation runs after the train steps are timed
     out = across_runs(runs)["ratios"]["reflex_vs_vanilla_step_time float32"]
     logs = np.log([1.00, 1.10, 0.95])
     half = t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
@@ -239,6 +252,8 @@ def test_ratios_across_runs_are_one_sample_per_run(tmp_path):
     assert out["per_run_ci95"][0] == pytest.approx([1.0, 1.0])  # each run alone: no spread at all
     with pytest.raises(UsageError, match=r"other settings than run 1 \(n_layer\)"):
         across_runs([_bench_json(1.0), _bench_json(1.0, n_layer=12)])
+    with pytest.raises(UsageError, match=r"other settings than run 1 \(torch\)"):
+        across_runs([_bench_json(1.0), _bench_json(1.0, torch=False)])
     with pytest.raises(UsageError, match="at least two"):
         across_runs([_bench_json(1.0)])
     paths = []

@@ -28,8 +28,10 @@ from reflex_jax.errors import UsageError
 from .report import STEP_RATIOS, paired_step_ratio
 from .stats import fmt_ratio, trimmed_log_interval
 
-# settings that may differ between runs that measure the same thing
-_FREE = {"train_reps", "gen_reps", "name"}
+# settings that may differ between runs that measure the same train steps: the rep counts, and
+# generation's, which runs after every train step is timed
+_FREE = {"train_reps", "name", "gen", "gen_prompts", "gen_batches", "gen_new_tokens",
+         "gen_recompute_tokens", "gen_reps", "hf"}
 
 
 def run_ratios(report: dict) -> dict:

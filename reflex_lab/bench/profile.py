@@ -1,6 +1,8 @@
-"""`bench.py --profile`: the step-time budget of this project's `all` train step and of its
-PyTorch peer (eager and torch.compile), per dtype, on the bench's model. The steps are timed
-interleaved first (their medians are the walls the budgets split), then each is profiled."""
+"""`bench.py --profile`: the step-time budget of this project's `all` and `none` train steps and
+of its PyTorch peer (eager and torch.compile), per dtype, on the bench's model. The steps are
+timed interleaved first (their medians are the walls the budgets split), then each is profiled.
+`all` beside `none` says where the cross heads' time goes: the paired all/none ratio of the step
+and of each part of the wall split (the decoder's forward + backward is where they differ)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +21,14 @@ from .train import contenders
 
 def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bool = True) -> dict:
     """{"settings", "env", "budgets": {"<contender> <dtype>": budget},
-    "wall_split": {dtype: wall_split.wall_split(...)}, "notes"}."""
+    "wall_split": {dtype: wall_split.wall_split(...)}, "step_ratios": {dtype: {contender: its
+    step over `all`'s}}, "reflex_vs_vanilla": {dtype: {"step" | call of the wall split: all/none,
+    paired}}, "notes"}."""
     tokens = np.random.default_rng(0).integers(0, s.vocab_size, (s.batch, s.block_size + 1)).astype(np.int32)
     out: dict = {"settings": dataclasses.asdict(s), "env": environment(), "budgets": {},
                  "wall_split": {}, "notes": []}
     for dtype in s.dtypes:
-        cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all",),
+        cs = contenders(s, dtype, tokens, with_torch, out["notes"], log, schedules=("all", "none"),
                         documents=False)
         growth: dict = {}
         times = interleaved({k: c.step for k, c in cs.items()}, s.train_reps, log, warmup_rounds=2,
@@ -43,7 +47,13 @@ def profile(s: BenchSettings, log: Callable[[str], None] = print, with_torch: bo
             b["step_s_all"], b["heap_growth_all"] = times[name], growth[name]
             out["budgets"][f"{name} {dtype}"] = b
         log(f"## wall split {dtype}: step, gradients, decoder of every contender, interleaved")
-        out["wall_split"][dtype] = wall_split.wall_split(cs, s.train_reps, log)
+        split = out["wall_split"][dtype] = wall_split.wall_split(cs, s.train_reps, log)
+        out.setdefault("reflex_vs_vanilla", {})[dtype] = {
+            "step": paired_ratio(times["jax all"], times["jax none"],
+                                 steady_pairs(growth["jax all"], growth["jax none"])),
+            **{call: paired_ratio(split["jax all"]["per_round"][call],
+                                  split["jax none"]["per_round"][call])
+               for call in ("gradients", "decoder")}}
     out["env"]["load_avg_end"] = os.getloadavg()[0]
     return out
 
@@ -74,6 +84,11 @@ def markdown(res: dict) -> str:
                          + " | ".join(fmt_ratio(ratios.get(n)) for n in names[1:]) + " |")
         if dtype in res.get("wall_split", {}):
             lines += wall_split.markdown(res["wall_split"][dtype], dtype)
+        rv = res.get("reflex_vs_vanilla", {}).get(dtype)
+        if rv:
+            lines += ["", f"`all` / `none`, {dtype}, paired [95%]: step {fmt_ratio(rv['step'])}; "
+                      f"forward + backward without the update {fmt_ratio(rv['gradients'])}; "
+                      f"decoder forward + backward alone {fmt_ratio(rv['decoder'])}"]
     return "\n".join(lines)
 
 

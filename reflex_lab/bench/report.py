@@ -121,8 +121,8 @@ def _header(s: dict, env: dict) -> list[str]:
             f"Model: vocab {s['vocab_size']}, {s['n_layer']} layers x {s['n_head']} heads, n_embd "
             f"{s['n_embd']}, block {s['block_size']}, batch {s['batch']} (pre-RMSNorm, SwiGLU, "
             "learned positions, tied head, bias); AdamW + clip 1.0; same initial weights on all "
-            f"sides; step times: median of {s['train_reps']} interleaved reps; ratios: geometric "
-            "mean of the per-round ratios, with a 95% t interval (reflex_lab/bench/stats.py); reps "
+            f"sides; step times: median of {s['train_reps']} interleaved reps; ratios: 20% trimmed "
+            "mean of the log per-round ratios, with Yuen's 95% interval (reflex_lab/bench/stats.py); reps "
             "that grew the process's heap by more than 128 MiB are left out of both.",
             "MFU = tokens/s x (6 N + 12 L H D T) / measured matmul peak of the same dtype (best rep "
             "of JAX and PyTorch; N = matmul params, reflex-aware; attention counted over the full "

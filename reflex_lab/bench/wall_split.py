@@ -63,7 +63,8 @@ def calls_of(c) -> dict[str, Callable[[], float]]:
 
 
 def wall_split(cs: dict, reps: int, log: Callable[[str], None] = print) -> dict:
-    """{contender: {"step_s", "gradients_s", "decoder_s", "parts": {part: seconds}}} from
+    """{contender: {"step_s", "gradients_s", "decoder_s", "parts": {part: seconds},
+    "per_round": {call: its seconds, round by round}}} from
     `reps` interleaved rounds of every contender's three calls (after a warm-up round)."""
     calls = {}
     for name, c in cs.items():
@@ -76,7 +77,8 @@ def wall_split(cs: dict, reps: int, log: Callable[[str], None] = print) -> dict:
         step, grads, dec = (median(times[f"{name} | {k}"])
                             for k in ("step", "gradients", "decoder"))
         out[name] = {"step_s": step, "gradients_s": grads, "decoder_s": dec,
-                     "parts": dict(zip(PARTS, (dec, grads - dec, step - grads)))}
+                     "parts": dict(zip(PARTS, (dec, grads - dec, step - grads))),
+                     "per_round": {k: times[f"{name} | {k}"] for k in ("step", "gradients", "decoder")}}
     return out
 
 
