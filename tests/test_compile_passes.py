@@ -14,18 +14,18 @@ _spec = importlib.util.spec_from_file_location("compile_passes", SCRIPT)
 passes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(passes)
 
-# lines in libtpu's format (from a real log), a pipeline with two passes inside it
+# lines in libtpu's format (from a real log, their tails cut), a pipeline with passes inside it
 LOG = """\
-I1207 18:30:54.987356    4293 deepsea_compiler_hlo_passes.cc:6046] XLA::TPU running hlo passes for 4,030 instructions, module: jit_wrapped
-I1207 18:30:54.987616    4293 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_wrapped: simplification-1
-I1207 18:30:54.987643    4293 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 750 us (750 us) (cumulative: 750 us, max: 750 us, #called: 1)
-I1207 18:30:54.988186    4293 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 1.5 ms (1500 us) (cumulative: 2.25 ms, max: 1.5 ms, #called: 2)
-I1207 18:30:54.988190    4293 hlo_pass_pipeline.cc:176] HLO pass: tpu_fusion time: 1.2 s (1203705 us) (cumulative: 1.2 s, max: 1.2 s, #called: 1)
-I1207 18:30:54.988199    4293 hlo_pass_pipeline.cc:176] HLO pass: simplification-1 time: 1.21 s (1205955 us) (cumulative: 1.21 s, max: 1.21 s, #called: 1)
-I1207 18:30:58.690113    4293 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage duration: 3.702531927s
-I1207 18:31:08.852118    4372 deepsea_compiler_base.cc:3931] BACKEND_PASSES stage duration: 8.85979067825s
-I1207 18:31:10.435009    4372 deepsea_compiler_backend.cc:1773] final program bundle count: 121,266 note this count does not reflect cycles spent executing delays.
-I1207 18:31:10.629568    4372 deepsea_compiler_backend.cc:1488] CODE_GENERATION stage duration: 1.76074437325s
+I1207 18:30:54.987616 4293 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module \
+jit_wrapped: simplification-1
+I1207 18:30:54.987643 4293 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 750 us (750 us)
+I1207 18:30:54.988186 4293 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 1.5 ms (1500 us)
+I1207 18:30:54.988190 4293 hlo_pass_pipeline.cc:176] HLO pass: tpu_fusion time: 1.2 s (1203705 us)
+I1207 18:30:54.988199 4293 hlo_pass_pipeline.cc:176] HLO pass: simplification-1 time: 1.21 s
+I1207 18:30:58.690113 4293 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage duration: 3.702531927s
+I1207 18:31:08.852118 4372 deepsea_compiler_base.cc:3931] BACKEND_PASSES stage duration: 8.85979067825s
+I1207 18:31:10.435009 4372 deepsea_compiler_backend.cc:1773] final program bundle count: 121,266 note
+I1207 18:31:10.629568 4372 deepsea_compiler_backend.cc:1488] CODE_GENERATION stage duration: 1.76074437325s
 """
 
 
