@@ -36,12 +36,19 @@ def test_summary_counts_leaf_passes_once_and_reads_the_stages():
     # the pipeline's own line (the sum of its passes) is not counted again
     assert s["top_passes"] == [["tpu_fusion", 1.2, 1], ["algsimp", 0.0, 2]]
     assert s["hlo_passes_s"] == pytest.approx(1.2)  # 1.2 s + 2.25 ms, rounded
+    assert s["span_s"] == pytest.approx(15.6)
+    # the longest silence: after the HLO passes, until the backend's stage ends
+    assert s["silences"][0][:2] == [pytest.approx(10.2), "deepsea_compiler_hlo_passes.cc:6241"]
+    assert s["silences"][0][3] == "deepsea_compiler_base.cc:3931"
 
 
-def test_a_cpu_target_is_refused_in_one_sentence():
+def test_mistakes_are_refused_in_one_sentence():
     done = subprocess.run([sys.executable, SCRIPT, "cpu"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "give a TPU target first" in done.stderr
+    done = subprocess.run([sys.executable, SCRIPT, "v5p:2x2x1", "--log"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stderr == "passes.py: --log needs a file to write the log to.\n"
 
 
 @pytest.mark.slow
@@ -56,5 +63,6 @@ def test_a_real_deviceless_compile_reports_its_stages():
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"HLO_PASSES", "BACKEND_PASSES"} <= set(row["stages_s"])
     assert row["bundles"] > 0 and row["top_passes"] and row["compile_cpu_s"] > 0
+    assert 0 < row["span_s"] <= row["compile_s"] + row["lower_s"] + 30 and row["silences"]
     # the compiler's stages happen inside measure.py's compile
     assert row["stages_s"]["HLO_PASSES"] + row["stages_s"]["BACKEND_PASSES"] <= row["compile_s"] + 1
