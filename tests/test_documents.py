@@ -18,6 +18,7 @@ from reflex_jax.train import validation
 from reflex_jax.train.program import TrainProgram
 from reflex_jax.train.step import StepSettings
 from marks import fast_only, slow
+from tolerance import order_atol
 
 PLANS = ["none", "all", "recent:1,1", ((), ((0, 1),), ((1, 1), (0, 1)), ((2, 1), (0, 1))), "gqa:2",
          "kv:4,3,2,1", "cla:2", "yoco", "fewer:all", "sharev:all", "route", "value_residual"]
@@ -32,9 +33,12 @@ BACKENDS = {
 }
 
 
+LAYERS = 4
+
+
 def _cfg(plan, T, attention="xla", vocab_size=67, **kw):
     extra = {"value_residual": True} if plan == "value_residual" else {}
-    return ModelConfig(n_layer=4, n_head=4, n_embd=32, vocab_size=vocab_size, block_size=T,
+    return ModelConfig(n_layer=LAYERS, n_head=4, n_embd=32, vocab_size=vocab_size, block_size=T,
                        head_plan="all" if plan == "value_residual" else plan, attention=attention,
                        **extra, **kw)
 
@@ -176,7 +180,11 @@ def _assert_packed_equals_alone(plan, backend, pos_emb="learned"):
         g_a = grads_a
         for k in path:
             g_a = g_a[k.key]
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g_a), rtol=2e-4, atol=2e-6,
+        # a leaf's near-zero entries differ by rounding of the size of its largest ones (an
+        # AMX Xeon: 4.5e-6 on an o bias entry of -0.0074 beside entries of 30); documents that
+        # saw each other would move the gradients by far more
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_a), rtol=2e-4,
+                                   atol=max(2e-6, order_atol(g_a, depth=LAYERS)),
                                    err_msg=jax.tree_util.keystr(path))
 
 
