@@ -1,6 +1,7 @@
 """The attention kernels (reflex_jax/kernels/) and the reflex K/V op (reflex_jax/model/kv.py):
 CPU fast paths and the group-wise decode path against plain dense attention."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from reflex_jax.kernels import KernelChoices, attention, cpu_attention
-from reflex_jax.model import ModelConfig, kv
+from reflex_jax.model import ModelConfig, decoder, kv
 
 from marks import fast_only
 from tolerance import order_atol
@@ -118,6 +119,55 @@ def test_group_wise_decode_equals_concatenated_kv(reflex, batch):
             got = attend(offset=offset)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=order_atol(want),
                                        rtol=0, err_msg=f"{reflex} layer {layer} slot {offset}")
+
+
+SPLIT_PLANS = ["all", "recent:2,1", "sharev:all", "route"]  # each reads part of a source
+
+
+@pytest.mark.parametrize("reflex", fast_only(SPLIT_PLANS, "all", "route"))
+def test_borrowed_heads_read_from_split_sources_give_the_sliced_gradients(reflex, monkeypatch):
+    """Later layers read a source's K/V from pieces split where their head ranges begin and end
+    (kv.HeadRanges), so that no reader's gradient is padded back to the source's size: the same
+    loss and gradients as slicing each reader's heads out of the whole array, and not one pad
+    of K/V left in the backward, where slicing pads once per reader."""
+    cfg = ModelConfig(n_layer=4, n_head=8, n_embd=64, vocab_size=32, block_size=16,
+                      head_plan=reflex, dtype="float32")
+    model = decoder.Decoder(cfg)
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
+    w = jax.random.normal(jax.random.PRNGKey(2), (2, 16, cfg.n_embd))
+
+    def pads_and_gradients():  # a new function each time: JAX caches traces by function
+        grad = jax.value_and_grad(
+            lambda p: jnp.sum(model.apply({"params": p}, tokens, return_hidden=True) * w))
+        kv_pads = re.findall(r"f32\[2,16,\d+,8\] = pad\[", str(jax.make_jaxpr(grad)(params)))
+        return len(kv_pads), jax.jit(grad)(params)
+
+    split_pads, (split_loss, split) = pads_and_gradients()
+    monkeypatch.setattr(decoder, "reader_starts", lambda plans: {})  # every reader slices
+    sliced_pads, (sliced_loss, sliced) = pads_and_gradients()
+    assert split_pads == 0 and sliced_pads > 0, (split_pads, sliced_pads)
+    np.testing.assert_allclose(split_loss, sliced_loss, rtol=1e-6)
+    # one scale for all leaves: the K biases' gradients are zero up to the rounding of the sums
+    # that cancel in them (softmax ignores a shift of all keys)
+    atol = order_atol(max(np.abs(b).max() for b in jax.tree_util.tree_leaves(sliced)), cfg.n_layer)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(split),
+                            jax.tree_util.tree_leaves(sliced)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_head_ranges_are_read_only_whole():
+    """A HeadRanges piece is never cut again: a range that is not a union of whole pieces is an
+    error, where a slice would silently pad the gradient again."""
+    x = jnp.arange(2 * 3 * 8 * 4, dtype=jnp.float32).reshape(2, 3, 8, 4)
+    split = kv.split_heads(x, (0, 5, 7))
+    for lo, hi in ((0, 5), (5, 8), (7, 8), (0, 8), (5, 7)):
+        np.testing.assert_array_equal(kv._heads(split, lo, hi, 2), x[:, :, lo:hi])
+    for lo, hi in ((1, 5), (5, 6)):
+        with pytest.raises(ValueError, match="split"):
+            kv._heads(split, lo, hi, 2)
+    assert kv.split_heads(x, (0, 8)) is x  # one range: the array itself
 
 
 def test_attention_backend_is_checked():

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from ..errors import ConfigError
 from ..kernels import DEFAULT, KernelChoices
 from .config import ModelConfig
-from .kv import KV, Cache
+from .kv import KV, Cache, reader_starts, split_heads
 from .layers import Block, Norm, normal_init
 from .remat import checkpoint_policy, remat_policy
 from .scan import run_scan, scan_runs, uses_scan
@@ -99,6 +99,10 @@ class Decoder(nn.Module):
         params = nn.meta.unbox(self.variables.get("params", {})) if runs else {}
         stream = self.scope.rngs.get("dropout") if runs and not deterministic else None
         earlier: list[Optional[KV]] = []
+        # what the unrolled blocks read: without a cache, a source's K/V split where its readers'
+        # head ranges begin and end (model/kv.py's HeadRanges), so no reader's gradient is padded
+        readable: list = []
+        starts = {} if cache is not None else reader_starts(_unrolled_plans(cfg, runs.values()))
         v_first = None  # layer 0's V of these tokens, for value_residual
         layer = 0
         while layer < cfg.n_layer:
@@ -107,12 +111,15 @@ class Decoder(nn.Module):
                 x, kvs = run_scan(run, cfg, self.kernels, params, x, earlier, positions_BT, cache,
                                   cache_index, key_mask_BS, deterministic, v_first,
                                   segment_ids_BT, jax_policy, stream, needed)
-                earlier.extend(kvs)
+                for own in kvs:
+                    readable.append(_readable(own, starts.get(len(earlier))))
+                    earlier.append(own)
                 layer = run.stop
                 continue
             x, own, v_fresh = block_cls(cfg, layer, self.kernels, name=f"h_{layer}")(
-                x, tuple(earlier), positions_BT, None if cache is None else cache[layer],
+                x, tuple(readable), positions_BT, None if cache is None else cache[layer],
                 cache_index, key_mask_BS, deterministic, v_first, segment_ids_BT)
+            readable.append(_readable(own, starts.get(layer)))
             earlier.append(own)
             if layer == 0 and cfg.value_residual:
                 v_first = v_fresh
@@ -126,14 +133,26 @@ class Decoder(nn.Module):
         return out if cache is None else (out, tuple(earlier))
 
 
+def _unrolled_plans(cfg: ModelConfig, runs) -> list:
+    inside = {layer for r in runs for layer in range(r.start, r.stop)}
+    return [p for p in cfg.layers if p.layer not in inside]
+
+
+def _readable(own: Optional[KV], starts: Optional[tuple]):
+    """A layer's K/V as later unrolled layers read it (split at `starts` where given)."""
+    if own is None or starts is None:
+        return own
+    return tuple(split_heads(x, starts) for x in own)
+
+
 def _read_outside_runs(cfg: ModelConfig, runs, cached: bool) -> set:
     """The layers whose K/V something outside a scanned run reads: the sources of the unrolled
     layers and the layers a run's first window holds (with a cache: every layer)."""
     if cached:
         return set(range(cfg.n_layer))
-    inside = {layer for r in runs for layer in range(r.start, r.stop)}
-    out = {g.source for p in cfg.layers if p.layer not in inside for g in p.cross}
-    for g in (g for p in cfg.layers if p.layer not in inside for g in p.cross):
+    groups = [g for p in _unrolled_plans(cfg, runs) for g in p.cross]
+    out = {g.source for g in groups}
+    for g in groups:
         out.update(layer for layer, _ in g.mixture)
     for r in runs:
         out.update(r.start - e for e, n in enumerate(r.window, 1) if n and r.start - e >= 0)

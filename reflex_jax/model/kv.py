@@ -10,8 +10,9 @@ ordinary multi-head attention. The KV cache holds exactly what the layers comput
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +31,56 @@ Cache = tuple[KV, ...]            # per layer, head-major: [B, n_k | n_v, cache 
 HEAD_AXIS, CACHE_HEAD_AXIS = 2, 1
 
 
-def _heads(x, lo: int, hi: int, axis: int):
-    return jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+@flax.struct.dataclass
+class HeadRanges:
+    """One layer's K or V held as consecutive head ranges, split once where the later layers'
+    groups begin and end: piece i holds heads starts[i] .. starts[i + 1] - 1.
+
+    A group reading a slice of the whole array makes the backward pad that slice's gradient back
+    to the array's full size and add it to the other readers' (XLA:CPU: a full-size loop per
+    reader; docs/bench.md has what it cost). Read from pieces, each reader's gradient lands on
+    its own pieces and the array's gradient is one concatenation of them."""
+    pieces: tuple
+    starts: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
+Heads = Union[jax.Array, HeadRanges]
+
+
+def split_heads(x, starts: Sequence[int], axis: int = HEAD_AXIS) -> Heads:
+    """`x` as HeadRanges beginning at `starts` (0 first); x itself where that is one range."""
+    starts = tuple(sorted({s for s in starts if s < x.shape[axis]}))
+    if len(starts) < 2:
+        return x
+    return HeadRanges(tuple(jnp.split(x, starts[1:], axis=axis)), starts)
+
+
+def _heads(x: Heads, lo: int, hi: int, axis: int):
+    if not isinstance(x, HeadRanges):
+        return x if (lo, hi) == (0, x.shape[axis]) else jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+    if lo not in x.starts:
+        raise ValueError(f"heads {lo}..{hi - 1} do not begin at a split {x.starts}")
+    i = x.starts.index(lo)
+    parts, at = [], lo
+    while at < hi:
+        parts.append(x.pieces[i])
+        at, i = at + x.pieces[i].shape[axis], i + 1
+    if at != hi:
+        raise ValueError(f"heads {lo}..{hi - 1} do not end at a split {x.starts}")
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def reader_starts(layers: Sequence[LayerPlan]) -> dict[int, tuple[int, ...]]:
+    """{source layer: the head ranges' starts} where the cross groups of `layers` read only part
+    of a source's K/V heads (the cuts `split_heads` makes so that each group reads whole pieces)."""
+    cuts: dict[int, set] = {}
+    for plan in layers:
+        for g in plan.cross:
+            ranges = ([(layer, head, head + 1) for layer, head in g.mixture] or
+                      [(g.source, g.source_heads[0], g.source_heads[-1] + 1)])
+            for layer, lo, hi in ranges:
+                cuts.setdefault(layer, {0}).update((lo, hi))
+    return {layer: tuple(sorted(c)) for layer, c in cuts.items()}
 
 
 def borrowed_kv(earlier: Sequence[KV], group: CrossGroup, axis: int = HEAD_AXIS) -> KV:
@@ -53,7 +102,7 @@ def mixed_kv(earlier: Sequence[KV], mixture, weights_NJ, axis: int = HEAD_AXIS) 
     def mix(which: int):
         out = 0.0
         for j, (layer, head) in enumerate(mixture):
-            x = jax.lax.slice_in_dim(earlier[layer][which], head, head + 1, axis=axis)
+            x = _heads(earlier[layer][which], head, head + 1, axis)
             out = out + x * weights_NJ[:, j].astype(x.dtype).reshape(shape)
         return out
     return mix(0), mix(1)
@@ -91,6 +140,10 @@ def gather_kv(own: KV, earlier: Sequence[KV], plan: LayerPlan, route_w=None,
     """K/V for every query head of `plan`'s layer: self heads, then each cross group."""
     if not plan.cross:
         return self_kv(own, plan, axis)
+    if plan.n_k != plan.n_kv:  # share-V: own K split where its readers' ranges begin
+        share = [g.n_heads for g in plan.cross if g.share == "v"]
+        own = (split_heads(own[0], (0, *np.cumsum([plan.n_kv] + share[:-1]).tolist()), axis),
+               own[1])
     parts = (([self_kv(own, plan, axis)] if plan.n_self else [])
              + cross_kv(own, earlier, plan, route_w, axis))
     if len(parts) == 1:
