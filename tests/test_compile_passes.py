@@ -46,16 +46,20 @@ def test_mistakes_are_refused_in_one_sentence():
     done = subprocess.run([sys.executable, SCRIPT, "cpu"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "give a TPU target first" in done.stderr
-    done = subprocess.run([sys.executable, SCRIPT, "v5p:2x2x1", "--log"], capture_output=True,
-                          text=True)
-    assert done.returncode == 2 and done.stderr == "passes.py: --log needs a file to write the log to.\n"
+    for log in (["--log"], ["--log="]):
+        done = subprocess.run([sys.executable, SCRIPT, "v5p:2x2x1", *log], capture_output=True,
+                              text=True)
+        assert done.returncode == 2
+        assert done.stderr == "passes.py: --log needs a file to write the log to.\n"
 
 
 @pytest.mark.slow
-def test_a_real_deviceless_compile_reports_its_stages():
+def test_a_real_deviceless_compile_reports_its_stages(tmp_path):
     pytest.importorskip("libtpu")
+    log = tmp_path / "libtpu.log"
     done = subprocess.run(
-        [sys.executable, SCRIPT, "v5p:2x2x1", "--set", "mesh.fsdp=4", "--set", "model.n_layer=2",
+        [sys.executable, SCRIPT, "v5p:2x2x1", f"--log={log}", "--set", "mesh.fsdp=4",
+         "--set", "model.n_layer=2",
          "--set", "model.n_embd=128", "--set", "model.block_size=128",
          "--set", "model.vocab_size=512", "--set", "batch_size=8"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -66,3 +70,4 @@ def test_a_real_deviceless_compile_reports_its_stages():
     assert 0 < row["span_s"] <= row["compile_s"] + row["lower_s"] + 30 and row["silences"]
     # the compiler's stages happen inside measure.py's compile
     assert row["stages_s"]["HLO_PASSES"] + row["stages_s"]["BACKEND_PASSES"] <= row["compile_s"] + 1
+    assert passes.summarise(log.read_text())["bundles"] == row["bundles"]  # --log=FILE kept the log

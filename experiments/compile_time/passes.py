@@ -61,13 +61,15 @@ def summarise(log_text: str, top: int = 12) -> dict:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep = None
-    if "--log" in argv:
-        i = argv.index("--log")
-        keep = argv[i + 1] if i + 1 < len(argv) else None
-        del argv[i:i + 2]
-        if not keep:
-            print("passes.py: --log needs a file to write the log to.", file=sys.stderr)
-            return 2
+    for i, arg in enumerate(argv):  # --log FILE or --log=FILE; the rest goes to measure.py
+        if arg == "--log" or arg.startswith("--log="):
+            inline = arg.startswith("--log=")
+            keep = arg[len("--log="):] if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i:i + (1 if inline else 2)]
+            if not keep:
+                print("passes.py: --log needs a file to write the log to.", file=sys.stderr)
+                return 2
+            break
     if not argv or argv[0].startswith("-") or argv[0] == "cpu":
         print("passes.py: give a TPU target first (e.g. v5p:2x2x1), then measure.py's options; "
               "only the TPU compiler writes the log it reads.", file=sys.stderr)
