@@ -95,14 +95,15 @@ class Decoder(nn.Module):
         platform = self.kernels.resolved_platform()
         if not self.is_initializing() and uses_scan(cfg.scan_layers, cache is not None, T, platform):
             runs = {r.start: r for r in scan_runs(cfg)}
-        needed = _read_outside_runs(cfg, runs.values(), cache is not None)
+        unrolled = _unrolled_plans(cfg, runs.values())
+        needed = _read_outside_runs(cfg, unrolled, runs.values(), cache is not None)
         params = nn.meta.unbox(self.variables.get("params", {})) if runs else {}
         stream = self.scope.rngs.get("dropout") if runs and not deterministic else None
         earlier: list[Optional[KV]] = []
         # what the unrolled blocks read: without a cache, a source's K/V split where its readers'
         # head ranges begin and end (model/kv.py's HeadRanges), so no reader's gradient is padded
         readable: list = []
-        starts = {} if cache is not None else reader_starts(_unrolled_plans(cfg, runs.values()))
+        starts = {} if cache is not None else reader_starts(unrolled)
         v_first = None  # layer 0's V of these tokens, for value_residual
         layer = 0
         while layer < cfg.n_layer:
@@ -145,12 +146,12 @@ def _readable(own: Optional[KV], starts: Optional[tuple]):
     return tuple(split_heads(x, starts) for x in own)
 
 
-def _read_outside_runs(cfg: ModelConfig, runs, cached: bool) -> set:
-    """The layers whose K/V something outside a scanned run reads: the sources of the unrolled
-    layers and the layers a run's first window holds (with a cache: every layer)."""
+def _read_outside_runs(cfg: ModelConfig, unrolled, runs, cached: bool) -> set:
+    """The layers whose K/V something outside a scanned run reads: the sources of the `unrolled`
+    layers' plans and the layers a run's first window holds (with a cache: every layer)."""
     if cached:
         return set(range(cfg.n_layer))
-    groups = [g for p in _unrolled_plans(cfg, runs) for g in p.cross]
+    groups = [g for p in unrolled for g in p.cross]
     out = {g.source for g in groups}
     for g in groups:
         out.update(layer for layer, _ in g.mixture)
