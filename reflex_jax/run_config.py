@@ -83,6 +83,9 @@ def base_config() -> ConfigDict:
     c.lora.targets = "q,kv,o,mlp"  # comma-separated: q, k, v, kv (= k,v), o, mlp
 
     c.seed = 0
+    # the dropout keys' generator (jax's names): threefry2x32 | rbg | unsafe_rbg (rbg kinds use
+    # the TPU's hardware generator: a faster compile, other masks; docs/training.md)
+    c.rng_impl = "threefry2x32"
     c.max_steps = 1000
     c.batch_size = 8               # global sequences per optimizer step
     c.grad_accum = 1               # micro-batches per step (batch_size must divide by it)

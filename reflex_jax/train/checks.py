@@ -28,6 +28,11 @@ def check_run_config(c) -> None:
     if not isinstance(minutes, (int, float)) or not math.isfinite(minutes) or minutes < 0:
         raise TrainingError(f"checkpoint_minutes={minutes} must be a number >= 0 (0 turns time-based "
                             "saves off).")
+    from .step import RNG_IMPLS
+    rng_impl = c.get("rng_impl", "threefry2x32")
+    if rng_impl not in RNG_IMPLS:
+        raise TrainingError(f"rng_impl={rng_impl!r} is not a key implementation; set "
+                            f"--config.rng_impl to one of {', '.join(RNG_IMPLS)}.")
     profile_window(c.get("profile_steps", ""))
     from ..model.remat import remat_policy
     remat_policy(c.get("remat", False))

@@ -56,7 +56,8 @@ class TrainProgram:
         self.lora = lora.spec_from_config(config)
         self.frozen, self._merge = None, None
         self.step_settings = StepSettings(self.model, config.data.loss_on, config.grad_accum,
-                                          config.seed, self.kernels, self.lora)
+                                          config.seed, config.get("rng_impl", "threefry2x32"),
+                                          self.kernels, self.lora)
         self._build_shardings()
         self.train_step = self._compile_train_step()
         if token_bytes is None:

@@ -39,6 +39,7 @@ class StepSettings:
     loss_on: str = "all"               # all | answer
     grad_accum: int = 1
     seed: int = 0
+    rng_impl: str = "threefry2x32"   # the dropout keys' generator (RNG_IMPLS)
     kernels: KernelChoices = DEFAULT
     lora: Optional[Any] = None         # train/lora.py's LoraSpec: state.params are its adapters
 
@@ -47,6 +48,11 @@ def loss_weights(mask_BS, loss_on: str, valid_BS=None):
     """Per-target weights [B, S-1]: the answer mask (loss_on='answer') or ones, times `valid`."""
     w = mask_BS[:, 1:] if loss_on == "answer" else jnp.ones_like(mask_BS[:, 1:])
     return (w if valid_BS is None else w * valid_BS[:, 1:]).astype(jnp.float32)
+
+
+# jax's key implementations a run may draw its dropout masks with: threefry2x32 (the default,
+# the same masks on every platform) or the TPU's hardware generator (rbg, unsafe_rbg)
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 DOCUMENT_KEYS = ("segment_ids", "positions")  # a batch's optional per-token model inputs
@@ -107,7 +113,7 @@ def train_step(s: StepSettings, tx: optax.GradientTransformation, schedule: Call
     `frozen` the base they are merged into (train/lora.py); only the adapters get gradients."""
     weights = loss_weights(batch["mask"], s.loss_on)
     total = jnp.maximum(jnp.sum(weights), 1.0)
-    rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(s.seed, impl=s.rng_impl), state.step)
     to_model = lambda p: p  # noqa: E731
     if s.lora is not None:
         from .lora import merge
