@@ -1,7 +1,7 @@
-"""Scanned runs of layers (reflex_jax/model/scan.py): the runs each plan scans, and scanned against
-unrolled (`scan_layers` on / off) giving the same logits, parameter gradients and cached decoding,
-with packed documents, value residual, dropout and remat; deviceless, a scanned 24-layer train
-step compiles to a loop."""
+"""Scanned layers (reflex_jax/model/scan.py): the runs and diagonal loops each plan scans, and
+scanned against unrolled (`scan_layers` on / off) giving the same logits, parameter gradients and
+cached decoding, with packed documents, value residual, dropout and remat; deviceless, a scanned
+24-layer train step compiles to loops."""
 import dataclasses
 
 import jax
@@ -12,7 +12,8 @@ import pytest
 from reflex_jax import ConfigError
 from reflex_jax.model import Decoder, ModelConfig, init_cache, init_params
 from reflex_jax.model.decoder import abstract_params, param_logical_axes
-from reflex_jax.model.scan import scan_runs, scanned_layers, uses_scan
+from reflex_jax.model.scan import (diagonal_runs, scan_runs, scanned_layers, uses_diagonal,
+                                   uses_scan)
 
 from marks import fast_only, needs_libtpu, slow
 from tolerance import order_atol
@@ -28,6 +29,10 @@ PLANS = {  # name -> (ModelConfig fields, the runs: (first layer, period, repeat
                               [(2, 1, 4)]),
     "sharev:recent:1": ({"head_plan": "sharev:recent:1"}, [(1, 1, 5)]),
 }
+
+# the layers outside those runs that one diagonal loop covers (model/scan.py's Diagonal)
+DIAGONALS = {"all_w2": [(0, 2)], "recent:2,1": [(0, 2)]}
+ALL8 = {"head_plan": "all", "n_head": 8, "n_embd": 64}  # `all` without a window: no run
 
 
 def _cfg(fields, **over):
@@ -74,7 +79,9 @@ def test_each_plan_scans_its_repeating_runs(name):
     fields, runs = PLANS[name]
     cfg = _cfg(fields)
     assert [(r.start, r.period, r.repeats) for r in scan_runs(cfg)] == runs
-    assert scanned_layers(cfg) == sum(p * n for _, p, n in runs)
+    diagonals = DIAGONALS.get(name, [])
+    assert [(d.start, d.stop) for d in diagonal_runs(cfg)] == diagonals
+    assert scanned_layers(cfg) == sum(p * n for _, p, n in runs) + sum(b - a for a, b in diagonals)
 
 
 def test_reference_width_all_with_a_window_scans_past_the_window():
@@ -88,6 +95,47 @@ def test_reference_width_all_with_a_window_scans_past_the_window():
 @pytest.mark.parametrize("name", fast_only(list(PLANS), "all_w2"))
 def test_scanned_gives_the_logits_and_gradients_of_unrolled(name):
     _compare(_cfg(PLANS[name][0]), _tokens())
+
+
+def test_the_first_layers_of_all_are_one_diagonal_loop():
+    """Layer l of `all` has 8 - l self heads, and its cross head h reads head h of layer 7 - h:
+    the K/V head h that an earlier layer computed last, which one carried K/V holds."""
+    cfg = ModelConfig(n_layer=24, n_head=8, n_embd=1536, head_plan="all", reflex_window=7)
+    (d,) = diagonal_runs(cfg)
+    assert (d.start, d.stop, d.n_self, d.init) == (0, 7, (8, 7, 6, 5, 4, 3, 2), (None,) * 8)
+    assert scanned_layers(cfg) == 24
+    six = _cfg(ALL8)
+    assert scan_runs(six) == () and [(d.start, d.stop) for d in diagonal_runs(six)] == [(0, 6)]
+    # the layers' K/V heads are not each read at its own index: no diagonal
+    for plan in ("route", "sharev:all", "gqa:2"):
+        assert diagonal_runs(_cfg(ALL8, head_plan=plan)) == (), plan
+    assert diagonal_runs(_cfg(ALL8, value_residual=True)) == ()
+
+    def scans(setting):  # the lengths of the decoder's top-level loops
+        c = dataclasses.replace(six, scan_layers=setting)
+        params = init_params(c, jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(lambda p: Decoder(c).apply({"params": p}, _tokens()))(params)
+        return [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert scans("on") == [6] and scans("off") == []
+
+
+def test_a_diagonal_loop_gives_the_logits_and_gradients_of_unrolled(monkeypatch):
+    _compare(_cfg(ALL8), _tokens())
+    # a loop that starts after an unrolled layer: its carry's first K/V come from that layer
+    from reflex_jax.model import decoder
+    from reflex_jax.model.scan import Diagonal
+    late = Diagonal(1, 6, (7, 6, 5, 4, 3), (None,) * 7 + ((0, 7),))
+    monkeypatch.setattr(decoder, "diagonal_runs", lambda cfg: (late,))
+    _compare(_cfg(ALL8), _tokens())
+
+
+@slow
+def test_a_diagonal_loop_with_dropout_documents_rope_and_remat():
+    _compare(_cfg(ALL8, dropout=0.3, pos_emb="rope"), _tokens(), remat="block",
+             deterministic=False, rngs={"dropout": jax.random.PRNGKey(5)})
+    segments = jnp.asarray(np.repeat([[0] * 5 + [1] * 7 + [2] * 4], 2, 0), jnp.int32)
+    _compare(_cfg(ALL8, reflex_window=3), _tokens(), remat="dots_saveable",
+             segment_ids_BT=segments)
 
 
 @slow
@@ -153,6 +201,10 @@ def test_the_setting_and_the_param_tree():
         assert not uses_scan("auto", True, 1, platform)
     assert not uses_scan("auto", False, 16, "cpu")  # unrolled runs faster on a CPU
     assert uses_scan("on", True, 1, "cpu") and not uses_scan("off", False, 16, "tpu")
+    # diagonal loops: never with a cache; `auto` on TPUs only (their padded heads cost FLOPs)
+    assert uses_diagonal("auto", False, "tpu") and uses_diagonal("on", False, "cpu")
+    assert not any([uses_diagonal("auto", False, "gpu"), uses_diagonal("auto", False, "cpu"),
+                    uses_diagonal("on", True, "tpu"), uses_diagonal("off", False, "tpu")])
     with pytest.raises(ConfigError, match=r"model.scan_layers='yes' is unknown; use one of "
                                           r"auto \| on \| off"):
         _cfg({}, scan_layers="yes")
@@ -182,14 +234,14 @@ def _hlo_of_train_step(n_layer, scan_layers):
 
 @needs_libtpu
 def test_a_scanned_24_layer_step_compiles_to_a_loop_for_a_tpu():
-    """`all` with reflex_window=7 over 24 layers: 7 unrolled layers and a scan of 17; the program
-    holds a third of the unrolled one's matmuls, and it compiles (the unrolled one is only
-    lowered)."""
+    """`all` with reflex_window=7 over 24 layers: a diagonal loop of 7 layers and a scan of 17;
+    the program holds two layers' matmuls where the unrolled one holds 24, and it compiles (the
+    unrolled one is only lowered)."""
     scanned = _hlo_of_train_step(24, "auto")
     unrolled = _hlo_of_train_step(24, "off").as_text()
     text = scanned.as_text()
     assert text.count("stablehlo.while") > unrolled.count("stablehlo.while")
     dots = [t.count("stablehlo.dot_general") for t in (text, unrolled)]
-    assert dots[0] < 0.5 * dots[1], dots  # 8 layers' matmuls in the program instead of 24
+    assert dots[0] < 0.25 * dots[1], dots  # 2 layers' matmuls in the program instead of 24
     compiled = scanned.compile()
     assert "while" in compiled.as_text() and compiled.memory_analysis().temp_size_in_bytes > 0

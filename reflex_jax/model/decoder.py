@@ -26,7 +26,8 @@ from .config import ModelConfig
 from .kv import KV, Cache, reader_starts, split_heads
 from .layers import Block, Norm, normal_init
 from .remat import checkpoint_policy, remat_policy
-from .scan import run_scan, scan_runs, uses_scan
+from .scan import (Diagonal, diagonal_runs, run_diagonal, run_scan, scan_runs, uses_diagonal,
+                   uses_scan)
 
 # flax's remat marks static arguments by position only (no names; `self` is 0): find
 # Block.__call__'s `deterministic` by name, so that a change to that signature cannot mark another
@@ -95,23 +96,33 @@ class Decoder(nn.Module):
         platform = self.kernels.resolved_platform()
         if not self.is_initializing() and uses_scan(cfg.scan_layers, cache is not None, T, platform):
             runs = {r.start: r for r in scan_runs(cfg)}
-        unrolled = _unrolled_plans(cfg, runs.values())
-        needed = _read_outside_runs(cfg, unrolled, runs.values(), cache is not None)
+            if uses_diagonal(cfg.scan_layers, cache is not None, platform):
+                runs.update({r.start: r for r in diagonal_runs(cfg)})
+        # the unrolled layers' reads of their sources' head ranges; without a cache a source's K/V
+        # is split where those ranges begin and end (model/kv.py's HeadRanges), so no reader's
+        # gradient is padded to the source's size
+        starts = reader_starts(_unrolled_plans(cfg, runs.values()))
+        needed = (set(range(cfg.n_layer)) if cache is not None
+                  else _read_outside_runs(starts, runs.values()))
+        if cache is not None:
+            starts = {}
         params = nn.meta.unbox(self.variables.get("params", {})) if runs else {}
         stream = self.scope.rngs.get("dropout") if runs and not deterministic else None
         earlier: list[Optional[KV]] = []
-        # what the unrolled blocks read: without a cache, a source's K/V split where its readers'
-        # head ranges begin and end (model/kv.py's HeadRanges), so no reader's gradient is padded
-        readable: list = []
-        starts = {} if cache is not None else reader_starts(unrolled)
+        readable: list = []  # what the unrolled blocks read: `earlier`, split at `starts`
         v_first = None  # layer 0's V of these tokens, for value_residual
         layer = 0
         while layer < cfg.n_layer:
             run = runs.get(layer)
-            if run is not None:
+            if isinstance(run, Diagonal):
+                x, kvs = run_diagonal(run, cfg, self.kernels, params, x, earlier, positions_BT,
+                                      key_mask_BS, deterministic, segment_ids_BT, jax_policy,
+                                      stream, needed)
+            elif run is not None:
                 x, kvs = run_scan(run, cfg, self.kernels, params, x, earlier, positions_BT, cache,
                                   cache_index, key_mask_BS, deterministic, v_first,
                                   segment_ids_BT, jax_policy, stream, needed)
+            if run is not None:
                 for own in kvs:
                     readable.append(_readable(own, starts.get(len(earlier))))
                     earlier.append(own)
@@ -146,17 +157,13 @@ def _readable(own: Optional[KV], starts: Optional[tuple]):
     return tuple(split_heads(x, starts) for x in own)
 
 
-def _read_outside_runs(cfg: ModelConfig, unrolled, runs, cached: bool) -> set:
-    """The layers whose K/V something outside a scanned run reads: the sources of the `unrolled`
-    layers' plans and the layers a run's first window holds (with a cache: every layer)."""
-    if cached:
-        return set(range(cfg.n_layer))
-    groups = [g for p in unrolled for g in p.cross]
-    out = {g.source for g in groups}
-    for g in groups:
-        out.update(layer for layer, _ in g.mixture)
+def _read_outside_runs(starts: dict, runs) -> set:
+    """The layers whose K/V something outside a scanned run reads (without a cache): the sources
+    the unrolled layers read (the keys of their `reader_starts`) and the layers a run reads from
+    before it (its first window or carry)."""
+    out = set(starts)
     for r in runs:
-        out.update(r.start - e for e, n in enumerate(r.window, 1) if n and r.start - e >= 0)
+        out.update(r.reads_before())
     return out
 
 

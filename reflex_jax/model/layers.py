@@ -150,7 +150,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, earlier: Sequence[KV], positions_BT, cache: Optional[KV] = None,
-                 cache_index=None, key_mask_BS=None, v_first=None, segment_ids_BT=None):
+                 cache_index=None, key_mask_BS=None, v_first=None, segment_ids_BT=None,
+                 carry_kv=None):
         cfg, plan = self.cfg, self.cfg.layers[self.layer]
         D, dt = cfg.head_dim, cfg.compute_dtype
         dense = functools.partial(_dense, cfg, self.kernels)
@@ -164,6 +165,11 @@ class Attention(nn.Module):
             # keys need no re-rotation.
             q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
             k_BSKD = apply_rope(k_BSKD, positions_BT, cfg.rope_theta)
+        if carry_kv is not None:  # a diagonal scanned run (model/scan.py): the heads this
+            keep_H, k_carry, v_carry = carry_kv  # layer does not compute come from the carry
+            keep = keep_H[None, None, :, None]
+            k_BSKD = jnp.where(keep, k_BSKD, k_carry.astype(k_BSKD.dtype))
+            v_BSKD = jnp.where(keep, v_BSKD, v_carry.astype(v_BSKD.dtype))
         v_fresh = v_BSKD
         if cfg.value_residual and self.layer and plan.n_v:
             v_BSKD = self._value_residual(v_BSKD, v_first, plan.n_v)
@@ -202,12 +208,15 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTE, earlier: Sequence[KV], positions_BT, cache: Optional[KV],
-                 cache_index, key_mask_BS, deterministic: bool, v_first=None, segment_ids_BT=None):
-        """(new residual stream, this layer's own K/V for the later layers, its fresh V)."""
+                 cache_index, key_mask_BS, deterministic: bool, v_first=None, segment_ids_BT=None,
+                 carry_kv=None):
+        """(new residual stream, this layer's own K/V for the later layers, its fresh V).
+        `carry_kv` (keep [n_head] bool, K, V [B, S, n_head, D]): a diagonal scanned run's carry
+        (model/scan.py), which replaces the K/V heads where keep is False."""
         cfg = self.cfg
         a_BTE, own, v_fresh = Attention(cfg, self.layer, self.kernels, name="attn")(
             Norm(cfg, name="ln_1")(x_BTE), earlier, positions_BT, cache, cache_index, key_mask_BS,
-            v_first, segment_ids_BT)
+            v_first, segment_ids_BT, carry_kv)
         x_BTE = x_BTE + nn.Dropout(cfg.dropout)(a_BTE, deterministic=deterministic)
         m_BTE = MLP(cfg, self.kernels, name="mlp")(Norm(cfg, name="ln_2")(x_BTE))
         x_BTE = x_BTE + nn.Dropout(cfg.dropout)(m_BTE, deterministic=deterministic)

@@ -6,7 +6,9 @@ unrolled loop compiles in a time that grows with the depth. But most plans repea
 `reflex_window=w` past its first w layers, and `cla:G` in runs of G layers have the same shapes
 and read the same *relative* sources (the last c exported heads of the layer k back). A run of
 such layers is one scan whose body is one period of p layers, so it compiles once, whatever its
-length; the layers in front of it (and any that repeat nothing) stay unrolled.
+length; the layers in front of it (and any that repeat nothing) stay unrolled, unless they form a
+diagonal loop (`Diagonal`: `all`'s first layers, whose cross heads each read the head of their
+own index that an earlier layer computed last, scanned over one carried K/V).
 
 The parameter tree does not change: the forward reads the run's `h_<layer>` params, stacks them
 (one leading axis per run) and scans a functional apply of the very same `Block` over them, so
@@ -67,6 +69,29 @@ class Run:
 
     def layers(self, phase: int) -> list[int]:
         return list(range(self.start + phase, self.stop, self.period))
+
+    def reads_before(self) -> set:
+        """The layers before the run whose K/V its first window holds."""
+        return {self.start - e for e, n in enumerate(self.window, 1) if n and self.start - e >= 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagonal:
+    """Layers start .. stop - 1 scanned over one carried K/V of n_head heads, where every layer's
+    cross head h reads what the carry's head h holds: the K/V head h last computed by an earlier
+    layer (`all`'s first layers: layer l has 8 - l self heads, and its cross head h reads head h
+    of layer 7 - h). Each layer computes its own heads 0 .. n_self - 1 (its K/V projections
+    padded with zero heads to n_head, whose outputs the carry replaces), attends over the merged
+    K/V as over n_head self heads, and leaves the merge as the next layer's carry. `n_self[i]`:
+    layer start + i's own heads; `init[h]`: the (layer, head) the carry's head h holds before the
+    run, None where the first layer computes it."""
+    start: int
+    stop: int
+    n_self: tuple[int, ...]
+    init: tuple[Optional[tuple[int, int]], ...]
+
+    def reads_before(self) -> set:
+        return {src[0] for src in self.init if src is not None}
 
 
 def _signature(cfg: ModelConfig, layer: int):
@@ -135,9 +160,47 @@ def scan_runs(cfg: ModelConfig) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+def _reads(cfg: ModelConfig, layer: int) -> Optional[list]:
+    """The (layer, K/V head) each of `layer`'s query heads reads, where every query head has its
+    own K/V head (self heads first, then the cross groups' heads in order); None otherwise."""
+    plan = cfg.layers[layer]
+    if cfg.value_residual or not plan.classic or not plan.n_self or plan.n_query != cfg.n_head:
+        return None
+    return [(layer, h) for h in range(plan.n_self)] + [
+        (g.source, j) for g in plan.cross for j in g.source_heads]
+
+
+@functools.lru_cache(maxsize=64)
+def diagonal_runs(cfg: ModelConfig) -> tuple[Diagonal, ...]:
+    """Runs (at least 2 layers) of the layers outside `scan_runs` whose cross heads each read the
+    head of the same index that an earlier layer computed last (see `Diagonal`)."""
+    inside = {layer for r in scan_runs(cfg) for layer in range(r.start, r.stop)}
+    found, layer = [], 0
+    while layer < cfg.n_layer:
+        start, carry, init, n_self = layer, None, None, []
+        while layer < cfg.n_layer and layer not in inside:
+            reads = _reads(cfg, layer)
+            if reads is None:
+                break
+            own = cfg.layers[layer].n_self
+            if carry is None:
+                init = tuple(None if h < own else reads[h] for h in range(cfg.n_head))
+                carry = list(init)
+            elif any(reads[h] != carry[h] for h in range(own, cfg.n_head)):
+                break
+            carry[:own] = reads[:own]
+            n_self.append(own)
+            layer += 1
+        if len(n_self) >= 2:
+            found.append(Diagonal(start, layer, tuple(n_self), init))
+        layer = max(layer, start + 1)
+    return tuple(found)
+
+
 def scanned_layers(cfg: ModelConfig) -> int:
-    """How many of `cfg`'s layers the scans cover (the others are unrolled)."""
-    return sum(r.stop - r.start for r in scan_runs(cfg))
+    """How many of `cfg`'s layers the scans cover, run-wise and diagonal (the others are
+    unrolled)."""
+    return sum(r.stop - r.start for r in scan_runs(cfg) + diagonal_runs(cfg))
 
 
 def uses_scan(setting: str, cached: bool, n_tokens: int, platform: str) -> bool:
@@ -148,6 +211,15 @@ def uses_scan(setting: str, cached: bool, n_tokens: int, platform: str) -> bool:
     if setting != "auto":
         return setting == "on"
     return platform != "cpu" and not (cached and n_tokens == 1)
+
+
+def uses_diagonal(setting: str, cached: bool, platform: str) -> bool:
+    """Whether a call also scans the diagonal loops (never with a cache): `on` always; `auto` on
+    TPUs only, where they shorten a compile of minutes, and not on GPUs, whose compile is not
+    the limit: their padded K/V heads cost FLOPs (docs/model.md)."""
+    if cached or setting == "off":
+        return False
+    return setting == "on" or platform == "tpu"
 
 
 def _view(cfg: ModelConfig, layer: int, plan: LayerPlan) -> ModelConfig:
@@ -195,6 +267,25 @@ class _Dropouts:
         return next_fun(*args, **kwargs)
 
 
+def _apply(block: Block, p, args: tuple, keys):
+    """`block.apply` of params `p` on `args`, its dropout calls handed `keys` [calls] (None: no
+    dropout; a `_Dropouts` without keys: record the calls)."""
+    call = functools.partial(block.apply, {"params": p}, *args)
+    if keys is None:
+        return call()
+    if isinstance(keys, _Dropouts):  # recording: any key will do
+        with nn.intercept_methods(keys):
+            return call(rngs={"dropout": jax.random.PRNGKey(0)})
+    with nn.intercept_methods(_Dropouts(keys)):
+        return call()
+
+
+def _layer_keys(dropout_stream: LazyRng, layers, order):
+    """[layers, calls] dropout keys: those flax derives for each of `layers`' recorded calls."""
+    return jnp.stack([jnp.stack([LazyRng.create(dropout_stream, f"h_{layer}", *call).as_jax_rng()
+                                 for call in order]) for layer in layers])
+
+
 def _initial_window(cfg: ModelConfig, run: Run, earlier: list, like, axis: int, dtype) -> list:
     """The carry's first window, oldest entry first: the last C_e exported heads of the layer e
     back from the run (zeros shaped like `like` where no layer reads the entry)."""
@@ -228,16 +319,8 @@ def run_scan(run: Run, cfg: ModelConfig, kernels, params: dict, x, earlier: list
     draws = not deterministic and cfg.dropout > 0 and dropout_stream is not None
 
     def raw(j, p, h, window_kv, cache_l, keys):
-        call = functools.partial(blocks[j].apply, {"params": p}, h, window_kv, positions_BT,
-                                 cache_l, cache_index, key_mask_BS, deterministic, v_first,
-                                 segment_ids_BT)
-        if keys is None:
-            return call()
-        if isinstance(keys, _Dropouts):  # recording: any key will do
-            with nn.intercept_methods(keys):
-                return call(rngs={"dropout": jax.random.PRNGKey(0)})
-        with nn.intercept_methods(_Dropouts(keys)):
-            return call()
+        return _apply(blocks[j], p, (h, window_kv, positions_BT, cache_l, cache_index, key_mask_BS,
+                                     deterministic, v_first, segment_ids_BT), keys)
 
     def layer_fn(j):
         fn = functools.partial(raw, j)
@@ -271,9 +354,8 @@ def run_scan(run: Run, cfg: ModelConfig, kernels, params: dict, x, earlier: list
                   recorders[j]) for j in range(P)]
         jax.eval_shape(lambda h, w: period(h, w, first, lambda j: functools.partial(raw, j))[0],
                        x, init)
-        keys_at = [jnp.stack([jnp.stack([
-            LazyRng.create(dropout_stream, f"h_{layer}", *call).as_jax_rng()
-            for call in recorders[j].order]) for layer in run.layers(j)]) for j in range(P)]
+        keys_at = [_layer_keys(dropout_stream, run.layers(j), recorders[j].order)
+                   for j in range(P)]
 
     out_phase = [cached or any(layer in needed for layer in run.layers(j)) for j in range(P)]
 
@@ -297,3 +379,65 @@ def run_scan(run: Run, cfg: ModelConfig, kernels, params: dict, x, earlier: list
             out[layer] = (jax.tree_util.tree_map(lambda a, i=i: a[i], ys[j]) if out_phase[j]
                           else None)
     return x, [out[layer] for layer in range(run.start, run.stop)]
+
+
+def _pad_heads(tree, n_head: int):
+    """A layer's params with its K/V projections' kernels and biases padded with zero heads to
+    `n_head` (the heads axis is the one before head_dim)."""
+    def pad(x):
+        widths = [(0, 0)] * x.ndim
+        widths[-2] = (0, n_head - x.shape[-2])
+        return jnp.pad(x, widths)
+    attn = dict(tree["attn"])
+    for name in ("k", "v"):
+        attn[name] = jax.tree_util.tree_map(pad, tree["attn"][name])
+    return {**tree, "attn": attn}
+
+
+def run_diagonal(run: Diagonal, cfg: ModelConfig, kernels, params: dict, x, earlier: list,
+                 positions_BT, key_mask_BS, deterministic: bool, segment_ids_BT, policy,
+                 dropout_stream: Optional[LazyRng], needed):
+    """Apply the diagonal `run`'s layers to `x` (no cache); the arguments are `run_scan`'s.
+    Returns the new `x` and, per layer of the run, its own K/V (n_self heads), None where no
+    layer after the run reads it."""
+    H, dt = cfg.n_head, cfg.compute_dtype
+    layers = list(range(run.start, run.stop))
+    block = Block(_view(cfg, run.start, LayerPlan(run.start, H, ())), run.start, kernels,
+                  parent=None)
+    draws = not deterministic and cfg.dropout > 0 and dropout_stream is not None
+
+    def raw(p, h, carry_kv, keys):
+        return _apply(block, p, (h, (), positions_BT, None, None, key_mask_BS, deterministic,
+                                 None, segment_ids_BT, carry_kv), keys)
+
+    fn = raw if policy == "none" else jax.checkpoint(raw, policy=policy, prevent_cse=False)
+    stacked = _stack([_pad_heads(params[f"h_{layer}"], H) for layer in layers])
+    keep = jnp.asarray([[h < n for h in range(H)] for n in run.n_self])
+    zeros = jnp.zeros(x.shape[:2] + (1, cfg.head_dim), dt)
+    init = tuple(
+        jnp.concatenate([zeros if src is None else
+                         jax.lax.slice_in_dim(earlier[src[0]][i], src[1], src[1] + 1,
+                                              axis=HEAD_AXIS).astype(dt)
+                         for src in run.init], axis=HEAD_AXIS)
+        for i in (0, 1))
+    keys = None
+    if draws:  # which dropout calls a layer makes (one abstract trace), then every layer's keys
+        recorder = _Dropouts()
+        jax.eval_shape(lambda p, h, c: raw(p, h, (keep[0], *c), recorder)[0],
+                       jax.tree_util.tree_map(lambda a: a[0], stacked), x, init)
+        keys = _layer_keys(dropout_stream, layers, recorder.order)
+    out = any(layer in needed for layer in layers)
+
+    def body(carry, xs_):
+        h, kv = carry
+        p, keep_H, keys_ = xs_
+        h, own, _ = fn(p, h, (keep_H, *kv), keys_)
+        return (h, own), own if out else None
+
+    (x, _), ys = jax.lax.scan(body, (x, init), (stacked, keep, keys))
+    kvs = [None] * len(layers)
+    for i, layer in enumerate(layers):
+        if out and layer in needed:
+            kvs[i] = tuple(jax.lax.slice_in_dim(t[i], 0, run.n_self[i], axis=HEAD_AXIS)
+                           for t in ys)
+    return x, kvs
