@@ -145,12 +145,15 @@ def _compiled_train_hlo(cfg, mesh, *, remat=False, key_mask=False, documents=Fal
 def test_decoder_compiles_the_pallas_kernel_for_a_tpu_target():
     """A Decoder train step compiled deviceless for v5p:2x2x1 (data 2 x tensor 2) with the default
     attention='auto' runs each layer's causal attention as Mosaic kernels (forward, dq, dkv per
-    layer; the forward again under remat); with 'xla' or a key mask there are none."""
+    layer, unrolled; the forward again under remat; once for the layers of a diagonal loop);
+    with 'xla' or a key mask there are none."""
     mesh = sharding.make_mesh(2, 1, 2, devices=hardware.resolve_target("v5p:2x2x1").devices)
-    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=256, vocab_size=64, block_size=256, head_plan="all",
-                      dtype="bfloat16")
-    assert cfg.attention == "auto" and KernelChoices(mesh=mesh).resolved_platform() == "tpu"
+    looped = ModelConfig(n_layer=3, n_head=4, n_embd=256, vocab_size=64, block_size=256,
+                         head_plan="all", dtype="bfloat16")
+    assert looped.attention == "auto" and KernelChoices(mesh=mesh).resolved_platform() == "tpu"
     mosaic = 'custom_call_target="tpu_custom_call"'
+    assert _compiled_train_hlo(looped, mesh).count(mosaic) == 3  # one layer's, in the loop's body
+    cfg = dataclasses.replace(looped, scan_layers="off")
     assert _compiled_train_hlo(cfg, mesh).count(mosaic) == 3 * cfg.n_layer
     assert _compiled_train_hlo(cfg, mesh, remat=True).count(mosaic) == 4 * cfg.n_layer
     assert mosaic not in _compiled_train_hlo(cfg, mesh, key_mask=True)
