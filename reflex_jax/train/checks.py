@@ -29,7 +29,7 @@ def check_run_config(c) -> None:
         raise TrainingError(f"checkpoint_minutes={minutes} must be a number >= 0 (0 turns time-based "
                             "saves off).")
     from .step import RNG_IMPLS
-    rng_impl = c.get("rng_impl", "threefry2x32")
+    rng_impl = c.get("rng_impl", RNG_IMPLS[0])
     if rng_impl not in RNG_IMPLS:
         raise TrainingError(f"rng_impl={rng_impl!r} is not a key implementation; set "
                             f"--config.rng_impl to one of {', '.join(RNG_IMPLS)}.")

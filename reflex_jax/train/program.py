@@ -22,7 +22,7 @@ from ..model.remat import remat_policy
 from ..run_config import model_config_from
 from . import checks, lora, step, validation
 from .optim import make_optimizer
-from .step import StepSettings, TrainState
+from .step import RNG_IMPLS, StepSettings, TrainState
 
 
 class TrainProgram:
@@ -56,7 +56,7 @@ class TrainProgram:
         self.lora = lora.spec_from_config(config)
         self.frozen, self._merge = None, None
         self.step_settings = StepSettings(self.model, config.data.loss_on, config.grad_accum,
-                                          config.seed, config.get("rng_impl", "threefry2x32"),
+                                          config.seed, config.get("rng_impl", RNG_IMPLS[0]),
                                           self.kernels, self.lora)
         self._build_shardings()
         self.train_step = self._compile_train_step()

@@ -25,6 +25,11 @@ from ..kernels.cross_entropy import weighted_cross_entropy_sum
 from ..model import Decoder, head_matrix
 
 
+# jax's key implementations a run may draw its dropout masks with: threefry2x32 (the default,
+# the same masks on every platform) or the TPU's hardware generator (rbg, unsafe_rbg)
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -39,7 +44,7 @@ class StepSettings:
     loss_on: str = "all"               # all | answer
     grad_accum: int = 1
     seed: int = 0
-    rng_impl: str = "threefry2x32"   # the dropout keys' generator (RNG_IMPLS)
+    rng_impl: str = RNG_IMPLS[0]       # the dropout keys' generator
     kernels: KernelChoices = DEFAULT
     lora: Optional[Any] = None         # train/lora.py's LoraSpec: state.params are its adapters
 
@@ -48,11 +53,6 @@ def loss_weights(mask_BS, loss_on: str, valid_BS=None):
     """Per-target weights [B, S-1]: the answer mask (loss_on='answer') or ones, times `valid`."""
     w = mask_BS[:, 1:] if loss_on == "answer" else jnp.ones_like(mask_BS[:, 1:])
     return (w if valid_BS is None else w * valid_BS[:, 1:]).astype(jnp.float32)
-
-
-# jax's key implementations a run may draw its dropout masks with: threefry2x32 (the default,
-# the same masks on every platform) or the TPU's hardware generator (rbg, unsafe_rbg)
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 DOCUMENT_KEYS = ("segment_ids", "positions")  # a batch's optional per-token model inputs
